@@ -1,0 +1,313 @@
+"""create_app(settings): the request pipeline and the gateway's own /-/ endpoints.
+
+    guard → authenticate → authorize → forward → record
+
+One route catches every request; the pipeline is one coroutine so that the hot path pays for
+no middleware chain, and every :class:`GatewayError` is turned into a JSON answer in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import time
+from typing import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from .audit import AuditLog, Metrics, now_iso
+from .auth import Authenticator, CredentialCache, FailureThrottle, parse_basic
+from .errors import (Forbidden, GatewayError, MethodNotAllowed, NotFound, Overloaded,
+                     PayloadTooLarge, TooManyRequests, Unauthenticated, UnprocessablePolicy)
+from .guard import Rejected, Target, canonical_target, check_method
+from .policy import Decision, User
+from .proxy import SessionForwarder, Upstream
+from .settings import Settings
+from .store import PolicyStore, ReloadResult, watch
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", PolicyStore)
+AUTH = web.AppKey("auth", Authenticator)
+FORWARDER = web.AppKey("forwarder", SessionForwarder)
+AUDIT = web.AppKey("audit", AuditLog)
+METRICS = web.AppKey("metrics", Metrics)
+
+_JSON = "application/json"
+
+
+def create_app(settings: Settings, *, store: PolicyStore | None = None,
+               audit: AuditLog | None = None) -> web.Application:
+    """Build the gateway app. Raises :class:`~gateway.errors.PolicyError` on a bad policy."""
+    store = store or PolicyStore.open(settings.policy)
+    app = web.Application(handler_args={"max_field_size": settings.max_header_bytes,
+                                        "max_line_size": settings.max_header_bytes})
+    app[SETTINGS] = settings
+    app[STORE] = store
+    app[AUTH] = Authenticator(
+        max_inflight=settings.max_bcrypt_inflight,
+        cache=CredentialCache(ttl=settings.cache_ttl, max_entries=settings.cache_size),
+        throttle=FailureThrottle())
+    app[FORWARDER] = SessionForwarder(
+        Upstream(URL(settings.upstream), settings.connect_timeout, settings.upstream_timeout),
+        settings.max_body)
+    app[AUDIT] = audit or (AuditLog(enabled=False) if settings.audit_log == "off"
+                           else AuditLog.to_file(settings.audit_log))
+    app[METRICS] = metrics = Metrics()
+    store.on_swap(app[AUTH].prepare)
+    store.on_result(lambda r: _count_reload(metrics, store, r))
+    metrics.policy_loaded_at.set(store.loaded_at)
+    app.cleanup_ctx.append(_lifecycle)
+    pipeline = Pipeline(app)
+    app.router.add_route("*", "/{tail:.*}", pipeline.handle)
+    return app
+
+
+def _count_reload(metrics: Metrics, store: PolicyStore, result: ReloadResult) -> None:
+    outcome = "refused" if not result.ok else "changed" if result.changed else "unchanged"
+    metrics.reloads.labels(outcome).inc()
+    metrics.policy_last_reload_failed.set(0 if result.ok else 1)
+    if result.changed:
+        metrics.policy_loaded_at.set(store.loaded_at)
+        metrics.policy_load_seconds.set(store.stats.last_load_seconds)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    settings, store = app[SETTINGS], app[STORE]
+    await app[AUTH].prepare(store.policy)
+    await app[FORWARDER].start()
+    tasks = []
+    if settings.watch:
+        tasks.append(asyncio.create_task(watch(store, settings.watch_interval)))
+    loop = asyncio.get_running_loop()
+    if settings.handle_signals:
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: tasks.append(asyncio.create_task(store.reload("SIGHUP"))))
+    for w in store.policy.warnings:
+        log.warning("%s", w)
+    log.info("policy %s loaded (sha256 %s, %d users, %d roles)", store.path,
+             store.policy.sha256[:12], len(store.policy.users), len(store.policy.roles))
+    yield
+    if settings.handle_signals:
+        loop.remove_signal_handler(signal.SIGHUP)
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+    await app[FORWARDER].close()
+    app[AUTH].close()
+    app[AUDIT].flush()
+    app[AUDIT].close()
+
+
+class Pipeline:
+    """The per-request path. Holds references fixed at build time; per-request state is local."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.settings = app[SETTINGS]
+        self.store = app[STORE]
+        self.auth = app[AUTH]
+        self.forwarder = app[FORWARDER]
+        self.audit = app[AUDIT]
+        self.metrics = app[METRICS]
+        self.trusted = self.settings.trusted_proxies
+        self._ready_at = 0.0
+        self._ready_ok = False
+        self.internal = {
+            "/-/reload": ("POST", self.reload),
+            "/-/status": ("GET", self.status),
+            "/-/metrics": ("GET", self.metrics_page),
+        }
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        record: dict[str, object] = {"event": "request", "time": now_iso(),
+                                     "client": None, "user": None,
+                                     "method": request.method, "path": None,
+                                     "decision": "error", "rule": None}
+        upstream_ms = None
+        try:
+            client = record["client"] = self.client_address(request)
+            check_method(request.method, request.headers)
+            target = canonical_target(request.raw_path)
+            record["path"] = target.path
+            if target.path in ("/-/healthz", "/-/ready") and request.method in ("GET", "HEAD"):
+                record["decision"] = "public"
+                resp: web.StreamResponse = await (
+                    self.healthz() if target.path == "/-/healthz" else self.ready())
+            else:
+                policy = self.store.policy  # one snapshot for the whole request
+                user, decision = await self.authorize(request, target, client, policy.realm)
+                record["user"] = user.name if user else None
+                record["rule"] = decision.rule.id if decision.rule else None
+                body = None
+                if decision.body_keys:
+                    body = await self.inspect_body(request, decision, user)
+                record["decision"] = "allow"
+                if target.path.startswith("/-/"):
+                    resp = await self.dispatch_internal(request, target)
+                else:
+                    t_up = time.perf_counter()
+                    resp = await self.forwarder.forward(request, target, user, client, body)
+                    upstream_ms = round((time.perf_counter() - t_up) * 1000, 3)
+        except GatewayError as exc:
+            resp = self.error_response(exc, record)
+        elapsed = time.perf_counter() - started
+        record["status"] = resp.status
+        record["upstream_ms"] = upstream_ms
+        record["total_ms"] = round(elapsed * 1000, 3)
+        self.audit.write(record)
+        self.metrics.observe(str(record["decision"]), resp.status, elapsed)
+        return resp
+
+    def client_address(self, request: web.Request) -> str:
+        peer = request.remote or "unknown"
+        if not self.trusted:
+            return peer
+        return _client_behind_proxies(peer, request.headers.getall("X-Forwarded-For", ()),
+                                      self.trusted)
+
+    async def authorize(self, request: web.Request, target: Target, client: str,
+                        realm: str) -> tuple[User | None, Decision]:
+        policy = self.store.policy
+        creds = parse_basic(request.headers.get("Authorization"), realm)
+        if creds is None:
+            decision = policy.decide(None, request.method, target.segments)
+            if not decision.allowed:
+                raise Unauthenticated("authentication required", realm=realm)
+            return None, decision
+        try:
+            user = await self.auth.authenticate(policy, creds, client)
+        except Unauthenticated:
+            self.metrics.auth_failures.labels("invalid_credentials").inc()
+            self.audit.write({"event": "auth_failure", "time": now_iso(), "client": client,
+                              "user": creds.user, "method": request.method,
+                              "path": target.path})
+            raise
+        except TooManyRequests:
+            self.metrics.throttled.inc()
+            raise
+        decision = policy.decide(user.name, request.method, target.segments)
+        if not decision.allowed:
+            raise Forbidden(f"user {user.name!r} may not {request.method} {target.path}")
+        return user, decision
+
+    async def inspect_body(self, request: web.Request, decision: Decision,
+                           user: User | None) -> bytes:
+        limit = self.settings.max_inspected_body
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes cannot be inspected")
+        chunks, size = [], 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body over {limit} bytes cannot be inspected")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        if not decision.allows_body(body):
+            who = user.name if user else "anonymous"
+            allowed = " or ".join("{" + ", ".join(sorted(k)) + "}" for k in decision.body_keys)
+            raise Forbidden(f"user {who!r} may only send a JSON object with keys within "
+                            f"{allowed} here")
+        return body
+
+    # -- the gateway's own endpoints
+    async def dispatch_internal(self, request: web.Request,
+                                target: Target) -> web.StreamResponse:
+        entry = self.internal.get(target.path)
+        if entry is None:
+            raise NotFound(f"no gateway endpoint {target.path}")
+        method, handler = entry
+        if request.method != method and not (method == "GET" and request.method == "HEAD"):
+            raise MethodNotAllowed(f"{target.path} takes {method}")
+        return await handler(request)
+
+    async def healthz(self) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self) -> web.Response:
+        now = time.monotonic()
+        if now - self._ready_at > 1.0:
+            self._ready_ok = await self.forwarder_probe()
+            self._ready_at = now
+        policy = self.store.policy
+        body = {"policy": policy.sha256, "upstream": "ok" if self._ready_ok else "unreachable"}
+        if not self._ready_ok:
+            raise Overloaded("not ready: the upstream does not answer")
+        return web.json_response({"status": "ready", **body})
+
+    async def forwarder_probe(self) -> bool:
+        url = self.settings.upstream.rstrip("/") + self.settings.upstream_health
+        timeout = aiohttp.ClientTimeout(total=2)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as s, s.get(url) as r:
+                return r.status < 500
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            return False
+
+    async def reload(self, request: web.Request) -> web.Response:
+        result = await self.store.reload("api")
+        if not result.ok:
+            raise UnprocessablePolicy("the new policy was refused; the old one stays in force",
+                                      list(result.errors))
+        return web.json_response({"status": "reloaded" if result.changed else "unchanged",
+                                  "sha256": result.sha256})
+
+    async def status(self, request: web.Request) -> web.Response:
+        store, policy = self.store, self.store.policy
+        stats = store.stats
+        return web.json_response({
+            "policy": str(store.path), "sha256": policy.sha256,
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(store.loaded_at)),
+            "users": len(policy.users), "roles": len(policy.roles),
+            "warnings": [str(w) for w in policy.warnings],
+            "reloads": {"ok": stats.ok, "failed": stats.failed, "unchanged": stats.unchanged},
+            "last_reload_error": stats.last_error,
+            "credential_cache": {"entries": len(self.auth.cache), "hits": self.auth.cache.hits,
+                                 "misses": self.auth.cache.misses},
+            "bcrypt_checks": self.auth.bcrypt_checks,
+        })
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        m = self.metrics
+        m.bcrypt_inflight.set(self.auth.inflight)
+        return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
+
+    def error_response(self, exc: GatewayError, record: dict[str, object]) -> web.Response:
+        if isinstance(exc, Rejected):
+            record["decision"] = "reject"
+            self.metrics.rejections.labels(exc.code).inc()
+        elif isinstance(exc, Unauthenticated):
+            record["decision"] = "unauthenticated"
+        elif isinstance(exc, Forbidden):
+            record["decision"] = "deny"
+        elif isinstance(exc, TooManyRequests):
+            record["decision"] = "throttled"
+        record["reason"] = exc.message
+        body: dict[str, object] = {"error": exc.message, "status": exc.status, "code": exc.code}
+        if isinstance(exc, UnprocessablePolicy):
+            body["errors"] = exc.errors
+        return web.json_response(body, status=exc.status, headers=exc.headers())
+
+
+def _client_behind_proxies(peer: str, forwarded: tuple[str, ...] | list[str],
+                           trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+                           ) -> str:
+    """The right-most address that is not a trusted proxy, walking back from the peer."""
+    chain = [a.strip() for v in forwarded for a in v.split(",") if a.strip()]
+    hop = peer
+    for hop in [peer, *reversed(chain)]:
+        try:
+            ip = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop
+        if not any(ip in net for net in trusted):
+            return hop
+    return hop

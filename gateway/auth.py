@@ -1,0 +1,218 @@
+"""Authentication: parse ``Authorization: Basic``, verify against bcrypt, cache, throttle.
+
+* bcrypt runs in a small thread pool (it releases the GIL; ~200 ms at cost 12), never on the
+  event loop, and at most ``max_inflight`` checks run or wait at once: beyond that new
+  uncached checks get 503 at once instead of queueing without end.
+* A successful check is cached under HMAC(per-process random key, user NUL password) together
+  with the hash it was verified against; an entry whose user's hash changed on reload (or whose
+  user vanished) is a miss, so a password change takes effect with the reload.
+* Unknown users are checked against a dummy hash of the same cost: same status, body, timing.
+* Failed attempts are throttled per client address and per address+user with exponential
+  back-off (429 + Retry-After). Cached successes skip the throttle, so an attacker hammering an
+  address cannot lock out users whose credentials are already known good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import bcrypt
+
+from .errors import Overloaded, TooManyRequests, Unauthenticated
+from .policy import Policy, User
+
+MAX_AUTH_HEADER = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    user: str
+    password: str
+
+
+def parse_basic(header: str | None, realm: str) -> Credentials | None:
+    """``None`` when there is no header; :class:`Unauthenticated` when it is malformed."""
+    if header is None:
+        return None
+    if len(header) > MAX_AUTH_HEADER:
+        raise Unauthenticated("Authorization header too long", realm=realm)
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic" or not token.strip():
+        raise Unauthenticated("only HTTP Basic authentication is accepted", realm=realm)
+    try:
+        raw = base64.b64decode(token.strip(), validate=True)
+        text = raw.decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise Unauthenticated("malformed Basic credentials", realm=realm) from None
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise Unauthenticated("malformed Basic credentials", realm=realm)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise Unauthenticated("malformed Basic credentials", realm=realm)
+    return Credentials(user, password)
+
+
+class CredentialCache:
+    """Verified credentials, keyed by HMAC; bounded in size and age."""
+
+    def __init__(self, ttl: float = 300.0, max_entries: int = 10_000) -> None:
+        self._key = os.urandom(32)
+        self._ttl = ttl
+        self._max = max_entries
+        self._entries: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def key(self, creds: Credentials) -> bytes:
+        """The keyed hash an entry is stored under (never the password itself)."""
+        msg = creds.user.encode() + b"\0" + creds.password.encode("utf-8", "surrogatepass")
+        return hmac.digest(self._key, msg, hashlib.sha256)
+
+    def get(self, key: bytes, password_hash: bytes) -> bool:
+        """True when ``key`` was verified against exactly ``password_hash`` within the TTL."""
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] == password_hash and entry[0] > time.monotonic():
+            self.hits += 1
+            return True
+        self.misses += 1
+        return False
+
+    def put(self, key: bytes, password_hash: bytes) -> None:
+        self._entries[key] = (time.monotonic() + self._ttl, password_hash)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def retain(self, policy: Policy) -> int:
+        """Drop entries whose hash no user has any more; return how many were dropped."""
+        live = {u.password_hash for u in policy.users.values()}
+        stale = [k for k, (_, h) in self._entries.items() if h not in live]
+        for k in stale:
+            del self._entries[k]
+        return len(stale)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class FailureThrottle:
+    """Exponential back-off on failed logins, per client address and per address+user."""
+
+    def __init__(self, *, per_user: int = 5, per_address: int = 20, base: float = 1.0,
+                 cap: float = 300.0, window: float = 900.0, max_entries: int = 100_000) -> None:
+        self._limits = {"user": per_user, "addr": per_address}
+        self._base, self._cap, self._window, self._max = base, cap, window, max_entries
+        self._state: OrderedDict[tuple[str, ...], tuple[int, float, float]] = OrderedDict()
+
+    def check(self, address: str, user: str) -> None:
+        """Raise :class:`TooManyRequests` while either key is backing off."""
+        now = time.monotonic()
+        for key in (("addr", address), ("user", address, user)):
+            state = self._state.get(key)
+            if state is not None and state[2] > now:
+                raise TooManyRequests("too many failed logins; retry later",
+                                      retry_after=int(state[2] - now) + 1)
+
+    def failed(self, address: str, user: str) -> None:
+        now = time.monotonic()
+        for key in (("addr", address), ("user", address, user)):
+            count, last, _ = self._state.get(key, (0, now, 0.0))
+            if now - last > self._window:
+                count = 0
+            count += 1
+            over = count - self._limits[key[0]]
+            until = now + min(self._cap, self._base * 2 ** (over - 1)) if over > 0 else 0.0
+            self._state[key] = (count, now, until)
+            self._state.move_to_end(key)
+        while len(self._state) > self._max:
+            self._state.popitem(last=False)
+
+    def succeeded(self, address: str, user: str) -> None:
+        self._state.pop(("user", address, user), None)
+
+
+class Authenticator:
+    """Turns a request's credentials into a :class:`User` of the current policy."""
+
+    def __init__(self, *, max_inflight: int = 16, threads: int | None = None,
+                 cache: CredentialCache | None = None,
+                 throttle: FailureThrottle | None = None) -> None:
+        self.cache = cache or CredentialCache()
+        self.throttle = throttle or FailureThrottle()
+        self._pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1),
+                                        thread_name_prefix="bcrypt")
+        self._max_inflight = max_inflight
+        self._inflight = 0
+        self._dummies: dict[bytes, bytes] = {}
+        self._common_prefix = b""
+        self.bcrypt_checks = 0
+
+    @property
+    def inflight(self) -> int:
+        """Password checks running or queued now."""
+        return self._inflight
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def prepare(self, policy: Policy) -> None:
+        """Make a dummy hash for every cost the policy uses (unknown users cost the same)."""
+        loop = asyncio.get_running_loop()
+        for u in policy.users.values():
+            prefix = u.password_hash[:7]           # b"$2b$12$"
+            if prefix not in self._dummies:
+                rounds = int(prefix[4:6])
+                self._dummies[prefix] = await loop.run_in_executor(
+                    self._pool, bcrypt.hashpw, os.urandom(16), bcrypt.gensalt(rounds=rounds))
+        costs = [u.password_hash[:7] for u in policy.users.values()]
+        # the most common cost in the policy, so unknown users look like real ones
+        self._common_prefix = max(set(costs), key=costs.count) if costs else b""
+        self.cache.retain(policy)
+
+    async def authenticate(self, policy: Policy, creds: Credentials, address: str) -> User:
+        """Return the user or raise 401 / 429 / 503."""
+        user = policy.users.get(creds.user)
+        key = self.cache.key(creds)
+        if user is not None and self.cache.get(key, user.password_hash):
+            return user
+        self.throttle.check(address, creds.user)
+        if self._inflight >= self._max_inflight:
+            raise Overloaded("too many password checks in progress; retry shortly")
+        hashed = user.password_hash if user is not None else self._dummy(policy)
+        self._inflight += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._pool, _checkpw, creds.password, hashed)
+        finally:
+            self._inflight -= 1
+        self.bcrypt_checks += 1
+        if not ok or user is None:
+            self.throttle.failed(address, creds.user)
+            raise Unauthenticated("invalid credentials", realm=policy.realm,
+                                  code="invalid_credentials")
+        self.throttle.succeeded(address, creds.user)
+        self.cache.put(key, user.password_hash)
+        return user
+
+    def _dummy(self, policy: Policy) -> bytes:
+        return self._dummies.get(self._common_prefix, _FALLBACK_DUMMY)
+
+
+def _checkpw(password: str, hashed: bytes) -> bool:
+    try:
+        return bcrypt.checkpw(password.encode("utf-8", "surrogatepass"), hashed)
+    except ValueError:  # bcrypt refuses > 72-byte passwords and malformed hashes: no match
+        return False
+
+
+# Used only before prepare() ran: a cost-12 hash of a random string nobody knows.
+_FALLBACK_DUMMY = b"$2b$12$rK2xBIkQ3M1w2esyvNtmZev8Yn1Ly1qEbYUdA4vtMuDKse9tFRUBi"

@@ -1,0 +1,143 @@
+"""The request guard: one canonical path from the raw request target, or a rejection.
+
+The canonical path is what the policy decides on, what the audit line records and what is
+forwarded upstream, byte for byte. Anything that could be read two ways by two parsers is
+rejected (400) instead of normalised: dot-segments in any spelling, encoded ``/`` ``\\`` ``%``,
+empty segments, ``;`` parameters, fragments, control characters, bad percent escapes, bytes that
+are not UTF-8, absolute- and authority-form targets, ``CONNECT``/``TRACE`` and method-override
+headers. The query string never takes part in the decision and is passed through unchanged.
+
+This module is pure: it imports nothing from aiohttp's server side.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from typing import Mapping
+
+from .errors import BadRequest
+
+REJECTED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
+OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
+
+# RFC 3986 pchar without ';' (path parameters are rejected) and without '%' (handled apart).
+_PCHAR = frozenset(string.ascii_letters + string.digits + "-._~" + "!$&'()*+,=" + ":@")
+_PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9\-._~!$&'()*+,=:@]+)*/?")
+_QUERY_OK = re.compile(r"[\x21-\x7e]*")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# Bytes that must never appear in a segment once decoded.
+_FORBIDDEN_DECODED = {0x2F: "encoded '/'", 0x5C: "encoded '\\'", 0x25: "encoded '%'"}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The guard's verdict on an acceptable request target."""
+
+    path: str                  # canonical, percent-encoded: decided on, logged, forwarded
+    segments: tuple[str, ...]  # decoded segments of ``path``, what patterns match against
+    query: str                 # raw query string without '?', '' when absent
+
+    @property
+    def path_qs(self) -> str:
+        """The canonical path with the untouched query string, as sent upstream."""
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+
+class Rejected(BadRequest):
+    """The guard refused the request; ``code`` names the reason class (metrics label)."""
+
+
+def check_method(method: str, headers: Mapping[str, str]) -> None:
+    """Refuse tunnelling/echo methods and every method-override header."""
+    if method in REJECTED_METHODS:
+        raise Rejected(f"method {method} is not allowed through the gateway", code="method")
+    for name in OVERRIDE_HEADERS:
+        if name in headers:
+            raise Rejected(f"method-override header {name} is not allowed", code="method_override")
+
+
+def canonical_target(raw: str) -> Target:
+    """Turn the raw request target into a :class:`Target` or raise :class:`Rejected`."""
+    if not raw.startswith("/"):
+        if raw == "*":
+            raise Rejected("asterisk-form request target is not allowed", code="target_form")
+        raise Rejected("only origin-form request targets ('/path') are allowed "
+                       "(absolute- and authority-form are refused)", code="target_form")
+    if "#" in raw:
+        raise Rejected("a fragment ('#') is not allowed in the request target", code="fragment")
+    path, sep, query = raw.partition("?")
+    if sep and not _QUERY_OK.fullmatch(query):
+        raise Rejected("control, space or non-ASCII character in the query string", code="query")
+    if _PLAIN_PATH.fullmatch(path) and "/." not in path:
+        # Fast path: nothing encoded, no dot segments, no empty segments: already canonical.
+        segments = tuple(path[1:].split("/")) if path != "/" else ()
+        return Target(path, segments, query)
+    segments = _decode_segments(path)
+    canonical = "/" + "/".join(_encode(s) for s in segments) if segments else "/"
+    return Target(canonical, segments, query)
+
+
+def _decode_segments(path: str) -> tuple[str, ...]:
+    if path == "/":
+        return ()
+    raw_segments = path[1:].split("/")
+    out: list[str] = []
+    last = len(raw_segments) - 1
+    for i, seg in enumerate(raw_segments):
+        if seg == "":
+            if i == last:      # a single trailing slash is kept: '/a/' is not '/a'
+                out.append("")
+                continue
+            raise Rejected("empty path segment ('//') is not allowed", code="empty_segment")
+        decoded = _decode_segment(seg)
+        if decoded in (".", ".."):
+            raise Rejected("dot-segments ('.', '..' in any spelling) are not allowed",
+                           code="dot_segment")
+        out.append(decoded)
+    return tuple(out)
+
+
+def _decode_segment(seg: str) -> str:
+    buf = bytearray()
+    i, n = 0, len(seg)
+    while i < n:
+        ch = seg[i]
+        if ch == "%":
+            hexpair = seg[i + 1:i + 3]
+            if len(hexpair) != 2 or not all(c in _HEX for c in hexpair):
+                raise Rejected("invalid percent escape in path", code="bad_escape")
+            byte = int(hexpair, 16)
+            if byte in _FORBIDDEN_DECODED:
+                raise Rejected(f"{_FORBIDDEN_DECODED[byte]} in path is not allowed",
+                               code="encoded_separator")
+            if byte < 0x20 or byte == 0x7F:
+                raise Rejected("encoded control character in path", code="control_char")
+            buf.append(byte)
+            i += 3
+            continue
+        if ch == ";":
+            raise Rejected("';' path parameters are not allowed", code="path_param")
+        if ch == "\\":
+            raise Rejected("'\\' in path is not allowed", code="encoded_separator")
+        if ch not in _PCHAR:
+            if ord(ch) < 0x20 or ord(ch) == 0x7F:
+                raise Rejected("control character in path", code="control_char")
+            raise Rejected(f"character {ch!r} must be percent-encoded in a path",
+                           code="bad_char")
+        buf.append(ord(ch))
+        i += 1
+    try:
+        return buf.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Rejected("path is not valid UTF-8 once decoded (or uses an overlong form)",
+                       code="bad_utf8") from None
+
+
+def _encode(segment: str) -> str:
+    return "".join(c if c in _PCHAR else _pct(c) for c in segment)
+
+
+def _pct(ch: str) -> str:
+    return "".join(f"%{b:02X}" for b in ch.encode("utf-8"))

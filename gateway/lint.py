@@ -1,0 +1,87 @@
+"""Warnings that do not refuse a policy: shadowed rules, unused roles, odd bcrypt costs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import Problem
+from .patterns import PathIndex, Pattern
+
+if TYPE_CHECKING:
+    from .policy import Policy, Rule
+
+MIN_COST, MAX_COST = 10, 14
+_PROBE_PARAM = "\x00{param}"  # a segment no literal pattern can equal
+
+
+def lint(policy: Policy, lines: dict[str, int]) -> list[Problem]:
+    """Every warning for ``policy``, each located like an error."""
+    out: list[Problem] = []
+
+    def warn(key: str, message: str) -> None:
+        out.append(Problem(policy.source, lines.get(key), key, f"warning: {message}"))
+
+    held = {r for u in policy.users.values() for r in u.effective_roles}
+    for name in policy.roles:
+        if name not in held:
+            warn(f"roles.{name}", f"role {name!r} is held by no user (directly or inherited)")
+    for rule_id, by in _shadowed(policy):
+        warn(rule_id, f"rule is shadowed by {by} and never decides anything")
+    costs: dict[int, list[str]] = {}
+    for u in policy.users.values():
+        costs.setdefault(int(u.password_hash[4:6]), []).append(u.name)
+    for cost, names in sorted(costs.items()):
+        if cost < MIN_COST or cost > MAX_COST:
+            from .policy import check_cost_seconds
+            ms = check_cost_seconds(cost) * 1000
+            side = "below" if cost < MIN_COST else "above"
+            key = f"users.{names[0]}.password_hash"
+            warn(key, f"bcrypt cost {cost} is {side} {MIN_COST}-{MAX_COST} for "
+                      f"{', '.join(sorted(names))}: one check costs ~{ms:.1f} ms of CPU here")
+    return out
+
+
+def _shadowed(policy: Policy) -> list[tuple[str, str]]:
+    """Allow rules every (method, path) of which an earlier allow rule already grants."""
+    found: dict[str, str] = {}
+    for own in policy.roles:
+        closure = _closure(policy, own)
+        rules = sorted((r for name in closure for r in policy.roles[name].allow
+                        if r.body_keys is None), key=lambda r: r.order)
+        index: dict[str, PathIndex[tuple[Rule, Pattern]]] = {}
+        for rule in rules:
+            if rule.role == own and rule.id not in found:
+                cover = _covered_by(rule, index)
+                if cover is not None:
+                    found[rule.id] = cover
+            for m in rule.methods:
+                idx = index.setdefault(m, PathIndex())
+                for p in rule.patterns:
+                    idx.add(p, (rule, p))
+    return sorted(found.items())
+
+
+def _closure(policy: Policy, name: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(policy.roles[n].inherits)
+    return seen
+
+
+def _covered_by(rule: Rule, index: dict[str, PathIndex[tuple[Rule, Pattern]]]) -> str | None:
+    by: str | None = None
+    for m in rule.methods:
+        for p in rule.patterns:
+            probe = tuple(_PROBE_PARAM if s is None else s for s in p.segments)
+            hits = []
+            for key in {m, "*"}:
+                if key in index:
+                    hits += [r for r, q in index[key].match(probe) if q.covers(p)]
+            if not hits:
+                return None
+            by = by or hits[0].id
+    return by
