@@ -115,17 +115,17 @@ class SessionForwarder:
                     raise PayloadTooLarge(f"request body over {self.max_body} bytes")
                 data = request.content
             else:
-                data = _bounded(request.content, self.max_body)
+                data = _Bounded(request.content, self.max_body)
         url = URL(self._base + target.path_qs, encoded=True)
         try:
             upstream = await self._session.request(
                 request.method, url, headers=headers, data=data, allow_redirects=False,
                 compress=None, auto_decompress=False)
-        except _TooLarge:
-            raise PayloadTooLarge(f"request body over {self.max_body} bytes") from None
         except asyncio.TimeoutError:
             raise GatewayTimeout("the upstream did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(data, _Bounded) and data.exceeded:
+                raise PayloadTooLarge(f"request body over {self.max_body} bytes") from None
             log.warning("upstream %s unreachable: %s", self._base, exc.__class__.__name__)
             raise BadGateway("the upstream could not be reached") from None
         try:
@@ -178,14 +178,18 @@ def _response_headers(src: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
-class _TooLarge(Exception):
-    pass
+class _Bounded:
+    """A chunked request body, cut off (and flagged) past ``limit`` bytes."""
 
+    def __init__(self, stream: aiohttp.StreamReader, limit: int) -> None:
+        self._stream, self._limit = stream, limit
+        self.exceeded = False
 
-async def _bounded(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    seen = 0
-    async for chunk in stream.iter_chunked(CHUNK):
-        seen += len(chunk)
-        if seen > limit:
-            raise _TooLarge
-        yield chunk
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in self._stream.iter_chunked(CHUNK):
+            seen += len(chunk)
+            if seen > self._limit:
+                self.exceeded = True
+                raise PayloadTooLarge("request body over the limit")
+            yield chunk

@@ -90,8 +90,10 @@ async def _main(settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext 
         await site.start()
         scheme = "https" if ssl_ctx else "http"
         host, port = _bound(site)
-        log.info("gateway listening on %s://%s:%d (upstream %s, policy %s)", scheme, host,
-                 port, settings.upstream, settings.policy)
+        # One line whatever the log level: scripts and tests read the port from it.
+        print(f"gateway listening on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
+        log.info("upstream %s, policy %s, pid %d", settings.upstream, settings.policy,
+                 os.getpid())
         await stop.wait()
         log.info("gateway stopping")
     finally:

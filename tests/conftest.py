@@ -1,0 +1,122 @@
+"""In-process fixtures: the real create_app in front of a recording echo upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from tests.helpers import policy_doc, write_policy
+
+TEST_ROLE = {"description": "test-only: everything under /test",
+             "allow": [{"methods": ["*"], "paths": ["/test/**"]}]}
+EXTRA_USERS = {"tester": ("testerpw", ["tester"]),
+               "colon": ("pa:ss:word", ["sales"])}
+
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: dict[str, str]
+    header_items: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    server: TestServer
+    seen: list[Seen] = field(default_factory=list)
+    events: dict[str, asyncio.Event] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+
+def make_upstream_app(up: Upstream) -> web.Application:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        path = request.raw_path
+        if path.startswith("/test/slow"):
+            await asyncio.sleep(5)   # simulates a slow upstream (not synchronization)
+        if path.startswith("/test/upload"):
+            # Count what arrives before the client finished sending: proves streaming.
+            total = 0
+            first = True
+            async for chunk in request.content.iter_chunked(65536):
+                total += len(chunk)
+                if first:
+                    first = False
+                    up.events.setdefault("upload_started", asyncio.Event()).set()
+            up.seen.append(Seen(request.method, path, dict(request.headers),
+                                list(request.headers.items()), b""))
+            return web.json_response({"received": total})
+        if path.startswith("/test/download"):
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await resp.prepare(request)
+            await resp.write(b"x" * 65536)
+            await up.events.setdefault("client_got_first", asyncio.Event()).wait()
+            for _ in range(63):
+                await resp.write(b"y" * 65536)
+            await resp.write_eof()
+            return resp
+        body = await request.read()
+        up.seen.append(Seen(request.method, path, dict(request.headers),
+                            list(request.headers.items()), body))
+        return web.json_response(
+            {"method": request.method, "path": path, "body_len": len(body)},
+            headers={"Connection": "keep-alive, X-Upstream-Secret",
+                     "X-Upstream-Secret": "hop", "Keep-Alive": "timeout=5",
+                     "X-Upstream": "yes"})
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
+    up = Upstream(server=None)  # type: ignore[arg-type]
+    up.server = await aiohttp_server(make_upstream_app(up))
+    return up
+
+
+@pytest.fixture
+def policy_path(tmp_path: Path) -> Path:
+    return write_policy(tmp_path / "rbac.yaml",
+                        policy_doc(EXTRA_USERS, {"tester": TEST_ROLE}))
+
+
+@pytest.fixture
+def settings(policy_path: Path, upstream: Upstream) -> Settings:
+    return Settings(policy=policy_path, upstream=upstream.url, watch=False,
+                    audit_log="off", handle_signals=False, upstream_timeout=1.0,
+                    connect_timeout=1.0)
+
+
+@pytest.fixture
+def make_gateway(aiohttp_client: Callable[..., Awaitable[TestClient]], settings: Settings
+                 ) -> Callable[..., Awaitable[TestClient]]:
+    async def make(**overrides: Any) -> TestClient:
+        app = create_app(replace(settings, **overrides))
+        return await aiohttp_client(app)
+    return make
+
+
+@pytest.fixture
+async def gateway(make_gateway: Callable[..., Awaitable[TestClient]]) -> TestClient:
+    return await make_gateway()
+
+
+def error_of(body: bytes) -> dict[str, Any]:
+    doc = json.loads(body)
+    assert set(doc) >= {"error", "status"}, doc
+    return doc

@@ -1,0 +1,127 @@
+"""Helpers shared by the test suites (imported, not fixtures)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_POLICY = ROOT / "rbac.yaml"
+
+# The tutorial's demo credentials, plus test-only users.
+PASSWORDS = {
+    "sales": "imsales",
+    "warehouse": "imthewarehouse",
+    "manager": "imthemanager",
+    "ops": "imtheops",
+}
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def fast_hash(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+
+
+def policy_doc(extra_users: dict[str, tuple[str, list[str]]] | None = None,
+                    extra_roles: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The shipped policy with cost-4 hashes of the same passwords (fast tests), plus extras."""
+    doc = yaml.safe_load(SHIPPED_POLICY.read_text())
+    for name, password in PASSWORDS.items():
+        doc["users"][name]["password_hash"] = fast_hash(password)
+    for name, spec in (extra_roles or {}).items():
+        doc["roles"][name] = spec
+    for name, (password, roles) in (extra_users or {}).items():
+        doc["users"][name] = {"password_hash": fast_hash(password), "roles": roles}
+    return doc
+
+
+def write_policy(path: Path, doc: dict[str, Any]) -> Path:
+    """Write atomically (temp file + rename), as an editor would."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+_LISTENING = re.compile(r"listening on (https?://[\d.]+:\d+)")
+
+
+class Process:
+    """A real server process started by a test; stopped by PID in ``stop``."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path = ROOT) -> None:
+        self.log = log
+        self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, *args], stdout=self._fh,
+                                     stderr=subprocess.STDOUT, cwd=cwd,
+                                     env={**os.environ, **(env or {})})
+        self.url = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_listening(self, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = _LISTENING.search(self.log.read_text(errors="replace"))
+            if m:
+                self.url = m.group(1)
+                return self.url
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"process exited {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.02)  # polling a log file for a condition, with a deadline
+        raise TimeoutError(f"process did not start listening:\n{self.output()}")
+
+    def wait_healthy(self, path: str, timeout: float = 30.0) -> None:
+        wait_for_status(self.url + path, 200, timeout)
+
+    def output(self) -> str:
+        self._fh.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._fh.close()
+        return self.proc.returncode
+
+
+def wait_for_status(url: str, status: int, timeout: float = 30.0,
+                    headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            req = urllib.request.Request(url, headers=headers or {})
+            with urllib.request.urlopen(req, timeout=2) as r:
+                last = r.status
+        except urllib.error.HTTPError as e:
+            last = e.code
+        except (urllib.error.URLError, OSError) as e:
+            last = e
+        if last == status:
+            return
+        time.sleep(0.05)  # polling a condition with a deadline
+    raise TimeoutError(f"{url} did not answer {status} in {timeout}s (last: {last})")
