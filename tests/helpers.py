@@ -93,7 +93,8 @@ class Process:
         wait_for_status(self.url + path, 200, timeout)
 
     def output(self) -> str:
-        self._fh.flush()
+        if not self._fh.closed:
+            self._fh.flush()
         return self.log.read_text(errors="replace")
 
     def stop(self, timeout: float = 15.0) -> int:
