@@ -1,0 +1,597 @@
+"""Scenarios, interleaved rounds, medians, target ratios; prints a table and writes JSON.
+
+A scenario is a set of candidates answering the same request shape. Every candidate is started
+once, primed (one authenticated request, so credential caches are warm) and warmed up; then
+`--rounds` rounds run each candidate for `--duration` s, in an order rotated every round, and
+the figure reported is the median over the rounds. Between runs the harness waits until every
+server it started is idle, so a slow candidate's backlog is never billed to the next one.
+
+CPU-µs per request is the CPU time of the candidate's whole process tree (from /proc) over the
+measured window divided by the requests completed in it: the figure that survives a noisy
+machine. req/s and latency depend on what else runs on the cores, the load generator included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench import load as loadmod
+from bench import policies, servers
+from bench.load import Flood, FloodClient, Load, run_load
+from bench.procs import CLK_TCK, BenchError, system_ticks, tree_cpu_ticks, wait_quiet
+from bench.servers import APT_HINT, GatewayCli, Server
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# What each server proxies to: kept running while a later scenario needs the front server.
+DEPENDS = {"gateway": ("upstream",), "gateway-w1": ("upstream",), "gateway-10k": ("upstream",),
+           "caddy": ("upstream",), "nginx-bcrypt": ("upstream",), "flask": ("upstream",),
+           "gateway-backend": ("backend",), "caddy-backend": ("backend",)}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str
+    label: str
+    server: str
+    load: Load
+    flood: Flood | None = None
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    candidates: list[Candidate]
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def machine_info() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "os": _os_release(),
+        "python": platform.python_version(),
+        "mem_gib": round(mem_kb / 1024 / 1024, 1),
+        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+    }
+
+
+def _os_release() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+class Bench:
+    """One run: owns the temp dir, the servers it starts and the results."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="rbac-bench-"))
+        # nginx started by root reads auth_basic_user_file as `nobody`: let it traverse.
+        self.tmp.chmod(0o711)
+        self.machine = machine_info()
+        self.servers: dict[str, Server] = {}
+        self.notes_by_server: dict[str, list[str]] = {}
+        self.unavailable: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.tool = self._pick_tool()
+        self.cli = GatewayCli.probe()
+        self.creds = policies.make_credentials(cost=12)
+        self.policy_files = policies.write_policies(self.tmp, self.creds)
+        self.workers = args.workers
+        if not self.cli.ok:
+            self.notes.append(f"gateway not runnable yet ({self.cli.problem}): gateway candidates skipped")
+        elif "--workers" not in self.cli.flags:
+            self.notes.append("gateway has no --workers flag: run with its default, no scaling scenario")
+            self.workers = None
+
+    # -- setup --------------------------------------------------------------------------
+
+    def _pick_tool(self) -> str:
+        wanted = self.args.load_tool
+        if wanted == "wrk" and not loadmod.wrk_available():
+            raise SystemExit(f"--load-tool wrk: wrk not found ({APT_HINT})")
+        if wanted == "auto":
+            if loadmod.wrk_available():
+                return "wrk"
+            self.notes.append(f"wrk not found: Python load generator ({APT_HINT}); "
+                              "req/s of fast candidates is then bounded by the generator")
+            return "python"
+        return str(wanted)
+
+    def server(self, key: str) -> Server | None:
+        """The server for `key`, started on first use; None (reason recorded) if it can't run."""
+        if key in self.servers:
+            return self.servers[key]
+        if key in self.unavailable:
+            return None
+        try:
+            server = self._start(key)
+        except BenchError as exc:
+            self.unavailable[key] = str(exc)
+            print(f"  ! {key}: {str(exc).splitlines()[0]}", flush=True)
+            return None
+        self.servers[key] = server
+        self.notes_by_server[key] = list(server.notes)
+        return server
+
+    def _start(self, key: str) -> Server:
+        a, tmp, creds = self.args, self.tmp, self.creds
+        if key == "upstream":
+            up = servers.start_upstream(tmp, workers=a.upstream_workers, force_python=a.python_upstream)
+            self.notes.extend(up.notes)
+            return up
+        if key.startswith("gateway"):
+            if not self.cli.ok:
+                raise BenchError(f"gateway not runnable: {self.cli.problem}")
+            upstream_key = "backend" if key == "gateway-backend" else "upstream"
+            upstream = self.server(upstream_key)
+            if upstream is None:
+                raise BenchError(f"no {upstream_key}")
+            policy = self.policy_files["rules10k" if key == "gateway-10k" else "small"]
+            workers = 1 if key == "gateway-w1" else self.workers
+            return servers.start_gateway(
+                tmp, key, policy=policy, upstream=upstream.base_url, workers=workers, cli=self.cli,
+                creds=creds, extra_args=a.gateway_arg, label=self.gateway_label(workers),
+            )
+        if key in ("caddy", "caddy-backend"):
+            upstream = self.server("backend" if key == "caddy-backend" else "upstream")
+            if upstream is None:
+                raise BenchError("no upstream")
+            caddy = servers.start_caddy(tmp, creds, upstream.base_url, access_log=a.caddy_access_log)
+            caddy.key = key
+            return caddy
+        if key == "nginx-bcrypt":
+            up = self.server("upstream")
+            if up is None:
+                raise BenchError("no upstream")
+            return servers.start_nginx_bcrypt(tmp, creds, up.base_url)
+        if key == "flask":
+            up = self.server("upstream")
+            if up is None:
+                raise BenchError("no upstream")
+            print("  … Flask peer: preparing its throwaway venv (bench/.peers) if needed", flush=True)
+            return servers.start_flask(tmp, creds, up.base_url)
+        if key == "backend":
+            return servers.start_backend(tmp)
+        raise AssertionError(key)
+
+    def gateway_label(self, workers: int | None) -> str:
+        return "gateway" if workers is None else f"gateway ×{workers} worker{'s' if workers > 1 else ''}"
+
+    def stop_all(self) -> None:
+        # Front servers first, upstreams last, so nothing logs a flood of upstream errors.
+        for key in sorted(self.servers, key=lambda k: k in ("upstream", "backend")):
+            try:
+                self.servers[key].stop()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                print(f"  ! stopping {key}: {exc}", file=sys.stderr)
+        self.servers.clear()
+
+    def stop_unneeded(self, needed: set[str]) -> None:
+        for key in [k for k in self.servers if k not in needed]:
+            self.servers.pop(key).stop()
+
+    # -- scenarios ----------------------------------------------------------------------
+
+    def scenarios(self) -> list[Scenario]:
+        a, c = self.args, self.creds
+        path = policies.BENCH_PATH
+        get = Load(path, c.header(), connections=a.connections, threads=a.threads)
+        post = Load(path, c.header(), method="POST", body_bytes=64 * 1024, connections=a.connections,
+                    threads=a.threads)
+        legit = Load(path, c.header(), connections=a.legit_connections, threads=1)
+        flood = Flood(c.user, path, connections=a.flood_connections, rate=a.flood_rate, source=a.flood_source)
+        gw = self.gateway_label(self.workers)
+        up_label = "upstream direct"
+
+        scaling = self.workers is not None and self.workers > 1
+        get_c = [Candidate("direct", up_label, "upstream", get), Candidate("gateway", gw, "gateway", get)]
+        if scaling:
+            get_c.append(Candidate("gateway-w1", self.gateway_label(1), "gateway-w1", get))
+        post_c = [Candidate("direct", up_label, "upstream", post), Candidate("gateway", gw, "gateway", post)]
+        flood_c = [Candidate("gateway", f"{gw}, alone", "gateway", legit),
+                   Candidate("gateway+flood", f"{gw}, under flood", "gateway", legit, flood)]
+        full_c = [Candidate("direct", "inventory backend direct", "backend", get),
+                  Candidate("gateway", f"{gw} → backend", "gateway-backend", get)]
+        if a.peers:
+            # bcrypt/pbkdf2 on every request: CPU-bound at any concurrency, so a few connections
+            # give the same req/s without a backlog of seconds (and fit in a short run).
+            slow = Load(path, c.header(), connections=a.slow_connections, threads=1)
+            peers = [Candidate("caddy", "Caddy basicauth+reverse_proxy", "caddy", get),
+                     Candidate("nginx-bcrypt", f"nginx auth_basic bcrypt, c={a.slow_connections}", "nginx-bcrypt", slow),
+                     Candidate("flask", f"tutorial Flask app, c={a.slow_connections}", "flask", slow)]
+            get_c += peers
+            post_c.append(Candidate("caddy", "Caddy basicauth+reverse_proxy", "caddy", post))
+            flood_c += [Candidate("caddy", "Caddy, alone", "caddy", legit),
+                        Candidate("caddy+flood", "Caddy, under flood", "caddy", legit, flood)]
+            full_c.append(Candidate("caddy", "Caddy → backend", "caddy-backend", get))
+        all_s = [
+            Scenario("get", f"cached GET {path}, c={a.connections}", get_c),
+            Scenario("post64k", f"POST {path} with a 64 KiB body, c={a.connections}", post_c),
+            Scenario("rules10k", f"cached GET, shipped-size policy vs 10,000 rules, c={a.connections}", [
+                Candidate("small", f"{gw}, shipped-size policy", "gateway", get),
+                Candidate("rules10k", f"{gw}, 10,000 rules", "gateway-10k", get),
+            ]),
+            Scenario("flood", f"legit client c={a.legit_connections} (cached) vs wrong-password flood "
+                              f"c={a.flood_connections} @{a.flood_rate:g}/s from {a.flood_source or '127.0.0.1'}",
+                     flood_c),
+            Scenario("fullstack", f"GET {path} on the real backend, c={a.connections}", full_c),
+        ]
+        only = set(a.only.split(",")) if a.only else None
+        return [s for s in all_s if only is None or s.key in only]
+
+    def run_scenario(self, scn: Scenario, later: list[Scenario]) -> None:
+        print(f"\n== {scn.key}: {scn.title}", flush=True)
+        ready: list[Candidate] = []
+        for cand in scn.candidates:
+            server = self.server(cand.server)
+            if server is None:
+                scn.skipped[cand.key] = self.unavailable.get(cand.server, "unavailable").splitlines()[0]
+                continue
+            try:
+                servers.prime(server, cand.load.path, cand.load.auth)
+            except BenchError as exc:
+                scn.skipped[cand.key] = str(exc)
+                print(f"  ! {cand.key}: {exc}", flush=True)
+                continue
+            ready.append(cand)
+        if self.args.warmup > 0:
+            for cand in ready:
+                try:
+                    run_load(self.tool, self.servers[cand.server].base_url, cand.load, self.args.warmup,
+                             self.args.timeout)
+                except BenchError as exc:
+                    print(f"  ! warm-up {cand.key}: {exc}", flush=True)
+                self.quiet()
+        for rnd in range(self.args.rounds):
+            shift = rnd % max(1, len(ready))
+            for cand in ready[shift:] + ready[:shift]:
+                try:
+                    sample = self.measure(cand)
+                except BenchError as exc:
+                    print(f"  ! {cand.key} round {rnd + 1}: {exc}", flush=True)
+                    scn.samples.setdefault(cand.key, []).append({"error": str(exc)})
+                    continue
+                scn.samples.setdefault(cand.key, []).append(sample)
+                print(f"  r{rnd + 1} {cand.label:<38} {_short(sample)}", flush=True)
+        needed = {c.server for s in later for c in s.candidates}
+        self.stop_unneeded(needed | {dep for key in needed for dep in DEPENDS.get(key, ())})
+
+    def quiet(self) -> float:
+        roots = [pid for s in self.servers.values() for pid in s.cpu_roots]
+        return wait_quiet(roots)
+
+    def measure(self, cand: Candidate) -> dict[str, Any]:
+        server = self.servers[cand.server]
+        flood: FloodClient | None = None
+        try:
+            if cand.flood is not None:
+                flood = FloodClient(self.tool, server.base_url, cand.flood, self.args.duration + 3)
+                flood.wait_sending()
+            roots = server.cpu_roots
+            c0, (b0, t0), w0 = tree_cpu_ticks(roots), system_ticks(), time.monotonic()
+            res = run_load(self.tool, server.base_url, cand.load, self.args.duration, self.args.timeout)
+            c1, (b1, t1), w1 = tree_cpu_ticks(roots), system_ticks(), time.monotonic()
+            flood_res = flood.result() if flood is not None else None
+        finally:
+            if flood is not None:
+                flood.kill()
+        quiet_s = self.quiet()
+        return summarize(res, (c1 - c0) / CLK_TCK, w1 - w0, (b1 - b0) / max(1, t1 - t0), flood_res, quiet_s)
+
+    # -- the whole run ------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        started = datetime.now(timezone.utc)
+        scns = self.scenarios()
+        for i, scn in enumerate(scns):
+            self.run_scenario(scn, scns[i + 1 :])
+        finished = datetime.now(timezone.utc)
+        medians = {s.key: {k: median(v) for k, v in s.samples.items()} for s in scns}
+        labels = {s.key: {c.key: c.label for c in s.candidates} for s in scns}
+        return {
+            "started": started.isoformat(timespec="seconds"),
+            "finished": finished.isoformat(timespec="seconds"),
+            "machine": dict(self.machine, loadavg_end=Path("/proc/loadavg").read_text().split()[:3]),
+            "tools": self.tools(),
+            "config": {k: v for k, v in vars(self.args).items()},
+            "load_tool": self.tool,
+            "gateway_workers": self.workers,
+            "notes": self.notes,
+            "unavailable": self.unavailable,
+            "scenarios": {
+                s.key: {
+                    "title": s.title,
+                    "candidates": {
+                        c.key: {"label": c.label, "server": c.server,
+                                "server_notes": self.notes_by_server.get(c.server, []),
+                                "samples": s.samples.get(c.key, []),
+                                "median": medians[s.key].get(c.key)}
+                        for c in s.candidates if c.key in s.samples
+                    },
+                    "skipped": s.skipped,
+                }
+                for s in scns
+            },
+            "targets": targets(medians, labels, self.args.peers),
+        }
+
+    def tools(self) -> dict[str, str | None]:
+        return {
+            "wrk": servers.tool_version(["wrk", "-v"]),
+            "nginx": servers.tool_version([servers.nginx_binary() or "nginx", "-v"]),
+            "caddy": servers.tool_version(["caddy", "version"]),
+            "flask_peer": " ".join(servers.FLASK_REQUIREMENTS) if self.args.peers else None,
+        }
+
+
+def _short(s: dict[str, Any]) -> str:
+    flood = ""
+    if s.get("flood"):
+        f = s["flood"]
+        flood = f"  flood {f['rps']:,.0f}/s {f['statuses']}"
+    bad = f"  ERRORS {s['errors']}" if s["errors"] else ""
+    return (f"{s['rps']:>10,.0f} req/s  p50 {s['p50_ms']:7.2f}  p99 {s['p99_ms']:7.2f} ms  "
+            f"{s['cpu_us_per_req']:8.1f} CPU-µs/req  {s['cpu_cores']:.2f} cores{bad}{flood}")
+
+
+def summarize(res: dict[str, Any], cpu_s: float, wall_s: float, busy: float,
+              flood: dict[str, Any] | None, quiet_s: float) -> dict[str, Any]:
+    n = int(res["requests"])
+    dur = res["duration_us"] / 1e6
+    lat = res["latency_us"]
+    errors = sum(res["errors"].values())
+    sample: dict[str, Any] = {
+        "requests": n,
+        "rps": n / dur if dur else 0.0,
+        "p50_ms": lat["p50"] / 1000,
+        "p99_ms": lat["p99"] / 1000,
+        "p999_ms": lat["p99.9"] / 1000,
+        "max_ms": lat["max"] / 1000,
+        "cpu_s": cpu_s,
+        "cpu_us_per_req": cpu_s * 1e6 / n if n else float("inf"),
+        "cpu_cores": cpu_s / wall_s if wall_s else 0.0,
+        "machine_busy": round(busy, 3),
+        "errors": errors,
+        "error_detail": res["errors"],
+        "valid": n > 0 and errors <= 0.01 * n,
+        "quiet_wait_s": round(quiet_s, 2),
+    }
+    if flood is not None:
+        fd = flood["duration_us"] / 1e6
+        sample["flood"] = {"requests": flood["requests"], "rps": flood["requests"] / fd if fd else 0.0,
+                           "statuses": flood.get("statuses", {}), "p99_ms": flood["latency_us"]["p99"] / 1000,
+                           "tool": flood.get("tool")}
+    return sample
+
+
+def median(samples: list[dict[str, Any]]) -> dict[str, Any] | None:
+    good = [s for s in samples if "error" not in s]
+    if not good:
+        return None
+    out: dict[str, Any] = {"rounds": len(good), "valid": all(s["valid"] for s in good),
+                           "errors": sum(s["errors"] for s in good)}
+    for key in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req", "cpu_cores", "machine_busy"):
+        out[key] = statistics.median(s[key] for s in good)
+    floods = [s["flood"] for s in good if "flood" in s]
+    if floods:
+        statuses: dict[str, int] = {}
+        for f in floods:
+            for k, v in f["statuses"].items():
+                statuses[k] = statuses.get(k, 0) + v
+        out["flood"] = {"rps": statistics.median(f["rps"] for f in floods), "statuses": statuses}
+    return out
+
+
+def targets(med: dict[str, dict[str, Any]], labels: dict[str, dict[str, str]], peers: bool) -> list[dict[str, Any]]:
+    """Issue 6's targets as ratios of medians from this one run."""
+    out: list[dict[str, Any]] = []
+
+    def add(tid: str, text: str, scn: str, a: str, b: str, metric: str, op: str, limit: float,
+            needs_peers: bool = False, metric_b: str | None = None, scn_b: str | None = None) -> None:
+        ma = med.get(scn, {}).get(a)
+        mb = med.get(scn_b or scn, {}).get(b)
+        row: dict[str, Any] = {"id": tid, "text": text, "op": op, "limit": limit}
+        if needs_peers and not peers:
+            row.update(status="SKIP", why="needs --peers")
+        elif ma is None or mb is None:
+            row.update(status="SKIP", why=f"no result for {a if ma is None else b}")
+        else:
+            va, vb = ma[metric], mb[metric_b or metric]
+            ratio = va / vb if vb else float("inf")
+            ok = ratio >= limit if op == ">=" else ratio <= limit if op == "<=" else ratio < limit
+            status = "PASS" if ok else "FAIL"
+            if not (ma["valid"] and mb["valid"]):
+                status = "INVALID"
+            row.update(status=status, ratio=ratio, a=va, b=vb)
+        out.append(row)
+
+    add("rps_vs_caddy", "GET: gateway req/s ÷ Caddy's", "get", "gateway", "caddy", "rps", ">=", 1.0, True)
+    add("cpu_vs_caddy", "GET: gateway CPU-µs/req ÷ Caddy's", "get", "gateway", "caddy", "cpu_us_per_req", "<=", 1.2, True)
+    add("p99_vs_caddy", "GET: gateway p99 ÷ Caddy's (same c)", "get", "gateway", "caddy", "p99_ms", "<=", 2.0, True)
+    add("post_rps_vs_caddy", "POST 64K: gateway req/s ÷ Caddy's", "post64k", "gateway", "caddy", "rps", ">=", 1.0, True)
+    add("post_cpu_vs_caddy", "POST 64K: gateway CPU-µs/req ÷ Caddy's", "post64k", "gateway", "caddy", "cpu_us_per_req", "<=", 1.2, True)
+    add("post_p99_vs_caddy", "POST 64K: gateway p99 ÷ Caddy's", "post64k", "gateway", "caddy", "p99_ms", "<=", 2.0, True)
+    add("rps_vs_nginx_bcrypt", "GET: gateway req/s ÷ nginx-bcrypt's", "get", "gateway", "nginx-bcrypt", "rps", ">=", 100.0, True)
+    add("rps_vs_flask", "GET: gateway req/s ÷ tutorial Flask's", "get", "gateway", "flask", "rps", ">=", 100.0, True)
+    add("rules10k_cpu", "10,000 rules: CPU-µs/req ÷ shipped-size policy's", "rules10k", "rules10k", "small", "cpu_us_per_req", "<", 1.10)
+    add("flood_p99", "flood: legit p99 under flood ÷ alone (gateway)", "flood", "gateway+flood", "gateway", "p99_ms", "<=", 1.5)
+    add("flood_p99_caddy", "flood: legit p99 under flood ÷ alone (Caddy, for reference)", "flood", "caddy+flood", "caddy", "p99_ms", "<=", 1.5, True)
+    add("scaling", "GET: gateway ×N workers req/s ÷ ×1 worker", "get", "gateway", "gateway-w1", "rps", ">=", 1.3)
+    return out
+
+
+# -- output ---------------------------------------------------------------------------------
+
+def render(result: dict[str, Any], markdown: bool = False) -> str:
+    lines: list[str] = []
+    m = result["machine"]
+    head = (f"{m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB, {m['os']}, kernel {m['kernel']}, "
+            f"Python {m['python']}; load: {result['load_tool']}; loadavg {' '.join(m['loadavg_start'])} → "
+            f"{' '.join(m['loadavg_end'])}")
+    cols = ("scenario", "candidate", "req/s", "p50 ms", "p99 ms", "CPU-µs/req", "cores", "errors")
+    rows: list[tuple[str, ...]] = []
+    for skey, scn in result["scenarios"].items():
+        for ckey, cand in scn["candidates"].items():
+            md = cand["median"]
+            if md is None:
+                rows.append((skey, cand["label"], "error", "", "", "", "", ""))
+                continue
+            err = str(md["errors"]) + ("" if md["valid"] else " INVALID")
+            if "flood" in md:
+                f = md["flood"]
+                err += f"; flood {f['rps']:,.0f}/s " + ",".join(f"{k}×{v}" for k, v in sorted(f["statuses"].items()))
+            rows.append((skey, cand["label"], f"{md['rps']:,.0f}", f"{md['p50_ms']:.2f}", f"{md['p99_ms']:.2f}",
+                         f"{md['cpu_us_per_req']:,.1f}", f"{md['cpu_cores']:.2f}", err))
+        for ckey, why in scn["skipped"].items():
+            rows.append((skey, ckey, "skipped", "", "", "", "", why[:70]))
+    if markdown:
+        lines.append(f"Machine: {head}\n")
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "|".join("---" if i < 2 or i == 7 else "--:" for i in range(len(cols))) + "|")
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        lines.append(head)
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+        widths[-1] = len(cols[-1])
+        fmt = "  ".join(f"{{:{'<' if i < 2 or i == 7 else '>'}{w}}}" for i, w in enumerate(widths))
+        lines.append(fmt.format(*cols))
+        lines += [fmt.format(*r) for r in rows]
+    lines.append("")
+    lines += target_lines(result["targets"], markdown)
+    notes = result["notes"] + [f"{k}: {v.splitlines()[0]}" for k, v in result["unavailable"].items()]
+    if notes:
+        lines.append("")
+        lines += [f"{'- ' if markdown else 'note: '}{n}" for n in notes]
+    return "\n".join(lines)
+
+
+def target_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
+    out = []
+    if markdown:
+        out += ["| target | ratio | limit | result |", "|---|--:|--:|---|"]
+    for t in rows:
+        limit = f"{t['op']} {t['limit']:g}"
+        if "ratio" in t:
+            ratio = f"{t['ratio']:.2f}×" if t["ratio"] < 1000 else f"{t['ratio']:,.0f}×"
+        else:
+            ratio = t.get("why", "")
+        if markdown:
+            out.append(f"| {t['text']} | {ratio} | {limit} | {t['status']} |")
+        else:
+            out.append(f"  {t['status']:<7} {t['text']:<58} {ratio:>12}  (target {limit})")
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    nproc = len(os.sched_getaffinity(0))
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    add = p.add_argument
+    add("--peers", action="store_true", help="also run Caddy, nginx auth_basic+bcrypt and the tutorial Flask app")
+    add("--duration", type=int, default=6, help="seconds per measured run (default 6)")
+    add("--rounds", type=int, default=3, help="interleaved rounds; medians are reported (default 3)")
+    add("--warmup", type=int, default=2,
+        help="seconds of unrecorded load per candidate first, filling every worker's cache (default 2)")
+    add("--quick", action="store_true", help="smoke run: 1 round of 2 s, 1 s warm-up")
+    add("--only", help="comma-separated scenarios: get,post64k,rules10k,flood,fullstack")
+    add("--workers", type=int, default=nproc, help=f"gateway --workers (default: nproc = {nproc})")
+    add("--connections", type=int, default=32, help="client connections (default 32)")
+    add("--threads", type=int, default=2, help="wrk threads (default 2)")
+    add("--slow-connections", type=int, default=4,
+        help="connections for the peers that hash on every request (nginx bcrypt, Flask; default 4)")
+    add("--timeout", type=int, default=10, help="per-request timeout, s (default 10)")
+    add("--load-tool", choices=("auto", "wrk", "python"), default="auto")
+    add("--upstream-workers", type=int, default=1, help="nginx upstream worker processes (default 1)")
+    add("--python-upstream", action="store_true", help="use the aiohttp upstream even when nginx exists")
+    add("--legit-connections", type=int, default=8, help="flood scenario: legitimate client's connections")
+    add("--flood-connections", type=int, default=16)
+    add("--flood-rate", type=float, default=1000.0, help="flood requests/s (0: as fast as answered)")
+    add("--flood-source", default="127.0.0.2",
+        help="flood client's address (default 127.0.0.2; 127.0.0.1 uses wrk + lua/flood.lua)")
+    add("--caddy-access-log", action="store_true", help="Caddy writes an access log to a file too")
+    add("--gateway-arg", action="append", default=[], help="extra argument for `gateway serve` (repeatable)")
+    add("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    add("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs, policies)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.warmup = 2, 1, 1
+    return args
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with _sigterm_as_interrupt():
+        bench = Bench(args)
+        for note in bench.notes:
+            print(f"note: {note}")
+        print(f"temp dir: {bench.tmp}", flush=True)
+        try:
+            result = bench.run()
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping the servers this run started", file=sys.stderr)
+            return 130
+        finally:
+            bench.stop_all()
+            if not args.keep_tmp:
+                _rmtree(bench.tmp)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out / f"{stamp}.json"
+    out.write_text(json.dumps(result, indent=1, default=str))
+    (args.out / f"{stamp}.md").write_text(render(result, markdown=True) + "\n")
+    print("\n" + render(result))
+    print(f"\nresults: {out} (+ .md)")
+    return 0
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,383 @@
+"""The servers a bench run starts, each on 127.0.0.1 and a free ephemeral port.
+
+- the fixed upstream: nginx answering 200 "ok" to anything (bodies read and discarded), or,
+  without nginx, `bench.upstream` (aiohttp; much slower, so through-gateway ratios shrink)
+- the gateway: `python -m gateway serve`, audit log to a file in the run's temp dir
+- peers (with --peers): Caddy (basicauth + reverse_proxy), nginx (auth_basic with the bcrypt
+  htpasswd + proxy_pass), the tutorial's Flask app (throwaway venv under bench/.peers)
+- the real inventory backend, for the full-stack scenario
+
+All peers get the same user, password and cost-12 bcrypt hash as the gateway, and the same
+upstream. Tools are detected, never installed: a missing one is reported with the apt line.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.policies import Credentials
+from bench.procs import BenchError, Proc, free_port, http_status, start, wait_http
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS_DIR = ROOT / "bench" / ".peers"
+APT_HINT = "apt-get install wrk caddy nginx-light"
+FLASK_REQUIREMENTS = ["Flask==3.1.3", "requests==2.34.2"]
+
+
+@dataclass
+class Server:
+    """A running candidate: where to send requests and whose CPU to bill."""
+
+    key: str
+    label: str
+    base_url: str
+    procs: list[Proc]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cpu_roots(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+
+def tool_version(argv: list[str]) -> str | None:
+    """First line of a tool's version output, or None when the tool is absent."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else argv[0]
+
+
+def nginx_binary() -> str | None:
+    for cand in ("nginx", "/usr/sbin/nginx"):
+        if path := shutil.which(cand):
+            return path
+    return None
+
+
+def _nginx_conf(prefix: Path, workers: int | str, servers: str, upstreams: str = "") -> Path:
+    for sub in ("logs", "tmp"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""\
+worker_processes {workers};
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_timeout 75s;
+    keepalive_requests 1000000;
+    client_max_body_size 16m;
+    client_body_buffer_size 1m;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+{upstreams}
+{servers}
+}}
+""")
+    return conf
+
+
+def _start_nginx(name: str, prefix: Path, conf: Path) -> Proc:
+    nginx = nginx_binary()
+    assert nginx is not None
+    return start(
+        name,
+        [nginx, "-e", str(prefix / "logs" / "error.log"), "-p", str(prefix), "-c", str(conf),
+         "-g", "daemon off;"],
+        prefix / "stdout.log",
+    )
+
+
+def start_upstream(tmp: Path, *, workers: int, force_python: bool = False) -> Server:
+    """The fixed upstream: nginx `return 200 "ok"` (any method; bodies discarded)."""
+    port = free_port()
+    if nginx_binary() and not force_python:
+        prefix = tmp / "upstream-nginx"
+        conf = _nginx_conf(prefix, workers, f"""\
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{ return 200 "ok"; }}
+    }}""")
+        proc = _start_nginx("upstream (nginx)", prefix, conf)
+        server = Server("upstream", f"nginx return 200 ×{workers}", f"http://127.0.0.1:{port}", [proc])
+    else:
+        proc = start(
+            "upstream (python)",
+            [sys.executable, "-m", "bench.upstream", "--port", str(port)],
+            tmp / "upstream-python.log",
+            cwd=ROOT,
+        )
+        server = Server("upstream", "aiohttp upstream", f"http://127.0.0.1:{port}", [proc],
+                        ["nginx absent: Python upstream; through-gateway ratios understate the gateway's cost"])
+    try:
+        wait_http(proc, server.base_url + "/", deadline_s=20)
+    except BenchError:
+        server.stop()
+        raise
+    return server
+
+
+@dataclass(frozen=True)
+class GatewayCli:
+    """What this checkout's `gateway serve` accepts (it is being written alongside)."""
+
+    ok: bool
+    flags: frozenset[str]
+    problem: str = ""
+
+    @classmethod
+    def probe(cls) -> GatewayCli:
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "gateway", "serve", "--help"],
+                capture_output=True, text=True, timeout=60, cwd=ROOT,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return cls(False, frozenset(), str(exc))
+        if out.returncode != 0:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+            return cls(False, frozenset(), " | ".join(tail) or f"exit {out.returncode}")
+        return cls(True, frozenset(re.findall(r"--[a-z][a-z-]+", out.stdout)))
+
+
+def start_gateway(
+    tmp: Path,
+    key: str,
+    *,
+    policy: Path,
+    upstream: str,
+    workers: int | None,
+    cli: GatewayCli,
+    creds: Credentials,
+    extra_args: list[str],
+    label: str = "gateway",
+) -> Server:
+    port = free_port()
+    audit = tmp / f"{key}-audit.log"
+    argv = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--upstream", upstream,
+            "--host", "127.0.0.1", "--port", str(port)]
+    notes: list[str] = []
+    if workers is not None and "--workers" in cli.flags:
+        argv += ["--workers", str(workers)]
+    if "--audit-log" in cli.flags:
+        argv += ["--audit-log", str(audit)]
+        notes.append("audit log → file")
+    else:
+        notes.append("no --audit-log flag: audit goes wherever the gateway sends it (stdout → file)")
+    argv += extra_args
+    # Flags win over the environment, but don't let a caller's GATEWAY_* leak into the run.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    proc = start(key, argv, tmp / f"{key}.log", env=env, cwd=ROOT)
+    server = Server(key, label, f"http://127.0.0.1:{port}", [proc], notes)
+    try:
+        wait_http(proc, server.base_url + "/-/healthz", deadline_s=60)
+    except BenchError:
+        server.stop()
+        raise
+    return server
+
+
+def caddy_supports_plain_hash(version: str) -> bool:
+    """Caddy ≥ 2.8 spells it `basic_auth` and takes the bcrypt string as is."""
+    m = re.search(r"v?(\d+)\.(\d+)", version)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (2, 8)
+
+
+def start_caddy(tmp: Path, creds: Credentials, upstream: str, *, access_log: bool) -> Server:
+    version = tool_version(["caddy", "version"])
+    if version is None:
+        raise BenchError(f"caddy not installed ({APT_HINT})")
+    port = free_port()
+    home = tmp / "caddy"
+    home.mkdir(exist_ok=True)
+    if caddy_supports_plain_hash(version):
+        directive, hashed = "basic_auth", creds.bcrypt_hash
+    else:
+        directive, hashed = "basicauth", base64.b64encode(creds.bcrypt_hash.encode()).decode()
+    log = f"\n\tlog {{\n\t\toutput file {home}/access.log\n\t}}" if access_log else ""
+    caddyfile = home / "Caddyfile"
+    caddyfile.write_text(f"""\
+{{
+	admin off
+	auto_https off
+	storage file_system {home}/data
+	servers {{
+		protocols h1
+	}}
+}}
+
+http://127.0.0.1:{port} {{
+	{directive} bcrypt bench {{
+		{creds.user} {hashed}
+	}}
+	reverse_proxy {upstream.removeprefix("http://")}{log}
+}}
+""")
+    env = dict(os.environ, HOME=str(home), XDG_DATA_HOME=str(home), XDG_CONFIG_HOME=str(home))
+    proc = start("caddy", ["caddy", "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+                 home / "caddy.log", env=env)
+    notes = [version.split()[0], "access log → file" if access_log else "no access log"]
+    server = Server("caddy", "Caddy basicauth+reverse_proxy", f"http://127.0.0.1:{port}", [proc], notes)
+    try:
+        wait_http(proc, server.base_url + "/", lambda s: s == 401, deadline_s=30)
+    except BenchError:
+        server.stop()
+        raise
+    return server
+
+
+def start_nginx_bcrypt(tmp: Path, creds: Credentials, upstream: str) -> Server:
+    if nginx_binary() is None:
+        raise BenchError(f"nginx not installed ({APT_HINT})")
+    port = free_port()
+    prefix = tmp / "nginx-bcrypt"
+    prefix.mkdir(parents=True, exist_ok=True)
+    htpasswd = prefix / "htpasswd"
+    htpasswd.write_text(f"{creds.user}:{creds.bcrypt_hash}\n")
+    htpasswd.chmod(0o644)  # workers run as nobody when started by root
+    conf = _nginx_conf(prefix, "auto", f"""\
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            auth_basic "bench";
+            auth_basic_user_file {htpasswd};
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}""", f"""\
+    upstream bench_upstream {{
+        server {upstream.removeprefix("http://")};
+        keepalive 64;
+    }}""")
+    proc = _start_nginx("nginx-bcrypt", prefix, conf)
+    server = Server("nginx-bcrypt", "nginx auth_basic (bcrypt)+proxy_pass", f"http://127.0.0.1:{port}",
+                    [proc], ["bcrypt on every request (no cache)"])
+    try:
+        wait_http(proc, server.base_url + "/", lambda s: s == 401, deadline_s=20)
+    except BenchError:
+        server.stop()
+        raise
+    return server
+
+
+def flask_python(log: Path) -> tuple[str | None, str]:
+    """Python of the throwaway Flask venv (created on first use); (None, why) if impossible."""
+    venv = PEERS_DIR / "flask-venv"
+    py = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    wanted = " ".join(FLASK_REQUIREMENTS)
+    if py.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return str(py), ""
+    PEERS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        steps = [[sys.executable, "-m", "venv", "--clear", str(venv)],
+                 [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *FLASK_REQUIREMENTS]]
+        for argv in steps:
+            try:
+                rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=300).returncode
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return None, f"{argv[2]}: {exc}"
+            if rc != 0:
+                return None, f"`{' '.join(argv[:4])} …` failed (exit {rc}); see {log}"
+    stamp.write_text(wanted)
+    return str(py), ""
+
+
+def start_flask(tmp: Path, creds: Credentials, upstream: str) -> Server:
+    py, why = flask_python(tmp / "flask-venv.log")
+    if py is None:
+        raise BenchError(f"Flask peer unavailable: {why}")
+    hash_file = tmp / "flask.hash"
+    made = subprocess.run(
+        [py, "-c", "import sys; from werkzeug.security import generate_password_hash as g; "
+                   "print(g(sys.stdin.read(), method='pbkdf2'))"],
+        input=creds.password, capture_output=True, text=True, timeout=120,
+    )
+    if made.returncode != 0:
+        raise BenchError(f"Flask peer: cannot hash the password: {made.stderr.strip()[-300:]}")
+    hash_file.write_text(made.stdout.strip())
+    method = made.stdout.split("$", 1)[0]
+    port = free_port()
+    proc = start("flask", [py, str(ROOT / "bench" / "flask_app.py"), "--port", str(port), "--upstream", upstream,
+                           "--user", creds.user, "--hash-file", str(hash_file)],
+                 tmp / "flask.log")
+    server = Server("flask", "tutorial Flask app", f"http://127.0.0.1:{port}", [proc],
+                    [f"werkzeug {method} on every request, requests per call, dev server threaded"])
+    try:
+        wait_http(proc, server.base_url + "/", lambda s: s == 401, deadline_s=30)
+    except BenchError:
+        server.stop()
+        raise
+    return server
+
+
+def start_backend(tmp: Path, seed_items: int = 20) -> Server:
+    """The real inventory backend on a fresh SQLite file, seeded with a few items."""
+    port = free_port()
+    db = tmp / "inventory.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
+    proc = start("backend", [sys.executable, "-m", "inventory_backend", "--db", str(db), "--host", "127.0.0.1",
+                             "--port", str(port)], tmp / "backend.log", env=env, cwd=ROOT)
+    server = Server("backend", "inventory backend", f"http://127.0.0.1:{port}", [proc])
+    try:
+        wait_http(proc, server.base_url + "/healthz", deadline_s=30)
+        _seed(server.base_url, seed_items)
+    except BenchError:
+        server.stop()
+        raise
+    return server
+
+
+def _seed(base_url: str, n: int) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+
+    for i in range(n):
+        body = json.dumps({"name": f"bench-item-{i:03d}", "count": i}).encode()
+        req = urllib.request.Request(base_url + "/api/inventory", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise BenchError(f"backend: seeding item {i} got {exc.code}: {exc.read()[:200]!r}") from None
+        except OSError as exc:
+            raise BenchError(f"backend: seeding failed: {exc}") from None
+
+
+def prime(server: Server, path: str, auth: str | None, deadline_s: float = 60.0) -> None:
+    """One authenticated request, so the credential cache (where there is one) is warm."""
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    headers = {"Authorization": auth} if auth else {}
+    status = None
+    while time.monotonic() < deadline:
+        status = http_status(server.base_url + path, headers, timeout=max(1.0, deadline - time.monotonic()))
+        if status == 200:
+            return
+        if status is not None and status not in (502, 503, 504):
+            break
+    raise BenchError(f"{server.key}: GET {path} with the bench credentials answered {status}, not 200")
