@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import time
 from typing import AsyncIterator
@@ -31,6 +32,8 @@ from .settings import Settings
 from .store import PolicyStore, ReloadResult, watch
 
 log = logging.getLogger(__name__)
+
+WORKER_ENV = "GATEWAY_WORKER_OF"   # set in worker processes: the supervisor's pid
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", PolicyStore)
@@ -254,6 +257,11 @@ class Pipeline:
 
     async def reload(self, request: web.Request) -> web.Response:
         result = await self.store.reload("api")
+        supervisor = os.environ.get(WORKER_ENV)
+        if supervisor and result.ok:
+            # Other workers of this supervisor reload too (it forwards SIGHUP to all).
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(supervisor), signal.SIGHUP)
         if not result.ok:
             raise UnprocessablePolicy("the new policy was refused; the old one stays in force",
                                       list(result.errors))

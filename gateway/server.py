@@ -19,13 +19,13 @@ from typing import Callable
 
 from aiohttp import web
 
+from .app import WORKER_ENV, create_app
 from .errors import PolicyError
 from .settings import Settings
 from .store import PolicyStore
 
 log = logging.getLogger("gateway")
 
-WORKER_ENV = "GATEWAY_WORKER_OF"   # set in workers: the supervisor's pid
 SHUTDOWN_TIMEOUT = 10.0
 
 
@@ -74,7 +74,6 @@ def _run(coro: "asyncio.Future[None] | object") -> None:
 
 
 async def _main(settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext | None) -> None:
-    from .app import create_app
     app = create_app(settings, store=store)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)

@@ -1,0 +1,248 @@
+"""Reload: every trigger, every failure mode, atomic swaps under load, cache invalidation."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.app import STORE
+from tests.conftest import EXTRA_USERS, TEST_ROLE
+from tests.helpers import basic, fast_hash, policy_doc, write_policy
+
+OPS = basic("ops", "imtheops")
+SALES = basic("sales", "imsales")
+
+
+async def eventually(predicate, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until true, with a deadline (never a fixed sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def revoke_sales_get(doc: dict) -> dict:
+    doc = copy.deepcopy(doc)
+    doc["roles"]["sales"]["allow"] = [{"methods": ["OPTIONS"], "paths": ["/api/inventory"]}]
+    doc["tests"] = [t for t in doc["tests"] if t.get("user") not in ("sales", "warehouse",
+                                                                      "manager")
+                    or t["method"] not in ("GET", "HEAD")]
+    return doc
+
+
+@pytest.fixture
+def base_doc(policy_path: Path) -> dict:
+    return yaml.safe_load(policy_path.read_text())
+
+
+async def status_of(gw) -> dict:
+    resp = await gw.get("/-/status", headers=OPS)
+    assert resp.status == 200
+    return await resp.json()
+
+
+async def test_reload_endpoint_swaps_policy_and_reports_sha(gateway, policy_path, base_doc):
+    assert (await gateway.get("/api/inventory", headers=SALES)).status == 200
+    write_policy(policy_path, revoke_sales_get(base_doc))
+    resp = await gateway.post("/-/reload", headers=OPS)
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["status"] == "reloaded" and len(body["sha256"]) == 64
+    assert (await gateway.get("/api/inventory", headers=SALES)).status == 403
+    assert (await status_of(gateway))["sha256"] == body["sha256"]
+    again = await gateway.post("/-/reload", headers=OPS)
+    assert (await again.json())["status"] == "unchanged"
+
+
+async def test_reload_endpoint_is_authorized_by_the_policy(gateway):
+    assert (await gateway.post("/-/reload")).status == 401
+    assert (await gateway.post("/-/reload", headers=SALES)).status == 403
+    assert (await gateway.get("/-/reload", headers=OPS)).status == 405
+
+
+BROKEN = {
+    "syntax error": lambda p, d: p.write_text("version: 1\nroles: {sales: [unclosed\n"),
+    "schema error": lambda p, d: write_policy(p, {**d, "roles": {**d["roles"], "x": {
+        "allow": [{"methods": ["GET"], "paths": ["no-slash"]}]}}}),
+    "failing test case": lambda p, d: write_policy(p, {**d, "tests": [
+        *d["tests"], {"user": "sales", "method": "DELETE", "path": "/api/inventory",
+                      "expect": "allow"}]}),
+    "plaintext password": lambda p, d: write_policy(p, {**d, "users": {
+        **d["users"], "eve": {"password": "secret", "roles": ["sales"]}}}),
+    "unreadable file": lambda p, d: os.chmod(p, 0),
+    "file deleted": lambda p, d: p.unlink(),
+}
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN))
+async def test_reload_failure_keeps_the_old_policy(gateway, policy_path, base_doc, how):
+    if how == "unreadable file" and os.geteuid() == 0:
+        # root reads any file: make it a directory instead, which nobody can read as a file
+        policy_path.unlink()
+        policy_path.mkdir()
+    else:
+        BROKEN[how](policy_path, base_doc)
+    before = await status_of(gateway)
+    resp = await gateway.post("/-/reload", headers=OPS)
+    assert resp.status == 422
+    body = await resp.json()
+    assert body["status"] == 422 and body["errors"], body
+    assert all(str(policy_path) in e for e in body["errors"]), body["errors"]
+    assert (await gateway.get("/api/inventory", headers=SALES)).status == 200
+    after = await status_of(gateway)
+    assert after["sha256"] == before["sha256"]
+    assert after["last_reload_error"] and after["reloads"]["failed"] == 1
+    metrics = await (await gateway.get("/-/metrics", headers=OPS)).text()
+    assert 'gateway_policy_reloads_total{result="refused"} 1.0' in metrics
+    assert "gateway_policy_last_reload_failed 1.0" in metrics
+
+
+async def test_sighup_reloads(make_gateway, policy_path, base_doc):
+    gw = await make_gateway(handle_signals=True)
+    write_policy(policy_path, revoke_sales_get(base_doc))
+    os.kill(os.getpid(), signal.SIGHUP)
+
+    async def denied() -> bool:
+        return (await gw.get("/api/inventory", headers=SALES)).status == 403
+    await eventually(denied)
+
+
+@pytest.mark.parametrize("how", ["in-place write", "rename over", "symlink swap"])
+async def test_watcher_sees_every_kind_of_edit(make_gateway, policy_path, base_doc, how,
+                                                tmp_path):
+    if how == "symlink swap":
+        # Kubernetes ConfigMap layout: rbac.yaml -> ..data/rbac.yaml, ..data -> ..v1
+        v1, v2 = tmp_path / "..v1", tmp_path / "..v2"
+        v1.mkdir(), v2.mkdir()
+        write_policy(v1 / "rbac.yaml", base_doc)
+        write_policy(v2 / "rbac.yaml", revoke_sales_get(base_doc))
+        (tmp_path / "..data").symlink_to("..v1")
+        policy_path.unlink()
+        policy_path.symlink_to("..data/rbac.yaml")
+    gw = await make_gateway(watch=True, watch_interval=0.05)
+    assert (await gw.get("/api/inventory", headers=SALES)).status == 200
+    new = revoke_sales_get(base_doc)
+    if how == "in-place write":
+        with open(policy_path, "r+") as fh:          # same inode, truncated and rewritten
+            fh.truncate(0)
+            fh.write(yaml.safe_dump(new, sort_keys=False))
+    elif how == "rename over":
+        write_policy(policy_path, new)               # temp file + rename: a new inode
+    else:
+        tmp_link = tmp_path / "..data_tmp"
+        tmp_link.symlink_to("..v2")
+        tmp_link.replace(tmp_path / "..data")        # atomic symlink swap
+
+    async def denied() -> bool:
+        return (await gw.get("/api/inventory", headers=SALES)).status == 403
+    await eventually(denied)
+    assert gw.app[STORE].stats.ok == 1
+
+
+async def test_watcher_keeps_old_policy_on_a_broken_save_and_takes_the_fix(
+        make_gateway, policy_path, base_doc):
+    gw = await make_gateway(watch=True, watch_interval=0.05)
+    policy_path.write_text("version: 1\nroles: [broken\n")
+
+    async def refused() -> bool:
+        return gw.app[STORE].stats.failed >= 1
+    await eventually(refused)
+    assert (await gw.get("/api/inventory", headers=SALES)).status == 200
+    failed = gw.app[STORE].stats.failed
+    write_policy(policy_path, revoke_sales_get(base_doc))
+
+    async def denied() -> bool:
+        return (await gw.get("/api/inventory", headers=SALES)).status == 403
+    await eventually(denied)
+    assert gw.app[STORE].stats.failed == failed    # the broken content was tried once only
+
+
+async def test_password_change_drops_cached_credentials(gateway, policy_path, base_doc):
+    assert (await gateway.get("/api/inventory", headers=SALES)).status == 200   # now cached
+    doc = copy.deepcopy(base_doc)
+    doc["users"]["sales"]["password_hash"] = fast_hash("newpass")
+    write_policy(policy_path, doc)
+    assert (await gateway.post("/-/reload", headers=OPS)).status == 200
+    assert (await gateway.get("/api/inventory", headers=SALES)).status == 401
+    assert (await gateway.get("/api/inventory",
+                              headers=basic("sales", "newpass"))).status == 200
+
+
+async def test_removed_user_is_refused_at_once(gateway, policy_path, base_doc):
+    assert (await gateway.get("/api/inventory", headers=SALES)).status == 200
+    doc = copy.deepcopy(base_doc)
+    del doc["users"]["sales"]
+    doc["tests"] = [t for t in doc["tests"] if t.get("user") != "sales"]
+    write_policy(policy_path, doc)
+    assert (await gateway.post("/-/reload", headers=OPS)).status == 200
+    assert (await gateway.get("/api/inventory", headers=SALES)).status == 401
+
+
+async def test_reload_logs_what_changed(gateway, policy_path, base_doc, caplog):
+    doc = revoke_sales_get(base_doc)
+    doc["users"]["newbie"] = {"password_hash": fast_hash("x"), "roles": ["sales"]}
+    del doc["users"]["colon"]
+    write_policy(policy_path, doc)
+    with caplog.at_level(logging.INFO, logger="gateway.store"):
+        assert (await gateway.post("/-/reload", headers=OPS)).status == 200
+    text = caplog.text
+    assert "policy reloaded (api)" in text
+    assert "users added: newbie" in text and "users removed: colon" in text
+    assert "user sales loses: allow GET /api/inventory" in text
+    assert "user sales gains: allow OPTIONS /api/inventory" in text
+
+
+async def test_100_reloads_under_load_fail_no_request_and_mix_no_policies(
+        gateway, upstream, policy_path, base_doc):
+    doc_a = base_doc
+    doc_b = copy.deepcopy(base_doc)
+    doc_b["roles"]["sales"]["allow"].append({"methods": ["GET"], "paths": ["/test/**"]})
+    # (user, method, path) -> the statuses policy A and policy B give
+    cases = [
+        (SALES, "GET", "/test/x", {403, 200}),            # differs between A and B
+        (SALES, "GET", "/api/inventory", {200}),
+        (SALES, "DELETE", "/api/inventory", {403}),
+        (basic("tester", "testerpw"), "GET", "/test/y", {200}),
+        ({}, "GET", "/api/inventory", {401}),
+    ]
+    for headers, *_ in cases:    # warm the credential cache so the load is about the swap
+        await gateway.get("/api/inventory", headers=headers)
+    stop = asyncio.Event()
+    seen: dict[int, set[int]] = {i: set() for i in range(len(cases))}
+    counts = {"requests": 0}
+
+    async def client(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            headers, method, path, allowed = cases[i % len(cases)]
+            resp = await gateway.request(method, path, headers=headers)
+            await resp.read()
+            assert resp.status in allowed, (method, path, resp.status)
+            seen[i % len(cases)].add(resp.status)
+            counts["requests"] += 1
+            i += 1
+
+    workers = [asyncio.create_task(client(k)) for k in range(8)]
+    try:
+        for n in range(100):
+            write_policy(policy_path, doc_b if n % 2 == 0 else doc_a)
+            resp = await gateway.post("/-/reload", headers=OPS)
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["status"] == "reloaded"
+            await asyncio.sleep(0)     # let the load run between reloads
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+    assert gateway.app[STORE].stats.ok == 100
+    assert counts["requests"] > 200
+    assert seen[0] == {200, 403}     # both policies really were in force during the run
