@@ -63,6 +63,7 @@ def create_app(settings: Settings, *, store: PolicyStore | None = None,
     app[AUDIT] = audit or (AuditLog(enabled=False) if settings.audit_log == "off"
                            else AuditLog.to_file(settings.audit_log))
     app[METRICS] = metrics = Metrics()
+    metrics.watch_cache(app[AUTH].cache, app[AUTH])
     store.on_swap(app[AUTH].prepare)
     store.on_result(lambda r: _count_reload(metrics, store, r))
     metrics.policy_loaded_at.set(store.loaded_at)
@@ -285,7 +286,6 @@ class Pipeline:
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         m = self.metrics
-        m.bcrypt_inflight.set(self.auth.inflight)
         return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
 
     def error_response(self, exc: GatewayError, record: dict[str, object]) -> web.Response:

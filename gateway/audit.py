@@ -9,10 +9,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .auth import Authenticator, CredentialCache
 
 _LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 
@@ -68,8 +73,6 @@ class Metrics:
                                      ["reason"], registry=r)
         self.throttled = Counter("gateway_throttled", "Requests refused by the login throttle",
                                  registry=r)
-        self.cache = Counter("gateway_credential_cache", "Credential cache lookups",
-                             ["result"], registry=r)
         self.reloads = Counter("gateway_policy_reloads", "Policy reloads by result",
                                ["result"], registry=r)
         self.policy_load_seconds = Gauge("gateway_policy_load_seconds",
@@ -80,10 +83,12 @@ class Metrics:
         self.policy_last_reload_failed = Gauge(
             "gateway_policy_last_reload_failed", "1 while the last reload attempt was refused",
             registry=r)
-        self.bcrypt_inflight = Gauge("gateway_bcrypt_inflight", "Password checks in progress",
-                                     registry=r)
         self._req_children: dict[tuple[str, str], Any] = {}
         self._lat_children: dict[str, Any] = {}
+
+    def watch_cache(self, cache: CredentialCache, auth: Authenticator) -> None:
+        """Export the credential cache's own counters at scrape time (no per-request cost)."""
+        self.registry.register(_CacheCollector(cache, auth))
 
     def observe(self, decision: str, status: int, seconds: float) -> None:
         """Count one finished request (children are cached: labels() takes a lock)."""
@@ -99,3 +104,21 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CacheCollector(Collector):
+    def __init__(self, cache: CredentialCache, auth: Authenticator) -> None:
+        self.cache, self.auth = cache, auth
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        lookups = CounterMetricFamily("gateway_credential_cache", "Credential cache lookups",
+                                      labels=["result"])
+        lookups.add_metric(["hit"], self.cache.hits)
+        lookups.add_metric(["miss"], self.cache.misses)
+        yield lookups
+        yield GaugeMetricFamily("gateway_credential_cache_entries", "Cached credentials",
+                                value=len(self.cache))
+        yield CounterMetricFamily("gateway_bcrypt_checks", "Password hash checks run",
+                                  value=self.auth.bcrypt_checks)
+        yield GaugeMetricFamily("gateway_bcrypt_inflight", "Password checks in progress",
+                                value=self.auth.inflight)
