@@ -305,7 +305,8 @@ def test_gateway_answers_502_while_backend_is_stopped_and_recovers(request: pyte
     down = wait_for("the gateway to report the upstream down", lambda: call("GET", ITEMS, SALES),
                     lambda r: r.status in UPSTREAM_DOWN)
     assert down.json()["status"] == down.status
-    assert call("GET", "/-/ready").status == 503
+    # /-/ready caches its upstream probe for a second: wait for it rather than race it.
+    wait_for("/-/ready to say 503", lambda: call("GET", "/-/ready").status, lambda s: s == 503)
     assert call("GET", "/-/healthz").status == 200
     docker("start", backend)
     wait_for("the gateway to reach the backend again", sales_status, lambda s: s == 200)
@@ -323,6 +324,7 @@ def test_compose_restart_backend_recovers_by_itself_with_data_kept() -> None:
     deadline = time.monotonic() + 120
     while restart.poll() is None and time.monotonic() < deadline:
         seen.add(sales_status())
+        time.sleep(0.05)  # pacing for the probe loop, not synchronization
     out, _ = restart.communicate(timeout=30)
     assert restart.returncode == 0, out
     wait_for("the gateway to recover", sales_status, lambda s: s == 200)
