@@ -50,7 +50,8 @@ def create_app(settings: Settings, *, store: PolicyStore | None = None,
     """Build the gateway app. Raises :class:`~gateway.errors.PolicyError` on a bad policy."""
     store = store or PolicyStore.open(settings.policy)
     app = web.Application(handler_args={"max_field_size": settings.max_header_bytes,
-                                        "max_line_size": settings.max_header_bytes})
+                                        "max_line_size": settings.max_header_bytes,
+                                        "max_headers": 100})
     app[SETTINGS] = settings
     app[STORE] = store
     app[AUTH] = Authenticator(
@@ -69,6 +70,10 @@ def create_app(settings: Settings, *, store: PolicyStore | None = None,
     metrics.policy_loaded_at.set(store.loaded_at)
     app.cleanup_ctx.append(_lifecycle)
     pipeline = Pipeline(app)
+    # The middleware is the entry for every request, also those no route can match
+    # (authority-form CONNECT, asterisk-form OPTIONS), so the guard answers them too; the
+    # catch-all route only lets aiohttp cache the middleware chain for ordinary targets.
+    app.middlewares.append(pipeline.entry)
     app.router.add_route("*", "/{tail:.*}", pipeline.handle)
     return app
 
@@ -129,6 +134,10 @@ class Pipeline:
             "/-/status": ("GET", self.status),
             "/-/metrics": ("GET", self.metrics_page),
         }
+
+    @web.middleware
+    async def entry(self, request: web.Request, handler: object) -> web.StreamResponse:
+        return await self.handle(request)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()

@@ -34,7 +34,7 @@ class Seen:
 @dataclass
 class Upstream:
     server: TestServer
-    seen: list[Seen] = field(default_factory=list)
+    seen: list[Seen] = field(default_factory=list, repr=False)
     events: dict[str, asyncio.Event] = field(default_factory=dict)
 
     @property
@@ -120,3 +120,84 @@ def error_of(body: bytes) -> dict[str, Any]:
     doc = json.loads(body)
     assert set(doc) >= {"error", "status"}, doc
     return doc
+
+
+class GatewayTestServer(TestServer):
+    """TestServer on the gateway's own runner (JSON answers for parser-level errors)."""
+
+    async def _make_runner(self, **kwargs: Any):  # type: ignore[override]
+        from gateway.protocol import GatewayRunner
+        return GatewayRunner(self.app, **kwargs)
+
+
+@dataclass
+class RawGateway:
+    server: TestServer
+    upstream: Upstream
+
+    @property
+    def app(self) -> web.Application:
+        return self.server.app
+
+    async def send(self, data: bytes, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+        """Send raw bytes (no client-side normalisation); return status, headers, body."""
+        reader, writer = await asyncio.open_connection(self.server.host, self.server.port)
+        try:
+            writer.write(data)
+            await writer.drain()
+            raw = await asyncio.wait_for(_read_response(reader), timeout)
+        finally:
+            writer.close()
+        return raw
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, v = line.split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+    body = b""
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        while True:
+            size = int((await reader.readline()).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+    return status, headers, body
+
+
+@pytest.fixture
+async def make_raw_gateway(settings: Settings, upstream: Upstream):
+    servers: list[TestServer] = []
+
+    async def make(**overrides: Any) -> RawGateway:
+        server = GatewayTestServer(create_app(replace(settings, **overrides)))
+        await server.start_server()
+        servers.append(server)
+        return RawGateway(server, upstream)
+
+    yield make
+    for s in servers:
+        await s.close()
+
+
+@pytest.fixture
+async def raw_gateway(make_raw_gateway) -> RawGateway:
+    return await make_raw_gateway()
+
+
+def raw_get(target: str, headers: dict[str, str] | None = None, method: str = "GET",
+            body: bytes = b"", version: str = "HTTP/1.1") -> bytes:
+    lines = [f"{method} {target} {version}", "Host: gateway.test"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

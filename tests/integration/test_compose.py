@@ -344,6 +344,36 @@ def test_recreated_backend_container_keeps_items_on_the_named_volume() -> None:
     item_is_there(name)
 
 
+@pytest.mark.xfail(reason="the gateway caches the backend's address for 300 s (ttl_dns_cache "
+                          "in gateway/proxy.py); remove this mark once it follows a new address",
+                   strict=False)
+def test_gateway_follows_the_backend_to_a_new_address(request: pytest.FixtureRequest) -> None:
+    backend = container_id("backend")
+    info = inspect(backend)
+    (network, endpoint), = info["NetworkSettings"]["Networks"].items()
+    old_ip = endpoint["IPAddress"]
+
+    def heal() -> None:  # runs last: leave a gateway that reaches the backend for later tests
+        if sales_status() != 200:
+            compose("restart", "gateway")
+            wait_for("the gateway to be ready", lambda: call("GET", "/-/ready"),
+                     lambda r: r.status == 200)
+
+    request.addfinalizer(heal)
+    docker("stop", backend)
+    request.addfinalizer(lambda: docker("start", backend))
+    # Take the address the backend had, so that it comes back with another one (as after a
+    # recreate in a busier network); nothing else about the backend changes.
+    squatter = docker("run", "-d", "--network", network, "--entrypoint", "sleep",
+                      info["Config"]["Image"], "600").strip()
+    request.addfinalizer(lambda: docker("rm", "-f", squatter))
+    docker("start", backend)
+    new_ip = inspect(backend)["NetworkSettings"]["Networks"][network]["IPAddress"]
+    assert new_ip != old_ip
+    wait_for("the gateway to reach the backend at its new address", sales_status,
+             lambda s: s == 200, timeout=30)
+
+
 def test_gateway_restart_is_ready_again_within_seconds() -> None:
     started = time.monotonic()
     compose("restart", "gateway")
