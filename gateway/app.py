@@ -282,7 +282,7 @@ class Pipeline:
         store, policy = self.store, self.store.policy
         stats = store.stats
         return web.json_response({
-            "policy": str(store.path), "sha256": policy.sha256,
+            "pid": os.getpid(), "policy": str(store.path), "sha256": policy.sha256,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(store.loaded_at)),
             "users": len(policy.users), "roles": len(policy.roles),
             "warnings": [str(w) for w in policy.warnings],

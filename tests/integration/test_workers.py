@@ -1,0 +1,73 @@
+"""--workers N: processes share the port, and a reload reaches every one of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from tests.helpers import SHIPPED_POLICY, Process, basic, write_policy
+
+pytestmark = pytest.mark.skipif(bool(os.environ.get("GATEWAY_URL")),
+                                reason="starts its own processes")
+OPS = basic("ops", "imtheops")
+
+
+def statuses(url: str, n: int = 40) -> list[dict]:
+    out = []
+    for _ in range(n):   # a new connection each time: SO_REUSEPORT spreads them
+        req = urllib.request.Request(url + "/-/status", headers={**OPS, "Connection": "close"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            out.append(json.loads(r.read()))
+    return out
+
+
+def wait_all_workers(url: str, sha: str, workers: int, timeout: float = 30) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = statuses(url)
+        pids = {s["pid"] for s in seen}
+        if len(pids) == workers and all(s["sha256"] == sha for s in seen):
+            return pids
+        time.sleep(0.05)   # polling a condition with a deadline
+    raise AssertionError(f"not all {workers} workers reached {sha[:12]}: {seen[-3:]}")
+
+
+@pytest.mark.parametrize("trigger", ["SIGHUP", "api"])
+def test_reload_reaches_every_worker(tmp_path, stack, trigger) -> None:
+    policy = tmp_path / "rbac.yaml"
+    shutil.copy(SHIPPED_POLICY, policy)
+    gw = Process(["-m", "gateway", "serve", "--port", "0", "--workers", "2", "--no-watch",
+                  "--upstream", stack.backend_url, "--policy", str(policy),
+                  "--audit-log", "off"], tmp_path / "gw.log")
+    try:
+        url = gw.wait_listening()
+        gw.wait_healthy("/-/healthz")
+        first = statuses(url)[0]["sha256"]
+        pids = wait_all_workers(url, first, 2)
+        assert gw.pid not in pids                    # the supervisor serves nothing itself
+        doc = yaml.safe_load(policy.read_text())
+        doc["roles"]["sales"]["description"] = "changed"
+        write_policy(policy, doc)
+        if trigger == "SIGHUP":
+            os.kill(gw.pid, signal.SIGHUP)
+        else:
+            req = urllib.request.Request(url + "/-/reload", method="POST", headers=OPS)
+            with urllib.request.urlopen(req, timeout=10) as r:
+                assert json.loads(r.read())["status"] == "reloaded"
+        new = [s for s in statuses(url, 1)][0]["sha256"]
+        deadline = time.monotonic() + 20
+        while new == first and time.monotonic() < deadline:
+            new = statuses(url, 1)[0]["sha256"]
+        assert new != first
+        assert wait_all_workers(url, new, 2) == pids
+    finally:
+        rc = gw.stop()
+    assert rc == 0, gw.output()
+    assert "Traceback" not in gw.output()
