@@ -37,7 +37,9 @@ async def client(aiohttp_client: AiohttpClient, tmp_path: Path) -> Client:
     return await aiohttp_client(create_app(tmp_path / "inv.db"))
 
 
-async def send(client: Client, method: str, body: Any, *, query: str = "") -> aiohttp.ClientResponse:
+async def send(
+    client: Client, method: str, body: Any, *, query: str = ""
+) -> aiohttp.ClientResponse:
     return await client.request(method, ITEMS + query, data=json.dumps(body), headers=JSON)
 
 
@@ -181,7 +183,8 @@ async def test_put_creates_with_201_then_replaces_with_200(client: Client) -> No
     assert resp.status == 200
     assert await resp.json() == {"name": "a", "count": 2}
     # Replaced, not merged: the old "tag" is gone.
-    assert await (await client.get(ITEMS, params={"name": "a"})).json() == {"name": "a", "count": 2}
+    stored = await (await client.get(ITEMS, params={"name": "a"})).json()
+    assert stored == {"name": "a", "count": 2}
 
 
 async def test_put_takes_the_name_from_the_query_or_the_body(client: Client) -> None:
@@ -288,7 +291,9 @@ async def test_oversize_body_is_413(aiohttp_client: AiohttpClient, tmp_path: Pat
 )
 async def test_body_that_is_not_json_is_415(client: Client, content_type: str | None) -> None:
     headers = {} if content_type is None else {"Content-Type": content_type}
-    resp = await client.post(ITEMS, data=b'{"name": "a"}', headers=headers, skip_auto_headers=["Content-Type"])
+    resp = await client.post(
+        ITEMS, data=b'{"name": "a"}', headers=headers, skip_auto_headers=["Content-Type"]
+    )
     await assert_error(resp, 415)
 
 
@@ -298,7 +303,9 @@ async def test_json_with_utf8_charset_is_accepted(client: Client) -> None:
     assert resp.status == 201
 
 
-@pytest.mark.parametrize("path", ["/", "/api", "/api/inventory/", "/api/inventory/x", "/healthz/x"])
+@pytest.mark.parametrize(
+    "path", ["/", "/api", "/api/inventory/", "/api/inventory/x", "/healthz/x"]
+)
 async def test_unknown_route_is_json_404(client: Client, path: str) -> None:
     await assert_error(await client.get(path), 404)
 
@@ -344,7 +351,11 @@ async def test_rejected_write_leaves_the_existing_record_unchanged(
 # --- record validation as a property ------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=12,
 )
@@ -354,7 +365,9 @@ json_values = st.recursive(
 @given(
     name=st.text(min_size=1, max_size=256),
     count=st.none() | st.integers(min_value=0),
-    extra=st.dictionaries(st.text().filter(lambda k: k not in ("name", "count")), json_values, max_size=4),
+    extra=st.dictionaries(
+        st.text().filter(lambda k: k not in ("name", "count")), json_values, max_size=4
+    ),
 )
 def test_any_valid_record_round_trips_through_parsing(
     name: str, count: int | None, extra: dict[str, Any]
@@ -405,7 +418,9 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
-async def start_backend(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
+async def start_backend(
+    *args: str, env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
     """Start ``python -m inventory_backend ARGS`` and return it with its base URL."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "inventory_backend", *args,
@@ -414,12 +429,18 @@ async def start_backend(*args: str, env: dict[str, str] | None = None) -> tuple[
     assert proc.stderr is not None
     prefix = b"inventory_backend listening on "
     deadline = time.monotonic() + 15
-    while True:
-        line = await asyncio.wait_for(proc.stderr.readline(), deadline - time.monotonic())
-        if not line:
-            raise AssertionError(f"backend exited with {await proc.wait()} before listening")
-        if line.startswith(prefix):
-            return proc, line[len(prefix) :].decode().strip()
+    try:
+        while True:
+            line = await asyncio.wait_for(proc.stderr.readline(), deadline - time.monotonic())
+            if not line:
+                raise AssertionError(f"backend exited with {await proc.wait()} before listening")
+            if line.startswith(prefix):
+                return proc, line[len(prefix) :].decode().strip()
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
 
 
 async def wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
@@ -441,7 +462,7 @@ async def stop_backend(proc: asyncio.subprocess.Process, signum: int) -> tuple[i
     return proc.returncode if proc.returncode is not None else -1, stderr.decode()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_process_serves_on_an_ephemeral_port_and_stops_cleanly(
     tmp_path: Path, signum: int
 ) -> None:
@@ -479,7 +500,9 @@ async def test_process_reads_its_settings_from_the_environment(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("kind", ["directory", "not-sqlite", "parent-is-a-file"])
-async def test_process_with_unusable_database_exits_1_with_one_line(tmp_path: Path, kind: str) -> None:
+async def test_process_with_unusable_database_exits_1_with_one_line(
+    tmp_path: Path, kind: str
+) -> None:
     db = tmp_path / "inv.db"
     if kind == "directory":
         db.mkdir()
