@@ -18,7 +18,7 @@
 #   BASE_IMAGE             passed to the build          (default python:3.12-slim)
 set -uo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 root="$PWD"
 PY="${PY:-.venv/bin/python}"
 if [ -z "${COMPOSE:-}" ]; then
@@ -34,12 +34,7 @@ say() { printf 'compose-test: %s\n' "$*" >&2; }
 compose() { $COMPOSE -f "$root/docker-compose.yml" "$@"; }
 
 policy_dir="$(mktemp -d "${TMPDIR:-/tmp}/rbac-policy.XXXXXX")"
-cp rbac.yaml "$policy_dir/rbac.yaml"
-# The container runs as uid 10001: it must be able to enter the directory and read the file.
-chmod 0755 "$policy_dir"
-chmod 0644 "$policy_dir/rbac.yaml"
-export GATEWAY_POLICY_DIR="$policy_dir"
-
+# shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
     local rc=$?
     say "tearing down (down -v)"
@@ -49,6 +44,12 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+cp rbac.yaml "$policy_dir/rbac.yaml" || exit 1
+# The container runs as uid 10001: it must be able to enter the directory and read the file.
+chmod 0755 "$policy_dir"
+chmod 0644 "$policy_dir/rbac.yaml"
+export GATEWAY_POLICY_DIR="$policy_dir"
 
 t0=$SECONDS
 say "building and starting $COMPOSE_PROJECT_NAME with $COMPOSE (BASE_IMAGE=${BASE_IMAGE:-python:3.12-slim})"
