@@ -27,7 +27,8 @@ from .errors import (Forbidden, GatewayError, MethodNotAllowed, NotFound, Overlo
                      PayloadTooLarge, TooManyRequests, Unauthenticated, UnprocessablePolicy)
 from .guard import Rejected, Target, canonical_target, check_method
 from .policy import Decision, User
-from .proxy import SessionForwarder, Upstream
+from .proxy import Forwarder, SessionForwarder, Upstream
+from .upstream import PoolForwarder
 from .settings import Settings
 from .store import PolicyStore, ReloadResult, watch
 
@@ -38,7 +39,7 @@ WORKER_ENV = "GATEWAY_WORKER_OF"   # set in worker processes: the supervisor's p
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", PolicyStore)
 AUTH = web.AppKey("auth", Authenticator)
-FORWARDER = web.AppKey("forwarder", SessionForwarder)
+FORWARDER = web.AppKey("forwarder", Forwarder)  # type: ignore[type-abstract]
 AUDIT = web.AppKey("audit", AuditLog)
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -58,9 +59,10 @@ def create_app(settings: Settings, *, store: PolicyStore | None = None,
         max_inflight=settings.max_bcrypt_inflight,
         cache=CredentialCache(ttl=settings.cache_ttl, max_entries=settings.cache_size),
         throttle=FailureThrottle())
-    app[FORWARDER] = SessionForwarder(
-        Upstream(URL(settings.upstream), settings.connect_timeout, settings.upstream_timeout),
-        settings.max_body)
+    upstream = Upstream(URL(settings.upstream), settings.connect_timeout,
+                        settings.upstream_timeout)
+    forwarder_class = PoolForwarder if settings.forwarder == "pool" else SessionForwarder
+    app[FORWARDER] = forwarder_class(upstream, settings.max_body)
     app[AUDIT] = audit or (AuditLog(enabled=False) if settings.audit_log == "off"
                            else AuditLog.to_file(settings.audit_log))
     app[METRICS] = metrics = Metrics()

@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -148,8 +149,9 @@ class Authenticator:
                  throttle: FailureThrottle | None = None) -> None:
         self.cache = cache or CredentialCache()
         self.throttle = throttle or FailureThrottle()
-        self._pool = ThreadPoolExecutor(max_workers=threads or min(4, os.cpu_count() or 1),
-                                        thread_name_prefix="bcrypt")
+        self._pool = ThreadPoolExecutor(max_workers=threads or _default_threads(),
+                                        thread_name_prefix="bcrypt",
+                                        initializer=_lower_priority)
         self._max_inflight = max_inflight
         self._inflight = 0
         self._dummies: dict[bytes, bytes] = {}
@@ -205,6 +207,20 @@ class Authenticator:
 
     def _dummy(self, policy: Policy) -> bytes:
         return self._dummies.get(self._common_prefix, _FALLBACK_DUMMY)
+
+
+def _default_threads() -> int:
+    # Leave a core to the event loops: the flood of uncached checks must not starve them.
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _lower_priority() -> None:
+    """Run bcrypt threads at nice +10 (Linux: per thread), so that when a wrong-password
+    flood saturates the CPU the scheduler still favours the event loop serving cached users."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
 
 
 def _checkpw(password: str, hashed: bytes) -> bool:

@@ -48,6 +48,14 @@ class Upstream:
 class Forwarder(Protocol):
     """A way to send an authorized request upstream and stream the answer back."""
 
+    async def start(self) -> None:
+        """Open what forwarding needs (called once the event loop runs)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
     async def forward(self, request: web.Request, target: Target, user: User | None,
                       client: str, body: bytes | None) -> web.StreamResponse:
         """Forward ``request`` as ``target`` for ``user``; ``body`` when already read."""

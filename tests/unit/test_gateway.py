@@ -282,3 +282,39 @@ async def test_upstream_error_statuses_pass_through(aiohttp_client, settings, tm
         assert await resp.json() == {"error": "nope"}
     finally:
         await server.close()
+
+
+@pytest.fixture(params=["pool", "session"])
+def settings(request, policy_path, upstream):
+    """Every test in this module runs against both upstream clients."""
+    from gateway.settings import Settings
+    return Settings(policy=policy_path, upstream=upstream.url, watch=False, audit_log="off",
+                    handle_signals=False, upstream_timeout=1.0, connect_timeout=1.0,
+                    forwarder=request.param)
+
+
+async def test_pool_retries_a_connection_the_upstream_closed_while_idle(
+        aiohttp_server, aiohttp_client, policy_path) -> None:
+    from gateway.app import FORWARDER, create_app
+    from gateway.settings import Settings
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    up_app = web.Application()
+    up_app.router.add_route("*", "/{t:.*}", ok)
+    up = await aiohttp_server(up_app, keepalive_timeout=0.05)
+    gw = await aiohttp_client(create_app(Settings(
+        policy=policy_path, upstream=str(up.make_url("")).rstrip("/"), watch=False,
+        audit_log="off", handle_signals=False)))
+    assert (await gw.get(ITEM, headers=basic("sales", "imsales"))).status == 200
+    pool = gw.app[FORWARDER]._pool
+    idle = pool._idle[-1][0]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while idle.is_connected():        # wait until the upstream has closed it
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    for _ in range(3):
+        resp = await gw.get(ITEM, headers=basic("sales", "imsales"))
+        assert resp.status == 200
