@@ -344,9 +344,6 @@ def test_recreated_backend_container_keeps_items_on_the_named_volume() -> None:
     item_is_there(name)
 
 
-@pytest.mark.xfail(reason="the gateway caches the backend's address for 300 s (ttl_dns_cache "
-                          "in gateway/proxy.py); remove this mark once it follows a new address",
-                   strict=False)
 def test_gateway_follows_the_backend_to_a_new_address(request: pytest.FixtureRequest) -> None:
     backend = container_id("backend")
     info = inspect(backend)
