@@ -464,32 +464,32 @@ def render(result: dict[str, Any], markdown: bool = False) -> str:
     head = (f"{m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB, {m['os']}, kernel {m['kernel']}, "
             f"Python {m['python']}; load: {result['load_tool']}; loadavg {' '.join(m['loadavg_start'])} → "
             f"{' '.join(m['loadavg_end'])}")
-    cols = ("scenario", "candidate", "req/s", "p50 ms", "p99 ms", "CPU-µs/req", "cores", "errors")
+    cols = ("scenario", "candidate", "req/s", "p50 ms", "p99 ms", "CPU-µs/req", "cores", "host busy", "errors")
     rows: list[tuple[str, ...]] = []
     for skey, scn in result["scenarios"].items():
         for ckey, cand in scn["candidates"].items():
             md = cand["median"]
             if md is None:
-                rows.append((skey, cand["label"], "error", "", "", "", "", ""))
+                rows.append((skey, cand["label"], "error", "", "", "", "", "", ""))
                 continue
             err = str(md["errors"]) + ("" if md["valid"] else " INVALID")
             if "flood" in md:
                 f = md["flood"]
                 err += f"; flood {f['rps']:,.0f}/s " + ",".join(f"{k}×{v}" for k, v in sorted(f["statuses"].items()))
             rows.append((skey, cand["label"], f"{md['rps']:,.0f}", f"{md['p50_ms']:.2f}", f"{md['p99_ms']:.2f}",
-                         f"{md['cpu_us_per_req']:,.1f}", f"{md['cpu_cores']:.2f}", err))
+                         f"{md['cpu_us_per_req']:,.1f}", f"{md['cpu_cores']:.2f}", f"{md['machine_busy']:.0%}", err))
         for ckey, why in scn["skipped"].items():
-            rows.append((skey, ckey, "skipped", "", "", "", "", why[:70]))
+            rows.append((skey, ckey, "skipped", "", "", "", "", "", why[:70]))
     if markdown:
         lines.append(f"Machine: {head}\n")
         lines.append("| " + " | ".join(cols) + " |")
-        lines.append("|" + "|".join("---" if i < 2 or i == 7 else "--:" for i in range(len(cols))) + "|")
+        lines.append("|" + "|".join("---" if i < 2 or i == 8 else "--:" for i in range(len(cols))) + "|")
         lines += ["| " + " | ".join(r) + " |" for r in rows]
     else:
         lines.append(head)
         widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
         widths[-1] = len(cols[-1])
-        fmt = "  ".join(f"{{:{'<' if i < 2 or i == 7 else '>'}{w}}}" for i, w in enumerate(widths))
+        fmt = "  ".join(f"{{:{'<' if i < 2 or i == 8 else '>'}{w}}}" for i, w in enumerate(widths))
         lines.append(fmt.format(*cols))
         lines += [fmt.format(*r) for r in rows]
     lines.append("")
@@ -532,8 +532,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--workers", type=int, default=nproc, help=f"gateway --workers (default: nproc = {nproc})")
     add("--connections", type=int, default=32, help="client connections (default 32)")
     add("--threads", type=int, default=2, help="wrk threads (default 2)")
-    add("--slow-connections", type=int, default=4,
-        help="connections for the peers that hash on every request (nginx bcrypt, Flask; default 4)")
+    add("--slow-connections", type=int, default=8,
+        help="connections for the peers that hash on every request (nginx bcrypt, Flask; default 8)")
     add("--timeout", type=int, default=10, help="per-request timeout, s (default 10)")
     add("--load-tool", choices=("auto", "wrk", "python"), default="auto")
     add("--upstream-workers", type=int, default=1, help="nginx upstream worker processes (default 1)")
@@ -547,6 +547,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--gateway-arg", action="append", default=[], help="extra argument for `gateway serve` (repeatable)")
     add("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
     add("--keep-tmp", action="store_true", help="keep the temp dir (logs, configs, policies)")
+    add("--render", type=Path, metavar="JSON", help="print the table of an earlier run and exit")
+    add("--markdown", action="store_true", help="with --render: as Markdown (for docs/PERFORMANCE.md)")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.rounds, args.warmup = 2, 1, 1
@@ -567,6 +569,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        print(render(json.loads(args.render.read_text()), markdown=args.markdown))
+        return 0
     with _sigterm_as_interrupt():
         bench = Bench(args)
         for note in bench.notes:

@@ -127,7 +127,8 @@ def start_upstream(tmp: Path, *, workers: int, force_python: bool = False) -> Se
             cwd=ROOT,
         )
         server = Server("upstream", "aiohttp upstream", f"http://127.0.0.1:{port}", [proc],
-                        ["nginx absent: Python upstream; through-gateway ratios understate the gateway's cost"])
+                        [("--python-upstream" if nginx_binary() else f"nginx absent ({APT_HINT})")
+                         + ": aiohttp upstream; through-gateway ratios understate the gateway's cost"])
     try:
         wait_http(proc, server.base_url + "/", deadline_s=20)
     except BenchError:
@@ -256,7 +257,9 @@ def start_nginx_bcrypt(tmp: Path, creds: Credentials, upstream: str) -> Server:
     htpasswd.chmod(0o644)  # workers run as nobody when started by root
     conf = _nginx_conf(prefix, "auto", f"""\
     server {{
-        listen 127.0.0.1:{port};
+        # reuseport: the kernel spreads connections over both workers; without it one worker
+        # may take them all and nginx would look half as fast as it is.
+        listen 127.0.0.1:{port} reuseport;
         location / {{
             auth_basic "bench";
             auth_basic_user_file {htpasswd};
