@@ -73,7 +73,7 @@ class SessionForwarder:
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.upstream.pool_size, ttl_dns_cache=300,
+        connector = aiohttp.TCPConnector(limit=self.upstream.pool_size, ttl_dns_cache=10,
                                          enable_cleanup_closed=False)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.upstream.connect_timeout,
                                         sock_read=self.upstream.read_timeout)
