@@ -304,15 +304,22 @@ class Bench:
                 flood = FloodClient(self.tool, server.base_url, cand.flood, self.args.duration + 3)
                 flood.wait_sending()
             roots = server.cpu_roots
-            c0, (b0, t0), w0 = tree_cpu_ticks(roots), system_ticks(), time.monotonic()
+            # What the candidate's upstream spends too: a proxy that opens fewer or more
+            # upstream connections changes the cost of the whole stack, not only its own.
+            up_roots = [pid for dep in DEPENDS.get(cand.server, ()) if dep in self.servers
+                        for pid in self.servers[dep].cpu_roots]
+            u0, c0, (b0, t0), w0 = tree_cpu_ticks(up_roots), tree_cpu_ticks(roots), system_ticks(), time.monotonic()
             res = run_load(self.tool, server.base_url, cand.load, self.args.duration, self.args.timeout)
-            c1, (b1, t1), w1 = tree_cpu_ticks(roots), system_ticks(), time.monotonic()
+            c1, u1, (b1, t1), w1 = tree_cpu_ticks(roots), tree_cpu_ticks(up_roots), system_ticks(), time.monotonic()
             flood_res = flood.result() if flood is not None else None
         finally:
             if flood is not None:
                 flood.kill()
         quiet_s = self.quiet()
-        return summarize(res, (c1 - c0) / CLK_TCK, w1 - w0, (b1 - b0) / max(1, t1 - t0), flood_res, quiet_s)
+        sample = summarize(res, (c1 - c0) / CLK_TCK, w1 - w0, (b1 - b0) / max(1, t1 - t0), flood_res, quiet_s)
+        n = sample["requests"]
+        sample["upstream_cpu_us_per_req"] = (u1 - u0) / CLK_TCK * 1e6 / n if up_roots and n else None
+        return sample
 
     # -- the whole run ------------------------------------------------------------------
 
@@ -329,6 +336,7 @@ class Bench:
             "finished": finished.isoformat(timespec="seconds"),
             "machine": dict(self.machine, loadavg_end=Path("/proc/loadavg").read_text().split()[:3]),
             "tools": self.tools(),
+            "commit": _git_describe(),
             "config": {k: v for k, v in vars(self.args).items()},
             "load_tool": self.tool,
             "gateway_workers": self.workers,
@@ -408,6 +416,9 @@ def median(samples: list[dict[str, Any]]) -> dict[str, Any] | None:
                            "errors": sum(s["errors"] for s in good)}
     for key in ("rps", "p50_ms", "p99_ms", "p999_ms", "cpu_us_per_req", "cpu_cores", "machine_busy"):
         out[key] = statistics.median(s[key] for s in good)
+    ups = [s["upstream_cpu_us_per_req"] for s in good if s.get("upstream_cpu_us_per_req") is not None]
+    if ups:
+        out["upstream_cpu_us_per_req"] = statistics.median(ups)
     floods = [s["flood"] for s in good if "flood" in s]
     if floods:
         statuses: dict[str, int] = {}
@@ -435,7 +446,7 @@ def targets(med: dict[str, dict[str, Any]], labels: dict[str, dict[str, str]], p
             va, vb = ma[metric], mb[metric_b or metric]
             ratio = va / vb if vb else float("inf")
             ok = ratio >= limit if op == ">=" else ratio <= limit if op == "<=" else ratio < limit
-            status = "PASS" if ok else "FAIL"
+            status = "INFO" if op == "info" else "PASS" if ok else "FAIL"
             if not (ma["valid"] and mb["valid"]):
                 status = "INVALID"
             row.update(status=status, ratio=ratio, a=va, b=vb)
@@ -453,6 +464,18 @@ def targets(med: dict[str, dict[str, Any]], labels: dict[str, dict[str, str]], p
     add("flood_p99", "flood: legit p99 under flood ÷ alone (gateway)", "flood", "gateway+flood", "gateway", "p99_ms", "<=", 1.5)
     add("flood_p99_caddy", "flood: legit p99 under flood ÷ alone (Caddy, for reference)", "flood", "caddy+flood", "caddy", "p99_ms", "<=", 1.5, True)
     add("scaling", "GET: gateway ×N workers req/s ÷ ×1 worker", "get", "gateway", "gateway-w1", "rps", ">=", 1.3)
+    add("get_vs_direct", "GET: gateway req/s ÷ upstream direct", "get", "gateway", "direct", "rps", "info", 0)
+    add("full_rps", "full stack: gateway→backend req/s ÷ backend alone", "fullstack", "gateway", "direct", "rps", "info", 0)
+    add("full_rps_caddy", "full stack: Caddy→backend req/s ÷ backend alone", "fullstack", "caddy", "direct", "rps", "info", 0, True)
+    add("full_cpu", "full stack: gateway CPU-µs/req ÷ backend's own", "fullstack", "gateway", "direct", "cpu_us_per_req", "info", 0)
+    full = med.get("fullstack", {})
+    gw, direct = full.get("gateway"), full.get("direct")
+    if gw and direct and gw.get("upstream_cpu_us_per_req") is not None:
+        # The stack's cost per request: the gateway's CPU plus what the backend spent behind it.
+        total = gw["cpu_us_per_req"] + gw["upstream_cpu_us_per_req"]
+        out.append({"id": "full_stack_cpu", "text": "full stack: (gateway + backend) CPU-µs/req ÷ backend alone",
+                    "op": "info", "limit": 0, "status": "INFO", "ratio": total / direct["cpu_us_per_req"],
+                    "a": total, "b": direct["cpu_us_per_req"]})
     return out
 
 
@@ -462,7 +485,7 @@ def render(result: dict[str, Any], markdown: bool = False) -> str:
     lines: list[str] = []
     m = result["machine"]
     head = (f"{m['nproc']} CPUs ({m['cpu_model']}), {m['mem_gib']} GiB, {m['os']}, kernel {m['kernel']}, "
-            f"Python {m['python']}; load: {result['load_tool']}; loadavg {' '.join(m['loadavg_start'])} → "
+            f"Python {m['python']}; commit {result.get('commit', '?')}; load: {result['load_tool']}; loadavg {' '.join(m['loadavg_start'])} → "
             f"{' '.join(m['loadavg_end'])}")
     cols = ("scenario", "candidate", "req/s", "p50 ms", "p99 ms", "CPU-µs/req", "cores", "host busy", "errors")
     rows: list[tuple[str, ...]] = []
@@ -506,7 +529,7 @@ def target_lines(rows: list[dict[str, Any]], markdown: bool) -> list[str]:
     if markdown:
         out += ["| target | ratio | limit | result |", "|---|--:|--:|---|"]
     for t in rows:
-        limit = f"{t['op']} {t['limit']:g}"
+        limit = "—" if t["op"] == "info" else f"{t['op']} {t['limit']:g}"
         if "ratio" in t:
             ratio = f"{t['ratio']:.2f}×" if t["ratio"] < 1000 else f"{t['ratio']:,.0f}×"
         else:
@@ -594,6 +617,21 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + render(result))
     print(f"\nresults: {out} (+ .md)")
     return 0
+
+
+def _git_describe() -> str:
+    """The checkout measured: commit, plus "+dirty" when gateway/ has uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=root, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "gateway"], capture_output=True,
+                               text=True, cwd=root, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def _rmtree(path: Path) -> None:
