@@ -28,6 +28,8 @@ from bench.load import Load, run_load, wrk_available
 from bench.procs import BenchError
 from bench.runner import RESULTS
 
+# Frames below the event loop: every sample resumed from the loop's base stack carries them.
+RUNNERS = {"gateway/server.py", "gateway/cli.py", "gateway/__main__.py"}
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -50,6 +52,8 @@ def summarize(raw: Path, top: int) -> str:
     self_t: Counter[str] = Counter()
     incl: Counter[str] = Counter()
     modules: Counter[str] = Counter()
+    stage: Counter[str] = Counter()
+    stage_mod: Counter[str] = Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_s = line.rpartition(" ")
@@ -67,6 +71,16 @@ def summarize(raw: Path, top: int) -> str:
             continue
         func, file = frames[-1]
         self_t[f"{func} ({file})"] += count
+        # A partition of all samples: the innermost gateway frame owns the sample (with what
+        # it called); samples with no gateway frame go to the leaf's package (aiohttp's own
+        # request parsing, the event loop).
+        owner = next((f"{fn} ({fl})" for fn, fl in reversed(frames)
+                      if fl.startswith("gateway/") and fl not in RUNNERS), None)
+        if owner is None:
+            owner = f"[loop/aiohttp, no handler frame] {func} ({file})"
+        stage[owner] += count
+        stage_mod[owner.split("(", 1)[1].rstrip(")") if not owner.startswith("[") else
+                  "aiohttp server/client + event loop (no gateway frame)"] += count
         seen_f: set[str] = set()
         seen_m: set[str] = set()
         for func, file in frames:
@@ -88,7 +102,9 @@ def summarize(raw: Path, top: int) -> str:
 
     # Coroutine steps resumed by uvloop's C loop have no frames below them, so the runpy/cli
     # frames cover only part of the samples: read the inclusive tables from the handler down.
-    out = table("self time by function", self_t) + [""] + table("inclusive time by function", incl)
+    out = table("by innermost gateway module (sums to 100%)", stage_mod)
+    out += [""] + table("by innermost gateway function (sums to 100%)", stage)
+    out += [""] + table("self time by function", self_t) + [""] + table("inclusive time by function", incl)
     out += [""] + table("inclusive time by module/package", modules)
     return "\n".join(out)
 
