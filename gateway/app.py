@@ -25,7 +25,7 @@ from .audit import AuditLog, Metrics, now_iso
 from .auth import Authenticator, CredentialCache, FailureThrottle, parse_basic
 from .errors import (Forbidden, GatewayError, MethodNotAllowed, NotFound, Overloaded,
                      PayloadTooLarge, TooManyRequests, Unauthenticated, UnprocessablePolicy)
-from .guard import Rejected, Target, canonical_target, check_method
+from .guard import Rejected, Target, canonical_target, check_header_sizes, check_method
 from .policy import Decision, User
 from .proxy import Forwarder, SessionForwarder, Upstream
 from .upstream import PoolForwarder
@@ -43,14 +43,17 @@ FORWARDER = web.AppKey("forwarder", Forwarder)  # type: ignore[type-abstract]
 AUDIT = web.AppKey("audit", AuditLog)
 METRICS = web.AppKey("metrics", Metrics)
 
-_JSON = "application/json"
+MAX_PARSED_FIELD = 128 * 1024
 
 
 def create_app(settings: Settings, *, store: PolicyStore | None = None,
                audit: AuditLog | None = None) -> web.Application:
     """Build the gateway app. Raises :class:`~gateway.errors.PolicyError` on a bad policy."""
     store = store or PolicyStore.open(settings.policy)
-    app = web.Application(handler_args={"max_field_size": settings.max_header_bytes,
+    # The parser's own field limit is generous so that an oversize Authorization header can
+    # be answered 401 like any bad credential; every other header is held to
+    # max_header_bytes by the guard (431).
+    app = web.Application(handler_args={"max_field_size": MAX_PARSED_FIELD,
                                         "max_line_size": settings.max_header_bytes,
                                         "max_headers": 100})
     app[SETTINGS] = settings
@@ -129,6 +132,7 @@ class Pipeline:
         self.audit = app[AUDIT]
         self.metrics = app[METRICS]
         self.trusted = self.settings.trusted_proxies
+        self.header_limit = self.settings.max_header_bytes
         self._ready_at = 0.0
         self._ready_ok = False
         self.internal = {
@@ -150,6 +154,7 @@ class Pipeline:
         upstream_ms = None
         try:
             client = record["client"] = self.client_address(request)
+            check_header_sizes(request.raw_headers, self.header_limit)
             check_method(request.method, request.headers)
             target = canonical_target(request.raw_path)
             record["path"] = target.path

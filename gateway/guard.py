@@ -17,7 +17,7 @@ import string
 from dataclasses import dataclass
 from typing import Mapping
 
-from .errors import BadRequest
+from .errors import BadRequest, HeadersTooLarge
 
 REJECTED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
 OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
@@ -56,6 +56,14 @@ def check_method(method: str, headers: Mapping[str, str]) -> None:
     for name in OVERRIDE_HEADERS:
         if name in headers:
             raise Rejected(f"method-override header {name} is not allowed", code="method_override")
+
+
+def check_header_sizes(raw_headers: tuple[tuple[bytes, bytes], ...], limit: int) -> None:
+    """431 for any header over ``limit`` bytes, except ``Authorization``: an oversize
+    credential is a bad credential (401, decided by the authenticator), not a framing error."""
+    for name, value in raw_headers:
+        if len(value) + len(name) > limit and name.lower() != b"authorization":
+            raise HeadersTooLarge(f"header {name.decode('latin-1')[:64]} is over {limit} bytes")
 
 
 def canonical_target(raw: str) -> Target:
