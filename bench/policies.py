@@ -6,7 +6,7 @@ count alone:
 
 - `small.yaml`: the shipped policy's shape (four roles, three users, public health, tests).
 - `rules10k.yaml`: the same plus 100 roles of 100 rules each (10,000 rules; distinct literal,
-  `{param}` and `/**` paths, half of them under `/api/` like the granted path). The bench user
+  `{param}` and `/**` paths, three fifths of them under `/api/` like the granted path). The bench user
   holds all 100 roles and the rule that grants its request is rule 5,050 of 10,000.
 """
 
