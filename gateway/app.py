@@ -26,8 +26,9 @@ from .auth import Authenticator, CredentialCache, FailureThrottle, parse_basic
 from .errors import (Forbidden, GatewayError, MethodNotAllowed, NotFound, Overloaded,
                      PayloadTooLarge, TooManyRequests, Unauthenticated, UnprocessablePolicy)
 from .guard import Rejected, Target, canonical_target, check_header_sizes, check_method
-from .policy import Decision, User
-from .proxy import Forwarder, SessionForwarder, Upstream
+from .policy import Decision, Policy, User
+from .exchange import JSON_TYPE, AiohttpExchange, Exchange, json_body
+from .proxy import Forwarder, Upstream
 from .upstream import PoolForwarder
 from .settings import Settings
 from .store import PolicyStore, ReloadResult, watch
@@ -64,8 +65,7 @@ def create_app(settings: Settings, *, store: PolicyStore | None = None,
         throttle=FailureThrottle())
     upstream = Upstream(URL(settings.upstream), settings.connect_timeout,
                         settings.upstream_timeout)
-    forwarder_class = PoolForwarder if settings.forwarder == "pool" else SessionForwarder
-    app[FORWARDER] = forwarder_class(upstream, settings.max_body)
+    app[FORWARDER] = PoolForwarder(upstream, settings.max_body)
     app[AUDIT] = audit or (AuditLog(enabled=False) if settings.audit_log == "off"
                            else AuditLog.to_file(settings.audit_log))
     app[METRICS] = metrics = Metrics()
@@ -79,8 +79,13 @@ def create_app(settings: Settings, *, store: PolicyStore | None = None,
     # (authority-form CONNECT, asterisk-form OPTIONS), so the guard answers them too; the
     # catch-all route only lets aiohttp cache the middleware chain for ordinary targets.
     app.middlewares.append(pipeline.entry)
-    app.router.add_route("*", "/{tail:.*}", pipeline.handle)
+    app.router.add_route("*", "/{tail:.*}", _unreachable)
+    app[PIPELINE] = pipeline
     return app
+
+
+async def _unreachable(request: web.Request) -> web.StreamResponse:  # pragma: no cover
+    raise AssertionError("the pipeline middleware answers every request")
 
 
 def _count_reload(metrics: Metrics, store: PolicyStore, result: ReloadResult) -> None:
@@ -121,6 +126,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[AUDIT].close()
 
 
+Answer = tuple[int, dict[str, str], bytes]
+
+
+def json_answer(doc: object, status: int = 200,
+                headers: dict[str, str] | None = None) -> Answer:
+    return status, {"Content-Type": JSON_TYPE, **(headers or {})}, json_body(doc)
+
+
 class Pipeline:
     """The per-request path. Holds references fixed at build time; per-request state is local."""
 
@@ -143,63 +156,73 @@ class Pipeline:
 
     @web.middleware
     async def entry(self, request: web.Request, handler: object) -> web.StreamResponse:
-        return await self.handle(request)
+        """aiohttp's entry: every request, also those no route could match."""
+        ex = AiohttpExchange(request)
+        await self.handle(ex)
+        assert ex.response is not None
+        return ex.response
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, ex: Exchange) -> int:
+        """Run the pipeline for one exchange; return the status answered."""
         started = time.perf_counter()
         record: dict[str, object] = {"event": "request", "time": now_iso(),
                                      "client": None, "user": None,
-                                     "method": request.method, "path": None,
+                                     "method": ex.method, "path": None,
                                      "decision": "error", "rule": None}
         upstream_ms = None
+        status = 500
         try:
-            client = record["client"] = self.client_address(request)
-            check_header_sizes(request.raw_headers, self.header_limit)
-            check_method(request.method, request.headers)
-            target = canonical_target(request.raw_path)
+            client = record["client"] = self.client_address(ex)
+            check_header_sizes(ex.raw_headers, self.header_limit)
+            check_method(ex.method, ex.headers)
+            target = canonical_target(ex.raw_path)
             record["path"] = target.path
-            if target.path in ("/-/healthz", "/-/ready") and request.method in ("GET", "HEAD"):
+            if target.path in ("/-/healthz", "/-/ready") and ex.method in ("GET", "HEAD"):
                 record["decision"] = "public"
-                resp: web.StreamResponse = await (
+                status, headers, body = await (
                     self.healthz() if target.path == "/-/healthz" else self.ready())
+                await ex.respond(status, headers, body)
             else:
                 policy = self.store.policy  # one snapshot for the whole request
-                user, decision = await self.authorize(request, target, client, policy.realm)
+                user, decision = await self.authorize(ex, target, client, policy)
                 record["user"] = user.name if user else None
                 record["rule"] = decision.rule.id if decision.rule else None
-                body = None
+                inspected = None
                 if decision.body_keys:
-                    body = await self.inspect_body(request, decision, user)
+                    inspected = await self.inspect_body(ex, decision, user)
                 record["decision"] = "allow"
                 if target.path.startswith("/-/"):
-                    resp = await self.dispatch_internal(request, target)
+                    status, headers, body = await self.dispatch_internal(ex, target)
+                    await ex.respond(status, headers, body)
                 else:
                     t_up = time.perf_counter()
-                    resp = await self.forwarder.forward(request, target, user, client, body)
+                    status = await self.forwarder.forward(ex, target, user, client, inspected)
                     upstream_ms = round((time.perf_counter() - t_up) * 1000, 3)
         except GatewayError as exc:
-            resp = self.error_response(exc, record)
+            status = exc.status
+            with contextlib.suppress(ConnectionError):   # the client may be gone already
+                await self.answer_error(ex, exc, record)
         elapsed = time.perf_counter() - started
-        record["status"] = resp.status
+        record["status"] = status
         record["upstream_ms"] = upstream_ms
         record["total_ms"] = round(elapsed * 1000, 3)
         self.audit.write(record)
-        self.metrics.observe(str(record["decision"]), resp.status, elapsed)
-        return resp
+        self.metrics.observe(str(record["decision"]), status, elapsed)
+        return status
 
-    def client_address(self, request: web.Request) -> str:
-        peer = request.remote or "unknown"
+    def client_address(self, ex: Exchange) -> str:
+        peer = ex.remote or "unknown"
         if not self.trusted:
             return peer
-        return _client_behind_proxies(peer, request.headers.getall("X-Forwarded-For", ()),
+        return _client_behind_proxies(peer, ex.headers.getall("X-Forwarded-For", ()),
                                       self.trusted)
 
-    async def authorize(self, request: web.Request, target: Target, client: str,
-                        realm: str) -> tuple[User | None, Decision]:
-        policy = self.store.policy
-        creds = parse_basic(request.headers.get("Authorization"), realm)
+    async def authorize(self, ex: Exchange, target: Target, client: str,
+                        policy: Policy) -> tuple[User | None, Decision]:
+        realm = policy.realm
+        creds = parse_basic(ex.headers.get("Authorization"), realm)
         if creds is None:
-            decision = policy.decide(None, request.method, target.segments)
+            decision = policy.decide(None, ex.method, target.segments)
             if not decision.allowed:
                 raise Unauthenticated("authentication required", realm=realm)
             return None, decision
@@ -208,24 +231,24 @@ class Pipeline:
         except Unauthenticated:
             self.metrics.auth_failures.labels("invalid_credentials").inc()
             self.audit.write({"event": "auth_failure", "time": now_iso(), "client": client,
-                              "user": creds.user, "method": request.method,
+                              "user": creds.user, "method": ex.method,
                               "path": target.path})
             raise
         except TooManyRequests:
             self.metrics.throttled.inc()
             raise
-        decision = policy.decide(user.name, request.method, target.segments)
+        decision = policy.decide(user.name, ex.method, target.segments)
         if not decision.allowed:
-            raise Forbidden(f"user {user.name!r} may not {request.method} {target.path}")
+            raise Forbidden(f"user {user.name!r} may not {ex.method} {target.path}")
         return user, decision
 
-    async def inspect_body(self, request: web.Request, decision: Decision,
+    async def inspect_body(self, ex: Exchange, decision: Decision,
                            user: User | None) -> bytes:
         limit = self.settings.max_inspected_body
-        if request.content_length is not None and request.content_length > limit:
+        if ex.content_length is not None and ex.content_length > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes cannot be inspected")
         chunks, size = [], 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
+        async for chunk in ex.content.iter_chunked(64 * 1024):
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body over {limit} bytes cannot be inspected")
@@ -239,29 +262,27 @@ class Pipeline:
         return body
 
     # -- the gateway's own endpoints
-    async def dispatch_internal(self, request: web.Request,
-                                target: Target) -> web.StreamResponse:
+    async def dispatch_internal(self, ex: Exchange, target: Target) -> Answer:
         entry = self.internal.get(target.path)
         if entry is None:
             raise NotFound(f"no gateway endpoint {target.path}")
         method, handler = entry
-        if request.method != method and not (method == "GET" and request.method == "HEAD"):
+        if ex.method != method and not (method == "GET" and ex.method == "HEAD"):
             raise MethodNotAllowed(f"{target.path} takes {method}")
-        return await handler(request)
+        return await handler()
 
-    async def healthz(self) -> web.Response:
-        return web.json_response({"status": "ok"})
+    async def healthz(self) -> Answer:
+        return json_answer({"status": "ok"})
 
-    async def ready(self) -> web.Response:
+    async def ready(self) -> Answer:
         now = time.monotonic()
         if now - self._ready_at > 1.0:
             self._ready_ok = await self.forwarder_probe()
             self._ready_at = now
-        policy = self.store.policy
-        body = {"policy": policy.sha256, "upstream": "ok" if self._ready_ok else "unreachable"}
         if not self._ready_ok:
             raise Overloaded("not ready: the upstream does not answer")
-        return web.json_response({"status": "ready", **body})
+        return json_answer({"status": "ready", "policy": self.store.policy.sha256,
+                            "upstream": "ok"})
 
     async def forwarder_probe(self) -> bool:
         url = self.settings.upstream.rstrip("/") + self.settings.upstream_health
@@ -272,7 +293,7 @@ class Pipeline:
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             return False
 
-    async def reload(self, request: web.Request) -> web.Response:
+    async def reload(self) -> Answer:
         result = await self.store.reload("api")
         supervisor = os.environ.get(WORKER_ENV)
         if supervisor and result.ok:
@@ -282,13 +303,13 @@ class Pipeline:
         if not result.ok:
             raise UnprocessablePolicy("the new policy was refused; the old one stays in force",
                                       list(result.errors))
-        return web.json_response({"status": "reloaded" if result.changed else "unchanged",
-                                  "sha256": result.sha256})
+        return json_answer({"status": "reloaded" if result.changed else "unchanged",
+                            "sha256": result.sha256})
 
-    async def status(self, request: web.Request) -> web.Response:
+    async def status(self) -> Answer:
         store, policy = self.store, self.store.policy
         stats = store.stats
-        return web.json_response({
+        return json_answer({
             "pid": os.getpid(), "policy": str(store.path), "sha256": policy.sha256,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(store.loaded_at)),
             "users": len(policy.users), "roles": len(policy.roles),
@@ -300,11 +321,12 @@ class Pipeline:
             "bcrypt_checks": self.auth.bcrypt_checks,
         })
 
-    async def metrics_page(self, request: web.Request) -> web.Response:
+    async def metrics_page(self) -> Answer:
         m = self.metrics
-        return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
+        return 200, {"Content-Type": m.content_type}, m.render()
 
-    def error_response(self, exc: GatewayError, record: dict[str, object]) -> web.Response:
+    async def answer_error(self, ex: Exchange, exc: GatewayError,
+                           record: dict[str, object]) -> None:
         if isinstance(exc, Rejected):
             record["decision"] = "reject"
             self.metrics.rejections.labels(exc.code).inc()
@@ -315,10 +337,16 @@ class Pipeline:
         elif isinstance(exc, TooManyRequests):
             record["decision"] = "throttled"
         record["reason"] = exc.message
-        body: dict[str, object] = {"error": exc.message, "status": exc.status, "code": exc.code}
+        if ex.started:    # the answer is under way: all that is left is to cut it short
+            ex.abort()
+            return
+        doc: dict[str, object] = {"error": exc.message, "status": exc.status, "code": exc.code}
         if isinstance(exc, UnprocessablePolicy):
-            body["errors"] = exc.errors
-        return web.json_response(body, status=exc.status, headers=exc.headers())
+            doc["errors"] = exc.errors
+        await ex.respond(*json_answer(doc, exc.status, exc.headers()))
+
+
+PIPELINE = web.AppKey("pipeline", Pipeline)
 
 
 def _client_behind_proxies(peer: str, forwarded: tuple[str, ...] | list[str],

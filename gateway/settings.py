@@ -40,7 +40,6 @@ class Settings:
     tls_key: str | None = None
     log_level: str = "INFO"
     handle_signals: bool = True
-    forwarder: str = "pool"
 
 
 def _env(name: str, default: Any) -> Any:
@@ -115,9 +114,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated CIDRs whose X-Forwarded-For is believed (GATEWAY_TRUSTED_PROXIES)")
     add("--tls-cert", default=_env("GATEWAY_TLS_CERT", None), help="PEM certificate for TLS")
     add("--tls-key", default=_env("GATEWAY_TLS_KEY", None), help="PEM private key for TLS")
-    add("--forwarder", default=_env("GATEWAY_FORWARDER", d.forwarder),
-        choices=["pool", "session"],
-        help="upstream client: pool (own keep-alive pool, default) or session (ClientSession)")
     add("--log-level", default=_env("GATEWAY_LOG_LEVEL", d.log_level),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
 
@@ -152,8 +148,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         upstream_health=args.upstream_health,
         max_body=conv("max_body", _positive(int), args.max_body),
         trusted_proxies=conv("trusted_proxy", _networks, args.trusted_proxy),
-        tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
-        forwarder=args.forwarder)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level)
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:

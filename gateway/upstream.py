@@ -19,24 +19,22 @@ import logging
 import ssl
 import time
 from collections import deque
-from typing import AsyncIterator
 
-from aiohttp import web
 from aiohttp.client_exceptions import ClientError, ServerDisconnectedError, ServerTimeoutError
 from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict
 
 from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
+from .exchange import Exchange
 from .guard import Target
 from .policy import User
-from .proxy import CHUNK, HOP_BY_HOP, Upstream
+from .proxy import CHUNK, HOP_BY_HOP, IDENTITY_PREFIX, STRIP_REQUEST, Upstream
 
 log = logging.getLogger(__name__)
 
-_STRIP = frozenset(h.encode() for h in HOP_BY_HOP) | {
-    b"authorization", b"host", b"forwarded", b"x-forwarded-for", b"x-forwarded-proto",
-    b"x-forwarded-host", b"x-real-ip", b"content-length", b"expect"}
-_IDENTITY = b"x-authenticated-"
+_STRIP = frozenset(h.encode() for h in STRIP_REQUEST)
+_IDENTITY = IDENTITY_PREFIX.encode()
+_SMALL = 64 * 1024
 _HOP_STR = HOP_BY_HOP
 _IDLE_SECONDS = 30.0
 _HIGH_WATER = 256 * 1024
@@ -106,7 +104,7 @@ class PoolForwarder:
         if self._pool is not None:
             self._pool.close()
 
-    def request_head(self, request: web.Request, target: Target, user: User | None,
+    def request_head(self, request: Exchange, target: Target, user: User | None,
                      client: str, length: int | None, chunked: bool) -> bytes:
         """The request line and header block sent upstream, as bytes."""
         named: frozenset[bytes] = frozenset()
@@ -135,8 +133,8 @@ class PoolForwarder:
         out.append(b"\r\n")
         return b"".join(out)
 
-    async def forward(self, request: web.Request, target: Target, user: User | None,
-                      client: str, body: bytes | None) -> web.StreamResponse:
+    async def forward(self, request: Exchange, target: Target, user: User | None,
+                      client: str, body: bytes | None) -> int:
         assert self._pool is not None, "forwarder not started"
         length: int | None = None
         chunked = False
@@ -165,12 +163,12 @@ class PoolForwarder:
                 raise
             break
         try:
-            resp = await self._relay(request, message, payload)
+            complete = await self._relay(request, message, payload)
         except BaseException:
             self._pool.release(proto, False)
             raise
-        self._pool.release(proto, not message.should_close and payload.is_eof())
-        return resp
+        self._pool.release(proto, complete and not message.should_close and payload.is_eof())
+        return message.code  # type: ignore[attr-defined,no-any-return]
 
     async def _connect(self) -> tuple[ResponseHandler, bool]:
         assert self._pool is not None
@@ -183,7 +181,7 @@ class PoolForwarder:
                         exc.__class__.__name__)
             raise BadGateway("the upstream could not be reached") from None
 
-    async def _exchange(self, proto: ResponseHandler, request: web.Request, head: bytes,
+    async def _exchange(self, proto: ResponseHandler, request: Exchange, head: bytes,
                         body: bytes | None, streamed: bool, chunked: bool,
                         skip_payload: bool) -> tuple[object, object]:
         transport = proto.transport
@@ -210,7 +208,7 @@ class PoolForwarder:
                 raise _Stale from None
             raise BadGateway("the upstream broke the exchange") from None
 
-    async def _send_body(self, proto: ResponseHandler, request: web.Request,
+    async def _send_body(self, proto: ResponseHandler, request: Exchange,
                          chunked: bool) -> None:
         transport = proto.transport
         sent = 0
@@ -226,8 +224,8 @@ class PoolForwarder:
         if chunked:
             transport.write(b"0\r\n\r\n")
 
-    async def _relay(self, request: web.Request, message: object,
-                     payload: object) -> web.StreamResponse:
+    async def _relay(self, ex: Exchange, message: object, payload: object) -> bool:
+        """Stream the upstream's answer to the client; False if it broke off."""
         msg = message  # aiohttp RawResponseMessage
         headers: CIMultiDict[str] = CIMultiDict()
         conn = msg.headers.get("Connection")  # type: ignore[attr-defined]
@@ -237,29 +235,39 @@ class PoolForwarder:
             if low in _HOP_STR or low in named:
                 continue
             headers.add(name, value)
-        resp = web.StreamResponse(status=msg.code, reason=msg.reason,  # type: ignore[attr-defined]
-                                  headers=headers)
-        await resp.prepare(request)
+        status, reason = msg.code, msg.reason  # type: ignore[attr-defined]
+        read = payload.readany  # type: ignore[attr-defined]
         try:
-            async for chunk in _chunks(payload):
-                await resp.write(chunk)
-        except (asyncio.TimeoutError, ClientError, OSError) as exc:
-            log.warning("upstream response broke off mid-stream: %s", exc.__class__.__name__)
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
-        await resp.write_eof()
-        return resp
+            first = await read()
+        except (asyncio.TimeoutError, ServerTimeoutError):
+            raise GatewayTimeout("the upstream did not answer in time") from None
+        except (ClientError, OSError):
+            raise BadGateway("the upstream broke the response") from None
+        try:
+            if payload.is_eof() and len(first) <= _SMALL:  # type: ignore[attr-defined]
+                await ex.respond(status, headers, first)   # the whole answer: one write
+                return True
+            await ex.start(status, reason, headers)
+            chunk = first
+            while chunk:
+                await ex.write(chunk)
+                try:
+                    chunk = await read()
+                except (asyncio.TimeoutError, ClientError, OSError) as exc:
+                    # The status line is gone already: cut the connection so the client
+                    # sees a truncated answer rather than a complete-looking one.
+                    log.warning("upstream response broke off mid-stream: %s",
+                                exc.__class__.__name__)
+                    ex.abort()
+                    return False
+            await ex.finish()
+        except ConnectionError:      # the client went away; nothing more to tell it
+            ex.abort()
+            return False
+        return True
 
 
 class _Stale(Exception):
     """The connection died before a response arrived."""
 
 
-async def _chunks(payload: object) -> AsyncIterator[bytes]:
-    read = payload.readany  # type: ignore[attr-defined]
-    while True:
-        chunk = await read()
-        if not chunk:
-            return
-        yield chunk
