@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .app import WORKER_ENV, create_app
 from .errors import PolicyError
+from .fastserver import FastRunner
 from .protocol import GatewayRunner
 from .settings import Settings
 from .store import PolicyStore
@@ -76,8 +77,9 @@ def _run(coro: "asyncio.Future[None] | object") -> None:
 
 async def _main(settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext | None) -> None:
     app = create_app(settings, store=store)
-    runner = GatewayRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT)
+    runner_class = FastRunner if settings.server == "fast" else GatewayRunner
+    runner = runner_class(app, access_log=None, handle_signals=False,
+                          shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -40,6 +40,7 @@ class Settings:
     tls_key: str | None = None
     log_level: str = "INFO"
     handle_signals: bool = True
+    server: str = "fast"
 
 
 def _env(name: str, default: Any) -> Any:
@@ -114,6 +115,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated CIDRs whose X-Forwarded-For is believed (GATEWAY_TRUSTED_PROXIES)")
     add("--tls-cert", default=_env("GATEWAY_TLS_CERT", None), help="PEM certificate for TLS")
     add("--tls-key", default=_env("GATEWAY_TLS_KEY", None), help="PEM private key for TLS")
+    add("--server", default=_env("GATEWAY_SERVER", d.server), choices=["fast", "aiohttp"],
+        help="HTTP server: fast (the gateway's lean HTTP/1.1 server, default) or aiohttp")
     add("--log-level", default=_env("GATEWAY_LOG_LEVEL", d.log_level),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
 
@@ -148,7 +151,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         upstream_health=args.upstream_health,
         max_body=conv("max_body", _positive(int), args.max_body),
         trusted_proxies=conv("trusted_proxy", _networks, args.trusted_proxy),
-        tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
+        server=args.server)
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:

@@ -102,12 +102,18 @@ def settings(policy_path: Path, upstream: Upstream) -> Settings:
                     connect_timeout=1.0)
 
 
+@pytest.fixture(params=["fast", "aiohttp"])
+def server_kind(request: pytest.FixtureRequest) -> str:
+    """Every in-process gateway test runs on both HTTP servers."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_gateway(aiohttp_client: Callable[..., Awaitable[TestClient]], settings: Settings
-                 ) -> Callable[..., Awaitable[TestClient]]:
+def make_gateway(aiohttp_client: Callable[..., Awaitable[TestClient]], settings: Settings,
+                 server_kind: str) -> Callable[..., Awaitable[TestClient]]:
     async def make(**overrides: Any) -> TestClient:
         app = create_app(replace(settings, **overrides))
-        return await aiohttp_client(app)
+        return await aiohttp_client(GatewayTestServer(app, kind=server_kind))
     return make
 
 
@@ -123,11 +129,16 @@ def error_of(body: bytes) -> dict[str, Any]:
 
 
 class GatewayTestServer(TestServer):
-    """TestServer on the gateway's own runner (JSON answers for parser-level errors)."""
+    """TestServer on one of the gateway's own runners, as ``serve --server KIND`` uses."""
+
+    def __init__(self, app: web.Application, *, kind: str = "fast", **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.kind = kind
 
     async def _make_runner(self, **kwargs: Any):  # type: ignore[override]
+        from gateway.fastserver import FastRunner
         from gateway.protocol import GatewayRunner
-        return GatewayRunner(self.app, **kwargs)
+        return (FastRunner if self.kind == "fast" else GatewayRunner)(self.app, **kwargs)
 
 
 @dataclass
@@ -174,11 +185,12 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 
 
 @pytest.fixture
-async def make_raw_gateway(settings: Settings, upstream: Upstream):
+async def make_raw_gateway(settings: Settings, upstream: Upstream, server_kind: str):
     servers: list[TestServer] = []
 
     async def make(**overrides: Any) -> RawGateway:
-        server = GatewayTestServer(create_app(replace(settings, **overrides)))
+        server = GatewayTestServer(create_app(replace(settings, **overrides)),
+                                   kind=server_kind)
         await server.start_server()
         servers.append(server)
         return RawGateway(server, upstream)
