@@ -48,9 +48,16 @@ class AuditLog:
             self._stream.close()
 
 
+_second: list[Any] = [-1, ""]
+
+
 def now_iso() -> str:
+    """UTC time with milliseconds; the part up to the second is formatted once a second."""
     t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    sec = int(t)
+    if _second[0] != sec:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{_second[1]}.{int((t - sec) * 1000):03d}Z"
 
 
 class Metrics:

@@ -20,6 +20,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from .errors import Overloaded, TooManyRequests, Unauthenticated
 from .policy import Policy, User
 
 MAX_AUTH_HEADER = 4096
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,7 @@ def parse_basic(header: str | None, realm: str) -> Credentials | None:
     user, sep, password = text.partition(":")
     if not sep or not user:
         raise Unauthenticated("malformed Basic credentials", realm=realm)
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _CONTROL.search(text):
         raise Unauthenticated("malformed Basic credentials", realm=realm)
     return Credentials(user, password)
 
@@ -156,6 +158,7 @@ class Authenticator:
         self._inflight = 0
         self._dummies: dict[bytes, bytes] = {}
         self._common_prefix = b""
+        self._flights: dict[tuple[bytes, bytes], asyncio.Future[bool]] = {}
         self.bcrypt_checks = 0
 
     @property
@@ -187,16 +190,8 @@ class Authenticator:
         if user is not None and self.cache.get(key, user.password_hash):
             return user
         self.throttle.check(address, creds.user)
-        if self._inflight >= self._max_inflight:
-            raise Overloaded("too many password checks in progress; retry shortly")
         hashed = user.password_hash if user is not None else self._dummy(policy)
-        self._inflight += 1
-        try:
-            ok = await asyncio.get_running_loop().run_in_executor(
-                self._pool, _checkpw, creds.password, hashed)
-        finally:
-            self._inflight -= 1
-        self.bcrypt_checks += 1
+        ok = await self._verify(key, creds.password, hashed)
         if not ok or user is None:
             self.throttle.failed(address, creds.user)
             raise Unauthenticated("invalid credentials", realm=policy.realm,
@@ -204,6 +199,29 @@ class Authenticator:
         self.throttle.succeeded(address, creds.user)
         self.cache.put(key, user.password_hash)
         return user
+
+    async def _verify(self, key: bytes, password: str, hashed: bytes) -> bool:
+        """One bcrypt check per distinct credential at a time: concurrent requests with the
+        same credentials (a cold cache after start or reload) share the one in flight."""
+        flight = self._flights.get((key, hashed))
+        if flight is not None:
+            return await asyncio.shield(flight)
+        if self._inflight >= self._max_inflight:
+            raise Overloaded("too many password checks in progress; retry shortly")
+        loop = asyncio.get_running_loop()
+        flight = self._flights[(key, hashed)] = loop.create_future()
+        self._inflight += 1
+        try:
+            ok = await loop.run_in_executor(self._pool, _checkpw, password, hashed)
+        except BaseException:
+            flight.cancel()
+            raise
+        finally:
+            self._inflight -= 1
+            del self._flights[(key, hashed)]
+        self.bcrypt_checks += 1
+        flight.set_result(ok)
+        return ok
 
     def _dummy(self, policy: Policy) -> bytes:
         return self._dummies.get(self._common_prefix, _FALLBACK_DUMMY)

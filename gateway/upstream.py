@@ -187,9 +187,13 @@ class PoolForwarder:
         transport = proto.transport
         if transport is None:
             raise _Stale
-        proto.set_response_params(skip_payload=skip_payload, read_until_eof=False,
-                                  auto_decompress=False, read_timeout=self.read_timeout,
-                                  read_bufsize=CHUNK)
+        if getattr(proto, "gw_skip", None) is not skip_payload:
+            # The C parser carries on from one response to the next on a keep-alive
+            # connection; a new one is needed only when HEAD-ness changes.
+            proto.set_response_params(skip_payload=skip_payload, read_until_eof=False,
+                                      auto_decompress=False, read_timeout=self.read_timeout,
+                                      read_bufsize=CHUNK)
+            proto.gw_skip = skip_payload  # type: ignore[attr-defined]
         try:
             transport.write(head + body if body else head)
             if streamed:

@@ -303,3 +303,12 @@ async def test_unknown_user_and_wrong_password_same_status_and_body(raw_gateway)
     assert a[0] == b[0] == 401
     assert a[2] == b[2]
     assert a[1]["www-authenticate"] == b[1]["www-authenticate"]
+
+
+async def test_concurrent_first_requests_share_one_bcrypt_check(make_gateway) -> None:
+    gw = await make_gateway()
+    auth = gw.app[__import__("gateway.app", fromlist=["AUTH"]).AUTH]
+    results = await asyncio.gather(*(gw.get("/api/inventory", headers=SALES)
+                                     for _ in range(20)))
+    assert [r.status for r in results] == [200] * 20
+    assert auth.bcrypt_checks == 1
