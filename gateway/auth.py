@@ -146,8 +146,8 @@ class FailureThrottle:
 class Authenticator:
     """Turns a request's credentials into a :class:`User` of the current policy."""
 
-    def __init__(self, *, max_inflight: int = 16, threads: int | None = None,
-                 cache: CredentialCache | None = None,
+    def __init__(self, *, max_inflight: int = 16, per_address_inflight: int = 2,
+                 threads: int | None = None, cache: CredentialCache | None = None,
                  throttle: FailureThrottle | None = None) -> None:
         self.cache = cache or CredentialCache()
         self.throttle = throttle or FailureThrottle()
@@ -159,6 +159,10 @@ class Authenticator:
         self._dummies: dict[bytes, bytes] = {}
         self._common_prefix = b""
         self._flights: dict[tuple[bytes, bytes], asyncio.Future[bool]] = {}
+        # Failures are only known once bcrypt has run; without this bound one client with
+        # many connections gets max_inflight guesses checked before the throttle sees any.
+        self._per_address_max = per_address_inflight
+        self._per_address: dict[str, int] = {}
         self.bcrypt_checks = 0
 
     @property
@@ -191,7 +195,7 @@ class Authenticator:
             return user
         self.throttle.check(address, creds.user)
         hashed = user.password_hash if user is not None else self._dummy(policy)
-        ok = await self._verify(key, creds.password, hashed)
+        ok = await self._verify(key, creds.password, hashed, address)
         if not ok or user is None:
             self.throttle.failed(address, creds.user)
             raise Unauthenticated("invalid credentials", realm=policy.realm,
@@ -200,7 +204,7 @@ class Authenticator:
         self.cache.put(key, user.password_hash)
         return user
 
-    async def _verify(self, key: bytes, password: str, hashed: bytes) -> bool:
+    async def _verify(self, key: bytes, password: str, hashed: bytes, address: str) -> bool:
         """One bcrypt check per distinct credential at a time: concurrent requests with the
         same credentials (a cold cache after start or reload) share the one in flight."""
         flight = self._flights.get((key, hashed))
@@ -208,9 +212,14 @@ class Authenticator:
             return await asyncio.shield(flight)
         if self._inflight >= self._max_inflight:
             raise Overloaded("too many password checks in progress; retry shortly")
+        mine = self._per_address.get(address, 0)
+        if mine >= self._per_address_max:
+            raise TooManyRequests("too many password checks in progress from this address",
+                                  retry_after=1)
         loop = asyncio.get_running_loop()
         flight = self._flights[(key, hashed)] = loop.create_future()
         self._inflight += 1
+        self._per_address[address] = mine + 1
         try:
             ok = await loop.run_in_executor(self._pool, _checkpw, password, hashed)
         except BaseException:
@@ -219,6 +228,11 @@ class Authenticator:
         finally:
             self._inflight -= 1
             del self._flights[(key, hashed)]
+            left = self._per_address[address] - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                del self._per_address[address]
         self.bcrypt_checks += 1
         flight.set_result(ok)
         return ok
@@ -233,10 +247,10 @@ def _default_threads() -> int:
 
 
 def _lower_priority() -> None:
-    """Run bcrypt threads at nice +10 (Linux: per thread), so that when a wrong-password
+    """Run bcrypt threads at nice +19 (Linux: per thread), so that when a wrong-password
     flood saturates the CPU the scheduler still favours the event loop serving cached users."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
         pass
 

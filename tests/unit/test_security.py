@@ -312,3 +312,26 @@ async def test_concurrent_first_requests_share_one_bcrypt_check(make_gateway) ->
                                      for _ in range(20)))
     assert [r.status for r in results] == [200] * 20
     assert auth.bcrypt_checks == 1
+
+
+async def test_one_address_gets_few_password_checks_in_flight() -> None:
+    policy = policy_with_cost(8)
+    auth = Authenticator(per_address_inflight=2, max_inflight=100,
+                         throttle=FailureThrottle(per_user=10**6, per_address=10**6))
+    await auth.prepare(policy)
+
+    async def attempt(i: int, address: str) -> str:
+        try:
+            await auth.authenticate(policy, Credentials("alice", f"wrong{i}"), address)
+        except TooManyRequests as exc:
+            assert exc.retry_after == 1
+            return "429"
+        except Unauthenticated:
+            return "401"
+        return "200"
+
+    flood = await asyncio.gather(*(attempt(i, "203.0.113.7") for i in range(10)))
+    assert flood.count("401") == 2 and flood.count("429") == 8
+    others = await asyncio.gather(*(attempt(i, f"198.51.100.{i}") for i in range(5)))
+    assert others == ["401"] * 5          # other addresses are not limited by it
+    auth.close()
