@@ -207,7 +207,8 @@ class Pipeline:
         record["upstream_ms"] = upstream_ms
         record["total_ms"] = round(elapsed * 1000, 3)
         self.audit.write(record)
-        self.metrics.observe(str(record["decision"]), status, elapsed)
+        self.metrics.observe(str(record["decision"]), status, elapsed,
+                             upstream_ms / 1000 if upstream_ms is not None else None)
         return status
 
     def client_address(self, ex: Exchange) -> str:

@@ -7,13 +7,15 @@ in one process and every worker process exports its own figures.
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 import sys
 import time
 from typing import IO, TYPE_CHECKING, Any, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -67,13 +69,12 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("gateway_requests", "Requests by decision and status",
-                                ["decision", "status"], registry=r)
-        self.latency = Histogram("gateway_request_seconds", "Total time in the gateway",
-                                 ["decision"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.upstream_latency = Histogram("gateway_upstream_seconds",
-                                          "Time until the upstream's response headers",
-                                          buckets=_LATENCY_BUCKETS, registry=r)
+        # Per-request figures are plain counters exported at scrape time: the client
+        # library's objects take a lock and walk every bucket on each observation.
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency: dict[str, _Histogram] = {}
+        self.upstream_latency = _Histogram()
+        r.register(_RequestCollector(self))
         self.rejections = Counter("gateway_guard_rejections", "Requests the guard refused",
                                   ["reason"], registry=r)
         self.auth_failures = Counter("gateway_auth_failures", "Failed authentications",
@@ -90,24 +91,22 @@ class Metrics:
         self.policy_last_reload_failed = Gauge(
             "gateway_policy_last_reload_failed", "1 while the last reload attempt was refused",
             registry=r)
-        self._req_children: dict[tuple[str, str], Any] = {}
-        self._lat_children: dict[str, Any] = {}
 
     def watch_cache(self, cache: CredentialCache, auth: Authenticator) -> None:
         """Export the credential cache's own counters at scrape time (no per-request cost)."""
         self.registry.register(_CacheCollector(cache, auth))
 
-    def observe(self, decision: str, status: int, seconds: float) -> None:
-        """Count one finished request (children are cached: labels() takes a lock)."""
-        key = (decision, str(status))
-        child = self._req_children.get(key)
-        if child is None:
-            child = self._req_children[key] = self.requests.labels(*key)
-        child.inc()
-        lat = self._lat_children.get(decision)
-        if lat is None:
-            lat = self._lat_children[decision] = self.latency.labels(decision)
-        lat.observe(seconds)
+    def observe(self, decision: str, status: int, seconds: float,
+                upstream_seconds: float | None = None) -> None:
+        """Count one finished request."""
+        key = (decision, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        hist = self.latency.get(decision)
+        if hist is None:
+            hist = self.latency[decision] = _Histogram()
+        hist.observe(seconds)
+        if upstream_seconds is not None:
+            self.upstream_latency.observe(upstream_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -129,3 +128,45 @@ class _CacheCollector(Collector):
                                   value=self.auth.bcrypt_checks)
         yield GaugeMetricFamily("gateway_bcrypt_inflight", "Password checks in progress",
                                 value=self.auth.inflight)
+
+
+class _Histogram:
+    """Bucket counts kept as a list; cumulated only when scraped."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, acc = [], 0
+        for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), self.counts):
+            acc += count
+            out.append((bound, acc))
+        return out
+
+
+class _RequestCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily("gateway_requests", "Requests by decision and status",
+                                       labels=["decision", "status"])
+        for (decision, status), n in sorted(self.m.requests.items()):
+            requests.add_metric([decision, str(status)], n)
+        yield requests
+        latency = HistogramMetricFamily("gateway_request_seconds", "Total time in the gateway",
+                                        labels=["decision"])
+        for decision, hist in sorted(self.m.latency.items()):
+            latency.add_metric([decision], hist.buckets(), hist.total)
+        yield latency
+        up = HistogramMetricFamily("gateway_upstream_seconds",
+                                   "Time the upstream took to answer (forwarded requests)")
+        up.add_metric([], self.m.upstream_latency.buckets(), self.m.upstream_latency.total)
+        yield up

@@ -14,6 +14,7 @@ from aiohttp import StreamReader, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 JSON_TYPE = "application/json; charset=utf-8"
+RawHeaders = list[tuple[bytes, bytes]]
 
 
 class Exchange(Protocol):
@@ -37,6 +38,12 @@ class Exchange(Protocol):
 
     async def start(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
         """Send the status line and headers of a streamed answer."""
+        ...
+
+    async def relay(self, status: int, reason: str, headers: RawHeaders,
+                    body: bytes | None) -> None:
+        """Send an upstream's answer with its (already filtered) raw header lines: complete
+        with ``body``, or, with ``None``, just the head of a streamed answer."""
         ...
 
     async def write(self, data: bytes) -> None:
@@ -84,6 +91,15 @@ class AiohttpExchange:
                                                   headers=headers)
         self.started = True
         await resp.prepare(self.request)
+
+    async def relay(self, status: int, reason: str, headers: RawHeaders,
+                    body: bytes | None) -> None:
+        decoded: CIMultiDict[str] = CIMultiDict(
+            (k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in headers)
+        if body is None:
+            await self.start(status, reason, decoded)
+        else:
+            await self.respond(status, decoded, body)
 
     async def write(self, data: bytes) -> None:
         assert self.response is not None

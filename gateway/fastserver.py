@@ -33,7 +33,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
-from .exchange import JSON_TYPE, json_body
+from .exchange import JSON_TYPE, RawHeaders, json_body
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,36 @@ class FastExchange:
         lines.append(b"\r\n")
         self.started = True
         self._proto.write(b"".join(lines))
+
+    async def relay(self, status: int, reason: str, headers: RawHeaders,
+                    body: bytes | None) -> None:
+        lines = [self._status_line(status, reason.encode("latin-1", "replace") or None)]
+        has_length = False
+        for name, value in headers:
+            if name.lower() == b"content-length":
+                has_length = True
+            lines.append(b"%s: %s\r\n" % (name, value))
+        no_body = self._bodyless or status in _NO_BODY or status < 200
+        if body is not None:
+            if not has_length and not no_body:
+                lines.append(b"Content-Length: %d\r\n" % len(body))
+        elif not no_body and not has_length:
+            if self._http11:
+                self._chunked = True
+                lines.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                self.keep_alive = False          # HTTP/1.0: the body ends with the connection
+        if no_body:
+            self._bodyless = True
+        if not self.keep_alive:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        if body and not no_body:
+            lines.append(body)
+        self.started = True
+        self._proto.write(b"".join(lines))
+        if body is not None:
+            await self._proto.drain()
 
     async def write(self, data: bytes) -> None:
         if self._bodyless or not data:

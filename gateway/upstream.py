@@ -22,7 +22,6 @@ from collections import deque
 
 from aiohttp.client_exceptions import ClientError, ServerDisconnectedError, ServerTimeoutError
 from aiohttp.client_proto import ResponseHandler
-from multidict import CIMultiDict
 
 from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
 from .exchange import Exchange
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 _STRIP = frozenset(h.encode() for h in STRIP_REQUEST)
 _IDENTITY = IDENTITY_PREFIX.encode()
 _SMALL = 64 * 1024
-_HOP_STR = HOP_BY_HOP
+_HOP_B = frozenset(h.encode() for h in HOP_BY_HOP)
 _IDLE_SECONDS = 30.0
 _HIGH_WATER = 256 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -231,14 +230,11 @@ class PoolForwarder:
     async def _relay(self, ex: Exchange, message: object, payload: object) -> bool:
         """Stream the upstream's answer to the client; False if it broke off."""
         msg = message  # aiohttp RawResponseMessage
-        headers: CIMultiDict[str] = CIMultiDict()
         conn = msg.headers.get("Connection")  # type: ignore[attr-defined]
-        named = frozenset(t.strip().lower() for t in conn.split(",")) if conn else frozenset()
-        for name, value in msg.headers.items():  # type: ignore[attr-defined]
-            low = name.lower()
-            if low in _HOP_STR or low in named:
-                continue
-            headers.add(name, value)
+        named = frozenset(t.strip().lower().encode() for t in conn.split(",")) if conn \
+            else frozenset()
+        headers = [(k, v) for k, v in msg.raw_headers  # type: ignore[attr-defined]
+                   if k.lower() not in _HOP_B and k.lower() not in named]
         status, reason = msg.code, msg.reason  # type: ignore[attr-defined]
         read = payload.readany  # type: ignore[attr-defined]
         try:
@@ -249,9 +245,9 @@ class PoolForwarder:
             raise BadGateway("the upstream broke the response") from None
         try:
             if payload.is_eof() and len(first) <= _SMALL:  # type: ignore[attr-defined]
-                await ex.respond(status, headers, first)   # the whole answer: one write
+                await ex.relay(status, reason, headers, first)   # the whole answer: one write
                 return True
-            await ex.start(status, reason, headers)
+            await ex.relay(status, reason, headers, None)
             chunk = first
             while chunk:
                 await ex.write(chunk)
