@@ -3,25 +3,29 @@
 ``aiohttp.ClientSession`` builds a request object, a URL, timers, trace hooks and a response
 object for every call; in front of a fast upstream that was most of the gateway's CPU. Here a
 request head is assembled once as bytes from the client's raw headers (filtered exactly as
-``proxy.request_headers`` describes) and written to a pooled keep-alive connection whose
-responses are parsed by aiohttp's C HTTP parser (``aiohttp.client_proto.ResponseHandler``).
+``gateway.proxy`` describes) and written to a pooled keep-alive connection whose
+responses are parsed by aiohttp's C HTTP parser (``aiohttp.http_parser.HttpResponseParser``).
 Bodies stream both ways with flow control. A pooled connection the upstream closed while idle
 is retried once on a fresh one when the request had no streamed body (nothing was consumed).
 
-Uses ``ResponseHandler`` and its ``_drain_helper``: aiohttp internals, pinned with aiohttp in
+Uses ``BaseProtocol`` and its ``_drain_helper``: aiohttp internals, pinned with aiohttp in
 constraints.txt and covered by the forwarding tests, which run against this forwarder.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
 from collections import deque
+from typing import Any
 
-from aiohttp.client_exceptions import ClientError, ServerDisconnectedError, ServerTimeoutError
-from aiohttp.client_proto import ResponseHandler
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.client_exceptions import ClientError, ClientPayloadError, ServerTimeoutError
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser
 
 from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
 from .exchange import Exchange
@@ -40,6 +44,95 @@ _HIGH_WATER = 256 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
+class _Conn(BaseProtocol):
+    """One keep-alive connection to the upstream, parsed by aiohttp's C response parser.
+
+    No timer per read: the pool's sweeper times out requests that made no progress for
+    ``read_timeout`` seconds (``active`` is when data last moved; 0 while idle)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._parser: Any = None
+        self._skip: bool | None = None
+        self._head: asyncio.Future[None] | None = None
+        self.message: Any = None
+        self.payload: Any = None
+        self.active = 0.0
+        self.broken = False
+
+    def prepare(self, skip_payload: bool) -> None:
+        """Get ready for the answer to the next request."""
+        if self._skip is not skip_payload:
+            # The parser carries on from one response to the next; a new one is needed
+            # only when HEAD-ness (a response without a body) changes.
+            self._parser = HttpResponseParser(
+                self, self._loop, CHUNK, payload_exception=ClientPayloadError,
+                response_with_body=not skip_payload, read_until_eof=True,
+                auto_decompress=False)
+            self._skip = skip_payload
+        self.message = self.payload = None
+        self._head = self._loop.create_future()
+        self.active = self._loop.time()
+
+    async def read_head(self) -> tuple[Any, Any]:
+        assert self._head is not None
+        await self._head
+        return self.message, self.payload
+
+    def data_received(self, data: bytes) -> None:
+        if self.active:
+            self.active = self._loop.time()
+        try:
+            messages, _, _ = self._parser.feed_data(data)
+        except HttpProcessingError:
+            self._fail(_Malformed())
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        for msg, payload in messages:
+            if 100 <= msg.code < 200 and msg.code != 101:
+                continue                          # interim answers are not relayed
+            self.message, self.payload = msg, payload
+            head = self._head
+            if head is not None and not head.done():
+                head.set_result(None)
+
+    def eof_received(self) -> bool:
+        try:
+            self._parser.feed_eof()               # ends a body delimited by the close
+        except HttpProcessingError:
+            pass
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.broken = True
+        self._fail(_Stale())
+
+    def timed_out(self) -> None:
+        self._fail(ServerTimeoutError("the upstream sent nothing in time"))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, exc: BaseException) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(exc)
+            head.exception()                      # marked retrieved: waiters re-raise it
+        elif self.payload is not None and not self.payload.is_eof():
+            self.payload.set_exception(ClientPayloadError(str(exc) or type(exc).__name__))
+
+    def reusable(self) -> bool:
+        t = self.transport
+        return (not self.broken and t is not None and not t.is_closing()
+                and self.message is not None and not self.message.should_close
+                and self.payload is not None and self.payload.is_eof())
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class _Pool:
     """Keep-alive connections to one upstream; LIFO so hot connections stay hot."""
 
@@ -48,38 +141,56 @@ class _Pool:
         self.host, self.port = url.host or "127.0.0.1", url.explicit_port or url.port or 80
         self.ssl = ssl.create_default_context() if url.scheme == "https" else None
         self.connect_timeout = upstream.connect_timeout
-        self._idle: deque[tuple[ResponseHandler, float]] = deque()
+        self._idle: deque[tuple[_Conn, float]] = deque()
         self._slots = asyncio.Semaphore(upstream.pool_size)
+        self.busy: set[_Conn] = set()
+        self.read_timeout = upstream.read_timeout
 
-    async def acquire(self) -> tuple[ResponseHandler, bool]:
+    async def acquire(self) -> tuple[_Conn, bool]:
         """A connection and whether it was reused from the pool."""
         await self._slots.acquire()
         now = time.monotonic()
         while self._idle:
-            proto, since = self._idle.pop()
-            if proto.is_connected() and now - since < _IDLE_SECONDS:
-                return proto, True
-            proto.close()
+            conn, since = self._idle.pop()
+            if not conn.broken and now - since < _IDLE_SECONDS:
+                self.busy.add(conn)
+                return conn, True
+            conn.close()
         try:
-            return await self.connect(), False
+            conn = await self.connect()
         except BaseException:
             self._slots.release()
             raise
+        self.busy.add(conn)
+        return conn, False
 
-    async def connect(self) -> ResponseHandler:
+    async def connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: ResponseHandler(loop), self.host, self.port,
-                                   ssl=self.ssl),
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: _Conn(loop), self.host, self.port, ssl=self.ssl),
             self.connect_timeout)
-        return proto
+        return conn
 
-    def release(self, proto: ResponseHandler, reuse: bool) -> None:
-        if reuse and proto.is_connected() and not proto.should_close:
-            self._idle.append((proto, time.monotonic()))
+    def release(self, conn: _Conn, reuse: bool) -> None:
+        self.busy.discard(conn)
+        conn.active = 0.0
+        if reuse and conn.reusable():
+            self._idle.append((conn, time.monotonic()))
         else:
-            proto.close()
+            conn.close()
         self._slots.release()
+
+    async def sweep(self) -> None:
+        """Time out requests whose upstream made no progress for ``read_timeout``."""
+        loop = asyncio.get_running_loop()
+        interval = max(0.05, min(1.0, self.read_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            deadline = loop.time() - self.read_timeout
+            for conn in list(self.busy):
+                # a paused transport waits for our client, not for the upstream
+                if conn.active and conn.active < deadline and not conn._reading_paused:
+                    conn.timed_out()
 
     def close(self) -> None:
         while self._idle:
@@ -95,11 +206,17 @@ class PoolForwarder:
         self.read_timeout = upstream.read_timeout
         self._host = upstream.url.raw_authority.encode()
         self._pool: _Pool | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._pool = _Pool(self.upstream)
+        self._sweeper = asyncio.create_task(self._pool.sweep())
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         if self._pool is not None:
             self._pool.close()
 
@@ -166,10 +283,10 @@ class PoolForwarder:
         except BaseException:
             self._pool.release(proto, False)
             raise
-        self._pool.release(proto, complete and not message.should_close and payload.is_eof())
+        self._pool.release(proto, complete)
         return message.code  # type: ignore[attr-defined,no-any-return]
 
-    async def _connect(self) -> tuple[ResponseHandler, bool]:
+    async def _connect(self) -> tuple[_Conn, bool]:
         assert self._pool is not None
         try:
             return await self._pool.acquire()
@@ -180,38 +297,33 @@ class PoolForwarder:
                         exc.__class__.__name__)
             raise BadGateway("the upstream could not be reached") from None
 
-    async def _exchange(self, proto: ResponseHandler, request: Exchange, head: bytes,
+    async def _exchange(self, proto: _Conn, request: Exchange, head: bytes,
                         body: bytes | None, streamed: bool, chunked: bool,
-                        skip_payload: bool) -> tuple[object, object]:
+                        skip_payload: bool) -> tuple[Any, Any]:
         transport = proto.transport
-        if transport is None:
+        if transport is None or proto.broken:
             raise _Stale
-        if getattr(proto, "gw_skip", None) is not skip_payload:
-            # The C parser carries on from one response to the next on a keep-alive
-            # connection; a new one is needed only when HEAD-ness changes.
-            proto.set_response_params(skip_payload=skip_payload, read_until_eof=False,
-                                      auto_decompress=False, read_timeout=self.read_timeout,
-                                      read_bufsize=CHUNK)
-            proto.gw_skip = skip_payload  # type: ignore[attr-defined]
+        proto.prepare(skip_payload)
         try:
             transport.write(head + body if body else head)
             if streamed:
                 await self._send_body(proto, request, chunked)
-            proto.start_timeout()
-            while True:
-                message, payload = await proto.read()
-                if not (100 <= message.code < 200) or message.code == 101:
-                    return message, payload
+                proto.active = self._loop_time()
+            return await proto.read_head()
         except ServerTimeoutError:
             raise GatewayTimeout("the upstream did not answer in time") from None
-        except ServerDisconnectedError:
+        except _Malformed:
+            raise BadGateway("the upstream sent a malformed response") from None
+        except ConnectionResetError:
             raise _Stale from None
-        except (ClientError, OSError) as exc:
-            if isinstance(exc, ConnectionResetError):
-                raise _Stale from None
+        except (ClientError, OSError):
             raise BadGateway("the upstream broke the exchange") from None
 
-    async def _send_body(self, proto: ResponseHandler, request: Exchange,
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _send_body(self, proto: _Conn, request: Exchange,
                          chunked: bool) -> None:
         transport = proto.transport
         sent = 0
@@ -222,6 +334,7 @@ class PoolForwarder:
             if transport is None or transport.is_closing():
                 raise BadGateway("the upstream closed the connection during the upload")
             transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            proto.active = self._loop_time()      # an upload in progress is not a stall
             if transport.get_write_buffer_size() > _HIGH_WATER:
                 await proto._drain_helper()
         if chunked:
@@ -269,5 +382,9 @@ class PoolForwarder:
 
 class _Stale(Exception):
     """The connection died before a response arrived."""
+
+
+class _Malformed(Exception):
+    """The upstream's answer could not be parsed."""
 
 

@@ -307,7 +307,7 @@ async def test_pool_retries_a_connection_the_upstream_closed_while_idle(
     idle = pool._idle[-1][0]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
-    while idle.is_connected():        # wait until the upstream has closed it
+    while not idle.broken:            # wait until the upstream has closed it
         assert loop.time() < deadline
         await asyncio.sleep(0.01)
     for _ in range(3):
