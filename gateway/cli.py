@@ -12,7 +12,7 @@ from typing import Sequence
 import bcrypt
 
 from .errors import PolicyError
-from .policy import Policy, load_policy
+from .policy import Policy, load_policy, role_closure
 from .settings import add_serve_arguments, settings_from_args
 
 log = logging.getLogger("gateway")
@@ -153,7 +153,7 @@ def cmd_routes(path: Path, *, by: str) -> int:
 
     for name, roles in subjects:
         if roles is not None:
-            closure = _closure(policy, name)
+            closure = role_closure(policy, name)
             mark(name, [*policy.roles[name].allow, *policy.roles[name].deny], True)
             inherited = [r for n in closure - {name} for r in (*policy.roles[n].allow,
                                                                 *policy.roles[n].deny)]
@@ -175,17 +175,6 @@ def cmd_routes(path: Path, *, by: str) -> int:
 
 
 _RANK = {"-": 0, "body": 1, "inh": 2, "yes": 3, "DENY": 4}
-
-
-def _closure(policy: Policy, name: str) -> set[str]:
-    seen: set[str] = set()
-    todo = [name]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(policy.roles[n].inherits)
-    return seen
 
 
 def cmd_hash_password(cost: int) -> int:

@@ -18,8 +18,8 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 
 class Exchange(Protocol):
-    """A request being answered. Either :meth:`respond` once, or :meth:`start`, any number of
-    :meth:`write` and :meth:`finish`."""
+    """A request being answered: :meth:`respond` or :meth:`relay` with a body once, or
+    :meth:`relay` without one, any number of :meth:`write` and :meth:`finish`."""
 
     method: str
     raw_path: str
@@ -34,10 +34,6 @@ class Exchange(Protocol):
 
     async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         """Send a complete answer."""
-        ...
-
-    async def start(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
-        """Send the status line and headers of a streamed answer."""
         ...
 
     async def relay(self, status: int, reason: str, headers: RawHeaders,
@@ -86,7 +82,7 @@ class AiohttpExchange:
     async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
         self.response = web.Response(status=status, body=body, headers=headers)
 
-    async def start(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
+    async def _start(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
         resp = self.response = web.StreamResponse(status=status, reason=reason,
                                                   headers=headers)
         self.started = True
@@ -97,7 +93,7 @@ class AiohttpExchange:
         decoded: CIMultiDict[str] = CIMultiDict(
             (k.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for k, v in headers)
         if body is None:
-            await self.start(status, reason, decoded)
+            await self._start(status, reason, decoded)
         else:
             await self.respond(status, decoded, body)
 

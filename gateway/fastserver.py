@@ -31,7 +31,6 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.http_parser import HttpRequestParser
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestPayloadError
-from multidict import CIMultiDict
 
 from .exchange import JSON_TYPE, RawHeaders, json_body
 
@@ -110,23 +109,6 @@ class FastExchange:
         self.started = True
         self._proto.write(b"".join(lines))
         await self._proto.drain()
-
-    async def start(self, status: int, reason: str, headers: CIMultiDict[str]) -> None:
-        lines = [self._status_line(status, reason.encode("latin-1", "replace") or None)]
-        lines += _header_lines(headers, _SKIP_OWN - {"content-length"})
-        no_body = self._bodyless or status in _NO_BODY or status < 200
-        if not no_body and "Content-Length" not in headers:
-            if self._http11:
-                self._chunked = True
-                lines.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                self.keep_alive = False          # HTTP/1.0: the body ends with the connection
-        if no_body:
-            self._bodyless = True
-        lines.append(self._connection_line())
-        lines.append(b"\r\n")
-        self.started = True
-        self._proto.write(b"".join(lines))
 
     async def relay(self, status: int, reason: str, headers: RawHeaders,
                     body: bytes | None) -> None:

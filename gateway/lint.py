@@ -42,10 +42,11 @@ def lint(policy: Policy, lines: dict[str, int]) -> list[Problem]:
 
 
 def _shadowed(policy: Policy) -> list[tuple[str, str]]:
+    from .policy import role_closure
     """Allow rules every (method, path) of which an earlier allow rule already grants."""
     found: dict[str, str] = {}
     for own in policy.roles:
-        closure = _closure(policy, own)
+        closure = role_closure(policy, own)
         rules = sorted((r for name in closure for r in policy.roles[name].allow
                         if r.body_keys is None), key=lambda r: r.order)
         index: dict[str, PathIndex[tuple[Rule, Pattern]]] = {}
@@ -59,17 +60,6 @@ def _shadowed(policy: Policy) -> list[tuple[str, str]]:
                 for p in rule.patterns:
                     idx.add(p, (rule, p))
     return sorted(found.items())
-
-
-def _closure(policy: Policy, name: str) -> set[str]:
-    seen: set[str] = set()
-    todo = [name]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(policy.roles[n].inherits)
-    return seen
 
 
 def _covered_by(rule: Rule, index: dict[str, PathIndex[tuple[Rule, Pattern]]]) -> str | None:

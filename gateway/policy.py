@@ -554,6 +554,18 @@ class _Builder:
                 self.err(case.id, verdict)
 
 
+def role_closure(policy: Policy, name: str) -> set[str]:
+    """``name`` and every role it inherits, directly or not."""
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(policy.roles[n].inherits)
+    return seen
+
+
 def run_case(policy: Policy, case: TestCase) -> str | None:
     """Run one test case; ``None`` when it passes, else what went wrong."""
     decision, _ = policy.decide_request(case.user, case.method, case.target)
