@@ -101,7 +101,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings, store = app[SETTINGS], app[STORE]
     await app[AUTH].prepare(store.policy)
     await app[FORWARDER].start()
-    tasks = []
+    tasks = [asyncio.create_task(app[AUDIT].flush_every(0.5))]
     if settings.watch:
         tasks.append(asyncio.create_task(watch(store, settings.watch_interval)))
     loop = asyncio.get_running_loop()

@@ -179,7 +179,7 @@ class FastProtocol(BaseProtocol):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._busy = False
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0      # loop time since when it waits for a request; 0 if not
         self.remote: str | None = None
         self.scheme = "http"
 
@@ -201,7 +201,7 @@ class FastProtocol(BaseProtocol):
         super().connection_lost(exc)
         self._server.connections.discard(self)
         self._closing = True
-        self._cancel_idle()
+        self.idle_since = 0.0
         for item in self._queue:
             if not isinstance(item, _ParseFailure):
                 item[1].set_exception(ConnectionResetError("client disconnected"))
@@ -253,11 +253,6 @@ class FastProtocol(BaseProtocol):
         if w is not None and not w.done():
             w.set_result(None)
 
-    def _cancel_idle(self) -> None:
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
-
     def close_when_idle(self) -> None:
         self._closing = True
         if not self._busy:
@@ -274,11 +269,10 @@ class FastProtocol(BaseProtocol):
                     if self._closing:
                         break
                     self._waiter = loop.create_future()
-                    self._idle_handle = loop.call_later(self._server.keepalive_timeout,
-                                                        self.close_when_idle)
+                    self.idle_since = loop.time()    # the server's sweeper closes it if idle
                     await self._waiter
                     self._waiter = None
-                    self._cancel_idle()
+                    self.idle_since = 0.0
                     continue
                 item = self._queue.popleft()
                 if self._reading_paused and len(self._queue) < _QUEUE_PAUSE // 2:
@@ -309,7 +303,7 @@ class FastProtocol(BaseProtocol):
                 if not ex.keep_alive or not payload.is_eof():
                     break
         finally:
-            self._cancel_idle()
+            self.idle_since = 0.0
             if self.transport is not None:
                 self.transport.close()
 
@@ -345,11 +339,24 @@ class FastServer:
         self.keepalive_timeout = keepalive_timeout
         self.connections: set[FastProtocol] = set()
         self.requests_count = 0
+        # One sweeper instead of a timer per request: closes keep-alive connections that
+        # waited longer than keepalive_timeout for their next request.
+        self._sweeper = loop.create_task(self._sweep())
 
     def __call__(self) -> FastProtocol:
         return FastProtocol(self)
 
+    async def _sweep(self) -> None:
+        interval = max(0.05, min(5.0, self.keepalive_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            limit = self.loop.time() - self.keepalive_timeout
+            for conn in list(self.connections):
+                if conn.idle_since and conn.idle_since < limit:
+                    conn.close_when_idle()
+
     def pre_shutdown(self) -> None:
+        self._sweeper.cancel()
         for conn in list(self.connections):
             conn.close_when_idle()
 

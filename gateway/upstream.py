@@ -142,13 +142,39 @@ class _Pool:
         self.ssl = ssl.create_default_context() if url.scheme == "https" else None
         self.connect_timeout = upstream.connect_timeout
         self._idle: deque[tuple[_Conn, float]] = deque()
-        self._slots = asyncio.Semaphore(upstream.pool_size)
+        self._free = upstream.pool_size          # connection slots not in use
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self.busy: set[_Conn] = set()
         self.read_timeout = upstream.read_timeout
 
+    async def _take_slot(self) -> None:
+        # asyncio.Semaphore scans its waiters on every acquire; the common case here is a
+        # free slot, taken without suspending.
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._give_slot()                 # granted just as we were cancelled
+            elif fut in self._waiters:
+                self._waiters.remove(fut)
+            raise
+
+    def _give_slot(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)              # the slot passes straight to a waiter
+                return
+        self._free += 1
+
     async def acquire(self) -> tuple[_Conn, bool]:
         """A connection and whether it was reused from the pool."""
-        await self._slots.acquire()
+        await self._take_slot()
         now = time.monotonic()
         while self._idle:
             conn, since = self._idle.pop()
@@ -159,7 +185,7 @@ class _Pool:
         try:
             conn = await self.connect()
         except BaseException:
-            self._slots.release()
+            self._give_slot()
             raise
         self.busy.add(conn)
         return conn, False
@@ -178,7 +204,7 @@ class _Pool:
             self._idle.append((conn, time.monotonic()))
         else:
             conn.close()
-        self._slots.release()
+        self._give_slot()
 
     async def sweep(self) -> None:
         """Time out requests whose upstream made no progress for ``read_timeout``."""

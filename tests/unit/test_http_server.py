@@ -83,3 +83,21 @@ async def test_refused_request_with_unread_body_closes_the_connection(raw_gatewa
     writer.close()
     assert rest == b""
     assert raw_gateway.upstream.seen == []
+
+
+async def test_idle_keep_alive_connection_is_closed_after_the_timeout(settings, upstream,
+                                                                     aiohttp_client) -> None:
+    from gateway.app import create_app
+    from tests.conftest import GatewayTestServer
+
+    server = GatewayTestServer(create_app(settings), kind="fast")
+    await server.start_server(keepalive_timeout=0.2)
+    try:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET /test/k HTTP/1.1\r\nHost: t\r\n%s\r\n\r\n" % AUTH)
+        status, _, _ = await read_response(reader)
+        assert status == 200
+        assert await asyncio.wait_for(reader.read(), 5) == b""    # closed by the server
+        writer.close()
+    finally:
+        await server.close()
