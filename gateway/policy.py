@@ -111,7 +111,7 @@ class TestCase:
 class Matcher:
     """The rules one set of roles has, indexed by method and then by path."""
 
-    __slots__ = ("roles", "_by_method", "_any")
+    __slots__ = ("roles", "_by_method", "_any", "_decisions")
 
     def __init__(self, roles: frozenset[str], rules: Iterable[Rule]) -> None:
         self.roles = roles
@@ -128,6 +128,7 @@ class Matcher:
                     for p in r.patterns:
                         idx.add(p, r)
             self._by_method[method] = idx
+        self._decisions: dict[int, Decision] = {}   # by rule.order: unique per policy
         self._any: PathIndex[Rule] = PathIndex()
         for r in rules:
             if ANY in r.methods:
@@ -141,18 +142,28 @@ class Matcher:
         if not hits:
             who = ", ".join(sorted(self.roles)) or "anonymous"
             return Decision(False, None, f"no rule for [{who}] allows {method} on this path")
+        if len(hits) == 1 and hits[0].effect == "allow" and hits[0].body_keys is None:
+            return self._decision(hits[0])            # the common case, decided once per rule
         denies = [r for r in hits if r.effect == "deny"]
         if denies:
-            rule = min(denies, key=_order)
-            return Decision(False, rule, f"denied by {rule.describe()}")
+            return self._decision(min(denies, key=_order))
         plain = [r for r in hits if r.body_keys is None]
         if plain:
-            rule = min(plain, key=_order)
-            return Decision(True, rule, f"allowed by {rule.describe()}")
+            return self._decision(min(plain, key=_order))
         conditional = sorted(hits, key=_order)
         keys = tuple(r.body_keys for r in conditional if r.body_keys is not None)
         rule = conditional[0]
         return Decision(True, rule, f"allowed by {rule.describe()} if the body fits", keys)
+
+
+    def _decision(self, rule: Rule) -> Decision:
+        """The (immutable) decision a plain allow or a deny rule gives, built once."""
+        d = self._decisions.get(rule.order)
+        if d is None:
+            verb = "allowed" if rule.effect == "allow" else "denied"
+            d = self._decisions[rule.order] = Decision(rule.effect == "allow", rule,
+                                                 f"{verb} by {rule.describe()}")
+        return d
 
 
 def _order(rule: Rule) -> int:
