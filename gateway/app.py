@@ -40,7 +40,7 @@ WORKER_ENV = "GATEWAY_WORKER_OF"   # set in worker processes: the supervisor's p
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", PolicyStore)
 AUTH = web.AppKey("auth", Authenticator)
-FORWARDER = web.AppKey("forwarder", Forwarder)  # type: ignore[type-abstract]
+FORWARDER = web.AppKey("forwarder", Forwarder)
 AUDIT = web.AppKey("audit", AuditLog)
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -106,8 +106,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks.append(asyncio.create_task(watch(store, settings.watch_interval)))
     loop = asyncio.get_running_loop()
     if settings.handle_signals:
+        async def reload_on_sighup() -> None:
+            await store.reload("SIGHUP")
+
         loop.add_signal_handler(
-            signal.SIGHUP, lambda: tasks.append(asyncio.create_task(store.reload("SIGHUP"))))
+            signal.SIGHUP, lambda: tasks.append(asyncio.create_task(reload_on_sighup())))
     for w in store.policy.warnings:
         log.warning("%s", w)
     log.info("policy %s loaded (sha256 %s, %d users, %d roles)", store.path,

@@ -153,7 +153,8 @@ class _Histogram:
         self.total += value
 
     def buckets(self) -> list[tuple[str, float]]:
-        out, acc = [], 0
+        out: list[tuple[str, float]] = []
+        acc = 0
         for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), self.counts):
             acc += count
             out.append((bound, acc))

@@ -12,7 +12,7 @@ from typing import Sequence
 import bcrypt
 
 from .errors import PolicyError
-from .policy import Policy, load_policy, role_closure
+from .policy import Policy, Rule, load_policy, role_closure
 from .settings import add_serve_arguments, settings_from_args
 
 log = logging.getLogger("gateway")
@@ -141,7 +141,7 @@ def cmd_routes(path: Path, *, by: str) -> int:
         subjects = [(name, None) for name in sorted(policy.users)]
     routes: dict[tuple[str, str], dict[str, str]] = {}
 
-    def mark(subject: str, rules: list, effective: bool) -> None:
+    def mark(subject: str, rules: list[Rule], effective: bool) -> None:
         for r in rules:
             for m in sorted(r.methods):
                 for p in r.patterns:

@@ -554,7 +554,7 @@ class _Builder:
             if body is not None:
                 body_bytes = (body if isinstance(body, str) else json.dumps(body)).encode()
             if not bad:
-                out.append(TestCase(user, method, target, expect, body_bytes, key,
+                out.append(TestCase(user, str(method), str(target), str(expect), body_bytes, key,
                                     self.lines.get(key)))
         return tuple(out)
 
@@ -607,4 +607,4 @@ def check_cost_seconds(cost: int) -> float:
     h = bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4))
     t0 = time.process_time()
     bcrypt.checkpw(b"x", h)
-    return (time.process_time() - t0) * (2 ** (cost - 4))
+    return float((time.process_time() - t0) * (2 ** (cost - 4)))

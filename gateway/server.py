@@ -91,7 +91,7 @@ async def _main(settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext 
     try:
         await site.start()
         scheme = "https" if ssl_ctx else "http"
-        host, port = _bound(site)
+        host, port = _bound(runner)
         # One line whatever the log level: scripts and tests read the port from it.
         print(f"gateway listening on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
         log.info("upstream %s, policy %s, pid %d", settings.upstream, settings.policy,
@@ -102,13 +102,10 @@ async def _main(settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext 
         await runner.cleanup()
 
 
-def _bound(site: web.TCPSite) -> tuple[str, int]:
-    server = site._server  # aiohttp exposes no public accessor for the bound socket
-    sock = server.sockets[0] if server is not None and server.sockets else None
-    if sock is None:
-        return "?", 0
-    addr = sock.getsockname()
-    return str(addr[0]), int(addr[1])
+def _bound(runner: web.BaseRunner) -> tuple[str, int]:
+    for addr in runner.addresses:
+        return str(addr[0]), int(addr[1])
+    return "?", 0
 
 
 def supervise(settings: Settings) -> int:

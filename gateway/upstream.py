@@ -310,7 +310,7 @@ class PoolForwarder:
             self._pool.release(proto, False)
             raise
         self._pool.release(proto, complete)
-        return message.code  # type: ignore[attr-defined,no-any-return]
+        return int(message.code)
 
     async def _connect(self) -> tuple[_Conn, bool]:
         assert self._pool is not None
@@ -363,7 +363,7 @@ class PoolForwarder:
             proto.active = self._loop_time()      # an upload in progress is not a stall
             if transport.get_write_buffer_size() > _HIGH_WATER:
                 await proto._drain_helper()
-        if chunked:
+        if chunked and transport is not None:
             transport.write(b"0\r\n\r\n")
 
     async def _relay(self, ex: Exchange, message: object, payload: object) -> bool:
