@@ -19,13 +19,16 @@ from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from yarl import URL
 
 from .audit import AuditLog, Metrics, now_iso
 from .auth import Authenticator, CredentialCache, FailureThrottle, parse_basic
-from .errors import (Forbidden, GatewayError, MethodNotAllowed, NotFound, Overloaded,
-                     PayloadTooLarge, TooManyRequests, Unauthenticated, UnprocessablePolicy)
-from .guard import Rejected, Target, canonical_target, check_header_sizes, check_method
+from .errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
+                     Overloaded, PayloadTooLarge, RequestTimeout, TooManyRequests,
+                     Unauthenticated, UnprocessablePolicy)
+from .guard import (Rejected, Target, canonical_target, check_framing, check_header_sizes,
+                    check_method)
 from .policy import Decision, Policy, User
 from .exchange import JSON_TYPE, AiohttpExchange, Exchange, json_body
 from .proxy import Forwarder, Upstream
@@ -178,6 +181,7 @@ class Pipeline:
             client = record["client"] = self.client_address(ex)
             check_header_sizes(ex.raw_headers, self.header_limit)
             check_method(ex.method, ex.headers)
+            check_framing(ex.headers)
             target = canonical_target(ex.raw_path)
             record["path"] = target.path
             if target.path in ("/-/healthz", "/-/ready") and ex.method in ("GET", "HEAD"):
@@ -252,7 +256,16 @@ class Pipeline:
         if ex.content_length is not None and ex.content_length > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes cannot be inspected")
         chunks, size = [], 0
-        async for chunk in ex.content.iter_chunked(64 * 1024):
+        read = ex.content.readany
+        while True:
+            try:
+                chunk = await asyncio.wait_for(read(), self.settings.upstream_timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeout("the request body stopped arriving") from None
+            except RequestPayloadError as exc:
+                raise BadRequest(f"malformed request body: {exc}") from None
+            if not chunk:
+                break
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body over {limit} bytes cannot be inspected")
@@ -363,7 +376,7 @@ def _client_behind_proxies(peer: str, forwarded: tuple[str, ...] | list[str],
         try:
             ip = ipaddress.ip_address(hop)
         except ValueError:
-            return hop
+            return peer          # a hop that is not an address: believe only the peer
         if not any(ip in net for net in trusted):
             return hop
     return hop

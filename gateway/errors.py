@@ -7,6 +7,7 @@
     ├── Unauthenticated    401   no, malformed or wrong credentials (WWW-Authenticate sent)
     ├── Forbidden          403   authenticated, but the policy does not allow the request
     ├── NotFound           404   an unknown gateway endpoint under /-/
+    ├── RequestTimeout     408   the client stopped sending its request body
     ├── PayloadTooLarge    413   request body over the limit
     ├── UnprocessablePolicy 422  a reload was asked for and the new policy was refused
     ├── TooManyRequests    429   failed-login throttle (Retry-After sent)
@@ -69,6 +70,10 @@ class NotFound(GatewayError):
 
 class MethodNotAllowed(GatewayError):
     status, code = 405, "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status, code = 408, "request_timeout"
 
 
 class PayloadTooLarge(GatewayError):

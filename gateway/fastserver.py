@@ -179,6 +179,8 @@ class FastProtocol(BaseProtocol):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._busy = False
+        self._current: StreamReader | None = None   # body of the request being handled
+        self._queue_paused = False
         self.idle_since = 0.0      # loop time since when it waits for a request; 0 if not
         self.remote: str | None = None
         self.scheme = "http"
@@ -202,10 +204,18 @@ class FastProtocol(BaseProtocol):
         self._server.connections.discard(self)
         self._closing = True
         self.idle_since = 0.0
+        gone = ConnectionResetError("client disconnected")
+        self._fail_current(gone)
         for item in self._queue:
             if not isinstance(item, _ParseFailure):
-                item[1].set_exception(ConnectionResetError("client disconnected"))
+                item[1].set_exception(gone)
         self._wake()
+
+    def _fail_current(self, exc: BaseException) -> None:
+        """The body being read will never complete: wake whoever waits on it."""
+        body = self._current
+        if body is not None and not body.is_eof():
+            body.set_exception(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -215,12 +225,17 @@ class FastProtocol(BaseProtocol):
         except HttpProcessingError as exc:
             self._queue.append(_ParseFailure(exc))
             self._closing = True     # nothing after a framing error can be trusted
+            self._fail_current(RequestPayloadError(f"malformed request body: {exc.message}"))
             self._wake()
             return
         if messages:
             self._queue.extend(messages)
-            if len(self._queue) >= _QUEUE_PAUSE:
-                self.pause_reading()
+            if len(self._queue) >= _QUEUE_PAUSE and not self._queue_paused:
+                # Stop reading the socket (not the parser: it may be mid-body) until the
+                # queue of pipelined requests drains.
+                self._queue_paused = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
             self._wake()
         if upgraded:
             # Upgrade/CONNECT are not proxied: answer what was asked, then close.
@@ -230,7 +245,7 @@ class FastProtocol(BaseProtocol):
         try:
             self._parser.feed_eof()
         except HttpProcessingError:
-            pass
+            self._fail_current(ConnectionResetError("client closed before sending the body"))
 
     # -- serving
     def write(self, data: bytes) -> None:
@@ -241,7 +256,13 @@ class FastProtocol(BaseProtocol):
 
     async def drain(self) -> None:
         if self._paused:
-            await self._drain_helper()
+            # A client that stops reading must not hold the request (and its upstream
+            # connection) for ever.
+            try:
+                await asyncio.wait_for(self._drain_helper(), self._server.send_timeout)
+            except asyncio.TimeoutError:
+                self.abort()
+                raise ConnectionResetError("client stopped reading") from None
 
     def abort(self) -> None:
         self._closing = True
@@ -275,22 +296,26 @@ class FastProtocol(BaseProtocol):
                     self.idle_since = 0.0
                     continue
                 item = self._queue.popleft()
-                if self._reading_paused and len(self._queue) < _QUEUE_PAUSE // 2:
-                    self.resume_reading()
+                if self._queue_paused and len(self._queue) < _QUEUE_PAUSE // 2:
+                    self._queue_paused = False
+                    if self.transport is not None:
+                        self.transport.resume_reading()
                 if isinstance(item, _ParseFailure):
                     self._answer_parse_failure(item.exc)
                     break
                 msg, payload = item
-                ex = FastExchange(self, msg, payload)
                 self._busy = True
+                self._current = payload
                 self._server.requests_count += 1
+                ex: FastExchange | None = None
                 try:
+                    ex = FastExchange(self, msg, payload)
                     await handler(ex)
                 except ConnectionError:
                     break
                 except Exception:
                     log.exception("error handling %s %s", msg.method, msg.path[:200])
-                    if not ex.started:
+                    if ex is not None and not ex.started:
                         try:
                             await ex.respond(500, {"Content-Type": JSON_TYPE}, json_body(
                                 {"error": "internal error", "status": 500,
@@ -300,7 +325,8 @@ class FastProtocol(BaseProtocol):
                     break
                 finally:
                     self._busy = False
-                if not ex.keep_alive or not payload.is_eof():
+                    self._current = None
+                if ex is None or not ex.keep_alive or not payload.is_eof():
                     break
         finally:
             self.idle_since = 0.0
@@ -330,13 +356,14 @@ class FastServer:
 
     def __init__(self, handler: Handler, *, loop: asyncio.AbstractEventLoop,
                  max_line_size: int = 8190, max_field_size: int = 8190, max_headers: int = 100,
-                 keepalive_timeout: float = 75.0) -> None:
+                 keepalive_timeout: float = 75.0, send_timeout: float = 30.0) -> None:
         self.handler = handler
         self.loop = loop
         self.max_line_size = max_line_size
         self.max_field_size = max_field_size
         self.max_headers = max_headers
         self.keepalive_timeout = keepalive_timeout
+        self.send_timeout = send_timeout
         self.connections: set[FastProtocol] = set()
         self.requests_count = 0
         # One sweeper instead of a timer per request: closes keep-alive connections that
@@ -384,4 +411,5 @@ class FastRunner(web.AppRunner):
         return FastServer(app[PIPELINE].handle, loop=loop,
                           max_line_size=settings.max_header_bytes,
                           max_field_size=MAX_PARSED_FIELD, max_headers=100,
-                          keepalive_timeout=self._kwargs.get("keepalive_timeout", 75.0))
+                          keepalive_timeout=self._kwargs.get("keepalive_timeout", 75.0),
+                          send_timeout=settings.upstream_timeout)

@@ -58,6 +58,15 @@ def check_method(method: str, headers: Mapping[str, str]) -> None:
             raise Rejected(f"method-override header {name} is not allowed", code="method_override")
 
 
+def check_framing(headers: Mapping[str, str]) -> None:
+    """Only ``chunked`` is accepted as a transfer coding: anything else would be dropped on
+    the way upstream and the upstream would read the coded bytes as the body."""
+    te = headers.get("Transfer-Encoding")
+    if te is not None and te.strip().lower() != "chunked":
+        raise Rejected(f"transfer coding {te.strip()[:40]!r} is not accepted (only chunked)",
+                       code="transfer_coding")
+
+
 def check_header_sizes(raw_headers: tuple[tuple[bytes, bytes], ...], limit: int) -> None:
     """431 for any header over ``limit`` bytes, except ``Authorization``: an oversize
     credential is a bad credential (401, decided by the authenticator), not a framing error."""

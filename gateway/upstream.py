@@ -17,17 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_exceptions import ClientError, ClientPayloadError, ServerTimeoutError
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser
+from aiohttp.web_protocol import RequestPayloadError
 
-from .errors import BadGateway, GatewayTimeout, PayloadTooLarge
+from .errors import (BadGateway, BadRequest, GatewayTimeout, Overloaded, PayloadTooLarge,
+                     RequestTimeout)
 from .exchange import Exchange
 from .guard import Target
 from .policy import User
@@ -42,6 +45,7 @@ _HOP_B = frozenset(h.encode() for h in HOP_BY_HOP)
 _IDLE_SECONDS = 30.0
 _HIGH_WATER = 256 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 
 
 class _Conn(BaseProtocol):
@@ -82,6 +86,13 @@ class _Conn(BaseProtocol):
     def data_received(self, data: bytes) -> None:
         if self.active:
             self.active = self._loop.time()
+        elif data:
+            # Nothing was asked: an upstream that talks out of turn cannot be trusted to
+            # stay in step with our requests.
+            self.broken = True
+            if self.transport is not None:
+                self.transport.close()
+            return
         try:
             messages, _, _ = self._parser.feed_data(data)
         except HttpProcessingError:
@@ -92,6 +103,9 @@ class _Conn(BaseProtocol):
         for msg, payload in messages:
             if 100 <= msg.code < 200 and msg.code != 101:
                 continue                          # interim answers are not relayed
+            if self.message is not None:
+                self.broken = True                # a second answer to one request
+                continue
             self.message, self.payload = msg, payload
             head = self._head
             if head is not None and not head.done():
@@ -156,12 +170,16 @@ class _Pool:
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            await fut
-        except asyncio.CancelledError:
+            await asyncio.wait_for(asyncio.shield(fut), self.connect_timeout)
+        except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
             if fut.done() and not fut.cancelled():
-                self._give_slot()                 # granted just as we were cancelled
-            elif fut in self._waiters:
-                self._waiters.remove(fut)
+                self._give_slot()                 # granted just as we gave up
+            else:
+                fut.cancel()
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise Overloaded("every upstream connection is busy; retry shortly") from None
             raise
 
     def _give_slot(self) -> None:
@@ -249,15 +267,14 @@ class PoolForwarder:
     def request_head(self, request: Exchange, target: Target, user: User | None,
                      client: str, length: int | None, chunked: bool) -> bytes:
         """The request line and header block sent upstream, as bytes."""
-        named: frozenset[bytes] = frozenset()
-        conn = request.headers.get("Connection")
-        if conn:
-            named = frozenset(t.strip().lower().encode() for t in conn.split(",") if t.strip())
+        named = _connection_tokens(request.headers)
         out = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (request.method.encode(),
                                                      target.path_qs.encode(), self._host)]
         for name, value in request.raw_headers:
             low = name.lower()
-            if low in _STRIP or low in named or low.startswith(_IDENTITY):
+            if low in _STRIP or low in named or low.startswith(_IDENTITY) or b"_" in low:
+                # Underscored names are dropped (as nginx does): CGI-style upstreams read
+                # X-Authenticated_User as X-Authenticated-User.
                 continue
             out.append(b"%s: %s\r\n" % (name, value))
         if user is not None:
@@ -266,8 +283,8 @@ class PoolForwarder:
         out.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
             client.encode("latin-1", "replace"), request.scheme.encode()))
         host = request.headers.get("Host")
-        if host:
-            out.append(b"X-Forwarded-Host: %s\r\n" % host.encode("latin-1", "replace"))
+        if host and _HOST.fullmatch(host):
+            out.append(b"X-Forwarded-Host: %s\r\n" % host.encode())
         if length is not None:
             out.append(b"Content-Length: %d\r\n" % length)
         elif chunked:
@@ -304,12 +321,19 @@ class PoolForwarder:
                 self._pool.release(proto, False)
                 raise
             break
+        released = False
+        pool = self._pool
+
+        def release(reuse: bool) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                pool.release(proto, reuse)
+
         try:
-            complete = await self._relay(request, message, payload)
-        except BaseException:
-            self._pool.release(proto, False)
-            raise
-        self._pool.release(proto, complete)
+            await self._relay(request, message, payload, release)
+        finally:
+            release(False)
         return int(message.code)
 
     async def _connect(self) -> tuple[_Conn, bool]:
@@ -336,6 +360,8 @@ class PoolForwarder:
                 await self._send_body(proto, request, chunked)
                 proto.active = self._loop_time()
             return await proto.read_head()
+        except _ClientGone:
+            raise
         except ServerTimeoutError:
             raise GatewayTimeout("the upstream did not answer in time") from None
         except _Malformed:
@@ -353,7 +379,18 @@ class PoolForwarder:
                          chunked: bool) -> None:
         transport = proto.transport
         sent = 0
-        async for chunk in request.content.iter_chunked(CHUNK):
+        read = request.content.readany
+        while True:
+            try:
+                chunk = await asyncio.wait_for(read(), self.read_timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeout("the request body stopped arriving") from None
+            except RequestPayloadError as exc:
+                raise BadRequest(f"malformed request body: {exc}") from None
+            except ConnectionResetError:
+                raise _ClientGone("the client went away during the upload") from None
+            if not chunk:
+                break
             sent += len(chunk)
             if sent > self.max_body:
                 raise PayloadTooLarge(f"request body over {self.max_body} bytes")
@@ -366,16 +403,18 @@ class PoolForwarder:
         if chunked and transport is not None:
             transport.write(b"0\r\n\r\n")
 
-    async def _relay(self, ex: Exchange, message: object, payload: object) -> bool:
-        """Stream the upstream's answer to the client; False if it broke off."""
+    async def _relay(self, ex: Exchange, message: Any, payload: Any,
+                     release: Callable[[bool], None]) -> None:
+        """Stream the upstream's answer to the client. The upstream connection is released
+        as soon as its answer is read in full, before the last write to a slow client."""
         msg = message  # aiohttp RawResponseMessage
-        conn = msg.headers.get("Connection")  # type: ignore[attr-defined]
-        named = frozenset(t.strip().lower().encode() for t in conn.split(",")) if conn \
-            else frozenset()
-        headers = [(k, v) for k, v in msg.raw_headers  # type: ignore[attr-defined]
+        if msg.code == 101:
+            raise BadGateway("the upstream switched protocols, which is not proxied")
+        named = _connection_tokens(msg.headers)
+        headers = [(k, v) for k, v in msg.raw_headers
                    if k.lower() not in _HOP_B and k.lower() not in named]
-        status, reason = msg.code, msg.reason  # type: ignore[attr-defined]
-        read = payload.readany  # type: ignore[attr-defined]
+        status, reason = msg.code, msg.reason
+        read = payload.readany
         try:
             first = await read()
         except (asyncio.TimeoutError, ServerTimeoutError):
@@ -383,9 +422,10 @@ class PoolForwarder:
         except (ClientError, OSError):
             raise BadGateway("the upstream broke the response") from None
         try:
-            if payload.is_eof() and len(first) <= _SMALL:  # type: ignore[attr-defined]
+            if payload.is_eof() and len(first) <= _SMALL:
+                release(True)
                 await ex.relay(status, reason, headers, first)   # the whole answer: one write
-                return True
+                return
             await ex.relay(status, reason, headers, None)
             chunk = first
             while chunk:
@@ -398,12 +438,18 @@ class PoolForwarder:
                     log.warning("upstream response broke off mid-stream: %s",
                                 exc.__class__.__name__)
                     ex.abort()
-                    return False
+                    return
+            release(True)
             await ex.finish()
         except ConnectionError:      # the client went away; nothing more to tell it
             ex.abort()
-            return False
-        return True
+
+
+def _connection_tokens(headers: Any) -> frozenset[bytes]:
+    """Lower-cased header names listed in every ``Connection`` header (all of them)."""
+    values = headers.getall("Connection", ())
+    return frozenset(t.strip().lower().encode("latin-1", "replace")
+                     for v in values for t in v.split(",") if t.strip())
 
 
 class _Stale(Exception):
@@ -412,5 +458,9 @@ class _Stale(Exception):
 
 class _Malformed(Exception):
     """The upstream's answer could not be parsed."""
+
+
+class _ClientGone(ConnectionError):
+    """The client disconnected while its request body was being forwarded."""
 
 

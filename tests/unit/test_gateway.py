@@ -313,3 +313,30 @@ async def test_pool_retries_a_connection_the_upstream_closed_while_idle(
     for _ in range(3):
         resp = await gw.get(ITEM, headers=basic("sales", "imsales"))
         assert resp.status == 200
+
+
+async def test_every_connection_header_names_hop_by_hop_headers(gateway, upstream) -> None:
+    from multidict import CIMultiDict
+    headers = CIMultiDict(basic("sales", "imsales"))
+    headers.add("Connection", "keep-alive")
+    headers.add("Connection", "X-Secret")
+    headers.add("X-Secret", "s")
+    assert (await gateway.get(ITEM, headers=headers)).status == 200
+    assert "X-Secret" not in upstream.seen[-1].headers
+
+
+async def test_underscored_header_names_are_dropped(gateway, upstream) -> None:
+    resp = await gateway.get(ITEM, headers={**basic("sales", "imsales"),
+                                            "X-Authenticated_User": "manager",
+                                            "X_Forwarded_For": "6.6.6.6", "X-Fine": "yes"})
+    assert resp.status == 200
+    names = [n.lower() for n, _ in upstream.seen[-1].header_items]
+    assert not [n for n in names if "_" in n]
+    assert upstream.seen[-1].headers["X-Fine"] == "yes"
+
+
+async def test_malformed_host_is_not_forwarded_as_x_forwarded_host(gateway, upstream) -> None:
+    resp = await gateway.get(ITEM, headers={**basic("sales", "imsales"),
+                                            "Host": "evil.example, other"})
+    assert resp.status == 200
+    assert "X-Forwarded-Host" not in upstream.seen[-1].headers

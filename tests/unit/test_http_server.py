@@ -101,3 +101,76 @@ async def test_idle_keep_alive_connection_is_closed_after_the_timeout(settings, 
         writer.close()
     finally:
         await server.close()
+
+
+async def test_forty_pipelined_requests_in_one_write_are_all_answered(raw_gateway) -> None:
+    reader, writer = await open_conn(raw_gateway)
+    writer.write(b"GET /-/healthz HTTP/1.1\r\nHost: t\r\n\r\n" * 40)
+    statuses = [(await read_response(reader))[0] for _ in range(40)]
+    writer.close()
+    assert statuses == [200] * 40
+
+
+async def test_abandoned_uploads_give_back_every_upstream_slot(raw_gateway) -> None:
+    from gateway.app import FORWARDER
+    pool = raw_gateway.app[FORWARDER]._pool
+    free = pool._free
+    for _ in range(30):
+        reader, writer = await open_conn(raw_gateway)
+        writer.write(b"POST /test/upload HTTP/1.1\r\nHost: t\r\n%s\r\nContent-Length: 100\r\n"
+                     b"\r\nabc" % AUTH)
+        await writer.drain()
+        writer.close()                       # gone halfway through the body
+    for _ in range(30):                      # and a chunked body that breaks its framing
+        reader, writer = await open_conn(raw_gateway)
+        writer.write(b"POST /test/upload HTTP/1.1\r\nHost: t\r\n%s\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nZZZ\r\n" % AUTH)
+        await writer.drain()
+        writer.close()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while pool._free != free and loop.time() < deadline:
+        await asyncio.sleep(0.02)            # polling a condition with a deadline
+    assert pool._free == free
+    reader, writer = await open_conn(raw_gateway)
+    writer.write(b"GET /test/after HTTP/1.1\r\nHost: t\r\n%s\r\n\r\n" % AUTH)
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
+async def test_upstream_answering_out_of_turn_is_not_reused(aiohttp_client, settings,
+                                                            server_kind) -> None:
+    from dataclasses import replace
+
+    from gateway.app import create_app
+    from tests.conftest import GatewayTestServer
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        n = connections
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                if n == 1:   # two answers to one request: the second must never be relayed
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+                                 b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTALE!")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await aiohttp_client(GatewayTestServer(create_app(replace(
+            settings, upstream=f"http://127.0.0.1:{port}")), kind=server_kind))
+        first = await gw.get("/test/a", headers=basic("tester", "testerpw"))
+        assert await first.read() == b"hello"
+        second = await gw.get("/test/b", headers=basic("tester", "testerpw"))
+        assert await second.read() == b"fresh"
+        assert connections == 2
+    finally:
+        server.close()
+        await server.wait_closed()
