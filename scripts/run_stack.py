@@ -41,22 +41,19 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        backend = subprocess.Popen([sys.executable, "-m", "inventory_backend",
-                                    "--port", backend_port], env=env,
-                                   preexec_fn=_default_sigint)
-        procs.append(backend)
-        if not wait_healthy(f"http://127.0.0.1:{backend_port}/healthz", backend,
-                            time.monotonic() + 20):
-            print("run: the inventory backend did not become healthy", file=sys.stderr)
-            return 1
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve",
-                                    "--port", gateway_port], env=env,
-                                   preexec_fn=_default_sigint)
-        procs.append(gateway)
-        if not wait_healthy(f"http://127.0.0.1:{gateway_port}/-/healthz", gateway,
-                            time.monotonic() + 20):
-            print("run: the gateway did not start (see its messages above)", file=sys.stderr)
-            return 1
+        services = [
+            (["-m", "inventory_backend", "--port", backend_port],
+             f"http://127.0.0.1:{backend_port}/healthz", "the inventory backend"),
+            (["-m", "gateway", "serve", "--port", gateway_port],
+             f"http://127.0.0.1:{gateway_port}/-/healthz", "the gateway"),
+        ]
+        for args, health, name in services:
+            proc = subprocess.Popen([sys.executable, *args], env=env,
+                                    preexec_fn=_default_sigint)
+            procs.append(proc)
+            if not wait_healthy(health, proc, time.monotonic() + 20):
+                print(f"run: {name} did not start (see its messages above)", file=sys.stderr)
+                return 1
         print(f"\nrbac-gateway on http://127.0.0.1:{gateway_port} -> inventory backend on "
               f"http://127.0.0.1:{backend_port}. Ctrl-C stops both.\n"
               f"  curl -u sales:imsales 'http://127.0.0.1:{gateway_port}/api/inventory"
