@@ -244,6 +244,11 @@ class Pipeline:
             raise
         except TooManyRequests:
             self.metrics.throttled.inc()
+            # Tarpit: a client in back-off waits for its answer, so a flood over a few
+            # connections slows to a few requests per second instead of costing us a full
+            # request cycle thousands of times a second.
+            if self.settings.throttle_delay:
+                await asyncio.sleep(self.settings.throttle_delay)
             raise
         decision = policy.decide(user.name, ex.method, target.segments)
         if not decision.allowed:

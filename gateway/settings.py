@@ -35,6 +35,7 @@ class Settings:
     cache_ttl: float = 300.0
     cache_size: int = 10_000
     max_bcrypt_inflight: int = 16
+    throttle_delay: float = 1.0     # a 429 for failed logins is answered after this delay
     trusted_proxies: tuple[Network, ...] = field(default_factory=tuple)
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -111,6 +112,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="upstream path probed by /-/ready (default /healthz)")
     add("--max-body", default=_env("GATEWAY_MAX_BODY", d.max_body),
         help="largest request body in bytes (GATEWAY_MAX_BODY, default 10 MiB)")
+    add("--throttle-delay", default=_env("GATEWAY_THROTTLE_DELAY", d.throttle_delay),
+        help="seconds a client in login back-off waits for its 429 (default 1)")
     add("--trusted-proxy", default=_env("GATEWAY_TRUSTED_PROXIES", ""),
         help="comma-separated CIDRs whose X-Forwarded-For is believed (GATEWAY_TRUSTED_PROXIES)")
     add("--tls-cert", default=_env("GATEWAY_TLS_CERT", None), help="PEM certificate for TLS")
@@ -150,6 +153,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         connect_timeout=conv("connect_timeout", _positive(float), args.connect_timeout),
         upstream_health=args.upstream_health,
         max_body=conv("max_body", _positive(int), args.max_body),
+        throttle_delay=conv("throttle_delay", _positive(float), args.throttle_delay),
         trusted_proxies=conv("trusted_proxy", _networks, args.trusted_proxy),
         tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
         server=args.server)

@@ -99,7 +99,7 @@ def policy_path(tmp_path: Path) -> Path:
 def settings(policy_path: Path, upstream: Upstream) -> Settings:
     return Settings(policy=policy_path, upstream=upstream.url, watch=False,
                     audit_log="off", handle_signals=False, upstream_timeout=1.0,
-                    connect_timeout=1.0)
+                    connect_timeout=1.0, throttle_delay=0.0)
 
 
 @pytest.fixture(params=["fast", "aiohttp"])

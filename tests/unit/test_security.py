@@ -335,3 +335,14 @@ async def test_one_address_gets_few_password_checks_in_flight() -> None:
     others = await asyncio.gather(*(attempt(i, f"198.51.100.{i}") for i in range(5)))
     assert others == ["401"] * 5          # other addresses are not limited by it
     auth.close()
+
+
+async def test_throttled_clients_wait_for_their_429(make_gateway) -> None:
+    import time as _time
+    gw = await make_gateway(throttle_delay=0.3)
+    for i in range(6):
+        await gw.get("/api/inventory", headers=basic("sales", f"guess{i}"))
+    t0 = _time.monotonic()
+    resp = await gw.get("/api/inventory", headers=basic("sales", "again"))
+    assert resp.status == 429
+    assert _time.monotonic() - t0 >= 0.3
