@@ -453,7 +453,7 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
         except aiohttp.ClientConnectionError:
             pass
         assert time.monotonic() < deadline, "backend never became healthy"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # polling the health endpoint, with a deadline
 
 
 async def stop_backend(proc: asyncio.subprocess.Process, signum: int) -> tuple[int, str]:
