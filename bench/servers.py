@@ -21,6 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from bench.policies import Credentials
 from bench.procs import BenchError, Proc, free_port, http_status, start, wait_http
@@ -129,12 +130,7 @@ def start_upstream(tmp: Path, *, workers: int, force_python: bool = False) -> Se
         server = Server("upstream", "aiohttp upstream", f"http://127.0.0.1:{port}", [proc],
                         [("--python-upstream" if nginx_binary() else f"nginx absent ({APT_HINT})")
                          + ": aiohttp upstream; through-gateway ratios understate the gateway's cost"])
-    try:
-        wait_http(proc, server.base_url + "/", deadline_s=20)
-    except BenchError:
-        server.stop()
-        raise
-    return server
+    return _ready(server, proc, "/", deadline_s=20)
 
 
 @dataclass(frozen=True)
@@ -189,12 +185,7 @@ def start_gateway(
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     proc = start(key, argv, tmp / f"{key}.log", env=env, cwd=ROOT)
     server = Server(key, label, f"http://127.0.0.1:{port}", [proc], notes)
-    try:
-        wait_http(proc, server.base_url + "/-/healthz", deadline_s=60)
-    except BenchError:
-        server.stop()
-        raise
-    return server
+    return _ready(server, proc, "/-/healthz", deadline_s=60)
 
 
 def caddy_supports_plain_hash(version: str) -> bool:
@@ -238,12 +229,7 @@ http://127.0.0.1:{port} {{
                  home / "caddy.log", env=env)
     notes = [version.split()[0], "access log → file" if access_log else "no access log"]
     server = Server("caddy", "Caddy basicauth+reverse_proxy", f"http://127.0.0.1:{port}", [proc], notes)
-    try:
-        wait_http(proc, server.base_url + "/", lambda s: s == 401, deadline_s=30)
-    except BenchError:
-        server.stop()
-        raise
-    return server
+    return _ready(server, proc, "/", deadline_s=30, ok=lambda s: s == 401)
 
 
 def start_nginx_bcrypt(tmp: Path, creds: Credentials, upstream: str) -> Server:
@@ -275,12 +261,7 @@ def start_nginx_bcrypt(tmp: Path, creds: Credentials, upstream: str) -> Server:
     proc = _start_nginx("nginx-bcrypt", prefix, conf)
     server = Server("nginx-bcrypt", "nginx auth_basic (bcrypt)+proxy_pass", f"http://127.0.0.1:{port}",
                     [proc], ["bcrypt on every request (no cache)"])
-    try:
-        wait_http(proc, server.base_url + "/", lambda s: s == 401, deadline_s=20)
-    except BenchError:
-        server.stop()
-        raise
-    return server
+    return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
 
 
 def flask_python(log: Path) -> tuple[str | None, str]:
@@ -326,12 +307,7 @@ def start_flask(tmp: Path, creds: Credentials, upstream: str) -> Server:
                  tmp / "flask.log")
     server = Server("flask", "tutorial Flask app", f"http://127.0.0.1:{port}", [proc],
                     [f"werkzeug {method} on every request, requests per call, dev server threaded"])
-    try:
-        wait_http(proc, server.base_url + "/", lambda s: s == 401, deadline_s=30)
-    except BenchError:
-        server.stop()
-        raise
-    return server
+    return _ready(server, proc, "/", deadline_s=30, ok=lambda s: s == 401)
 
 
 def start_backend(tmp: Path, seed_items: int = 20) -> Server:
@@ -384,3 +360,14 @@ def prime(server: Server, path: str, auth: str | None, deadline_s: float = 60.0)
         if status is not None and status not in (502, 503, 504):
             break
     raise BenchError(f"{server.key}: GET {path} with the bench credentials answered {status}, not 200")
+
+
+def _ready(server: Server, proc: Proc, path: str, *, deadline_s: float,
+           ok: Callable[[int], bool] = lambda s: s == 200) -> Server:
+    """Wait until ``server`` answers on ``path``; stop it (and re-raise) if it never does."""
+    try:
+        wait_http(proc, server.base_url + path, ok, deadline_s=deadline_s)
+    except BenchError:
+        server.stop()
+        raise
+    return server
