@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         settings = settings_from_args(args, serve)
-        from .server import serve as run_serve
+        from .process import serve as run_serve
         return run_serve(settings)
     if args.command == "check":
         return cmd_check(args.policy, quiet=args.quiet)

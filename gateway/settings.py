@@ -41,7 +41,14 @@ class Settings:
     tls_key: str | None = None
     log_level: str = "INFO"
     handle_signals: bool = True
-    server: str = "fast"
+    # deadlines and caps of the HTTP layer (issue 10)
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    body_timeout: float = 60.0
+    min_upload_rate: int = 1024
+    max_connections: int = 0          # 0: derived from the file-descriptor limit
+    pool_size: int = 256
+    shutdown_grace: float = 35.0      # more than the upstream timeout: answers in flight finish
 
 
 def _env(name: str, default: Any) -> Any:
@@ -53,6 +60,16 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
         value = kind(text)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0: {text}")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -118,8 +135,28 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated CIDRs whose X-Forwarded-For is believed (GATEWAY_TRUSTED_PROXIES)")
     add("--tls-cert", default=_env("GATEWAY_TLS_CERT", None), help="PEM certificate for TLS")
     add("--tls-key", default=_env("GATEWAY_TLS_KEY", None), help="PEM private key for TLS")
-    add("--server", default=_env("GATEWAY_SERVER", d.server), choices=["fast", "aiohttp"],
-        help="HTTP server: fast (the gateway's lean HTTP/1.1 server, default) or aiohttp")
+    add("--header-timeout", default=_env("GATEWAY_HEADER_TIMEOUT", d.header_timeout),
+        help="seconds a client has to send a request head, else 408 (GATEWAY_HEADER_TIMEOUT,"
+             " default 10)")
+    add("--keepalive-timeout", default=_env("GATEWAY_KEEPALIVE_TIMEOUT", d.keepalive_timeout),
+        help="seconds an idle keep-alive connection is kept (GATEWAY_KEEPALIVE_TIMEOUT,"
+             " default 75)")
+    add("--body-timeout", default=_env("GATEWAY_BODY_TIMEOUT", d.body_timeout),
+        help="seconds a whole request body may take, else 408 (GATEWAY_BODY_TIMEOUT,"
+             " default 60)")
+    add("--min-upload-rate", default=_env("GATEWAY_MIN_UPLOAD_RATE", d.min_upload_rate),
+        help="bytes/s a request body must average after its first seconds, else 408"
+             " (GATEWAY_MIN_UPLOAD_RATE, default 1024; 0 disables)")
+    add("--max-connections", default=_env("GATEWAY_MAX_CONNECTIONS", d.max_connections),
+        help="client connections per process; at the cap the longest-idle or slowest head is"
+             " closed (GATEWAY_MAX_CONNECTIONS, default 0 = from the open-file limit)")
+    add("--pool-size", default=_env("GATEWAY_POOL_SIZE", d.pool_size),
+        help="upstream connections per process (GATEWAY_POOL_SIZE, default 256)")
+    add("--shutdown-grace", default=_env("GATEWAY_SHUTDOWN_GRACE", d.shutdown_grace),
+        help="seconds requests in flight get to finish on SIGTERM (GATEWAY_SHUTDOWN_GRACE,"
+             " default 35)")
+    add("--server", default=_env("GATEWAY_SERVER", "httptools"),
+        help="removed: the gateway has one HTTP server (see docs/SECURITY.md)")
     add("--log-level", default=_env("GATEWAY_LOG_LEVEL", d.log_level),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
 
@@ -142,6 +179,9 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     workers = conv("workers", _positive(int), args.workers)
     if workers < 1:
         parser.error("--workers: must be at least 1")
+    if args.server not in ("httptools", "fast"):
+        parser.error(f"--server {args.server}: the aiohttp server mode was removed (it decoded "
+                     "compressed request bodies, see docs/SECURITY.md); omit --server")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     return Settings(
@@ -156,7 +196,13 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         throttle_delay=conv("throttle_delay", _positive(float), args.throttle_delay),
         trusted_proxies=conv("trusted_proxy", _networks, args.trusted_proxy),
         tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
-        server=args.server)
+        header_timeout=conv("header_timeout", _above_zero(float), args.header_timeout),
+        keepalive_timeout=conv("keepalive_timeout", _above_zero(float), args.keepalive_timeout),
+        body_timeout=conv("body_timeout", _above_zero(float), args.body_timeout),
+        min_upload_rate=conv("min_upload_rate", _positive(int), args.min_upload_rate),
+        max_connections=conv("max_connections", _positive(int), args.max_connections),
+        pool_size=conv("pool_size", _above_zero(int), args.pool_size),
+        shutdown_grace=conv("shutdown_grace", _positive(float), args.shutdown_grace))
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:

@@ -6,13 +6,17 @@ import asyncio
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestServer
+from yarl import URL
 
-from gateway.app import create_app
+from gateway.audit import AuditLog
+from gateway.gateway import Gateway
+from gateway.http.server import Server
+from gateway.process import limits_of, raise_fd_limit
 from gateway.settings import Settings
 from tests.helpers import policy_doc, write_policy
 
@@ -102,23 +106,78 @@ def settings(policy_path: Path, upstream: Upstream) -> Settings:
                     connect_timeout=1.0, throttle_delay=0.0)
 
 
-@pytest.fixture(params=["fast", "aiohttp"])
-def server_kind(request: pytest.FixtureRequest) -> str:
-    """Every in-process gateway test runs on both HTTP servers."""
-    return str(request.param)
+class GatewayClient:
+    """A real gateway (the :class:`Gateway` object on its own HTTP server, 127.0.0.1, an
+    ephemeral port) and an aiohttp client session pointed at it; the interface tests use is
+    the one of aiohttp's ``TestClient`` (``get``, ``post``, ... return responses)."""
+
+    def __init__(self, gw: Gateway, server: Server, host: str, port: int) -> None:
+        self.gw = gw
+        self.server = server
+        self.host = host
+        self.port = port
+        self.session = ClientSession(base_url=f"http://{host}:{port}",
+                                     auto_decompress=False)
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://{self.host}:{self.port}") .join(URL(path))
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.session.request(method, path, **kwargs)
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self.request("POST", path, **kwargs)
+
+    def put(self, path: str, **kwargs: Any) -> Any:
+        return self.request("PUT", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Any:
+        return self.request("DELETE", path, **kwargs)
+
+    def head(self, path: str, **kwargs: Any) -> Any:
+        return self.request("HEAD", path, **kwargs)
+
+    def options(self, path: str, **kwargs: Any) -> Any:
+        return self.request("OPTIONS", path, **kwargs)
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.server.shutdown(1.0)
+        await self.gw.close()
+
+
+async def start_gateway(settings: Settings, *, audit: AuditLog | None = None,
+                        **overrides: Any) -> GatewayClient:
+    """Build, start and serve a gateway in this event loop."""
+    s = replace(settings, **overrides)
+    gw = Gateway(s, audit=audit)
+    await gw.start()
+    server = Server(gw.pipeline.handle, limits_of(s, raise_fd_limit()),
+                    on_refusal=lambda e: gw.metrics.rejections.labels(e.code).inc())
+    gw.server = server
+    host, port = await server.listen("127.0.0.1", 0)
+    return GatewayClient(gw, server, host, port)
 
 
 @pytest.fixture
-def make_gateway(aiohttp_client: Callable[..., Awaitable[TestClient]], settings: Settings,
-                 server_kind: str) -> Callable[..., Awaitable[TestClient]]:
-    async def make(**overrides: Any) -> TestClient:
-        app = create_app(replace(settings, **overrides))
-        return await aiohttp_client(GatewayTestServer(app, kind=server_kind))
-    return make
+async def make_gateway(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[GatewayClient]]]:
+    made: list[GatewayClient] = []
+
+    async def make(*, audit: AuditLog | None = None, **overrides: Any) -> GatewayClient:
+        client = await start_gateway(settings, audit=audit, **overrides)
+        made.append(client)
+        return client
+
+    yield make
+    for c in made:
+        await c.close()
 
 
 @pytest.fixture
-async def gateway(make_gateway: Callable[..., Awaitable[TestClient]]) -> TestClient:
+async def gateway(make_gateway: Callable[..., Awaitable[GatewayClient]]) -> GatewayClient:
     return await make_gateway()
 
 
@@ -128,31 +187,26 @@ def error_of(body: bytes) -> dict[str, Any]:
     return doc
 
 
-class GatewayTestServer(TestServer):
-    """TestServer on one of the gateway's own runners, as ``serve --server KIND`` uses."""
-
-    def __init__(self, app: web.Application, *, kind: str = "fast", **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.kind = kind
-
-    async def _make_runner(self, **kwargs: Any):  # type: ignore[override]
-        from gateway.fastserver import FastRunner
-        from gateway.protocol import GatewayRunner
-        return (FastRunner if self.kind == "fast" else GatewayRunner)(self.app, **kwargs)
-
-
 @dataclass
 class RawGateway:
-    server: TestServer
+    client: GatewayClient
     upstream: Upstream
 
     @property
-    def app(self) -> web.Application:
-        return self.server.app
+    def gw(self) -> Gateway:
+        return self.client.gw
+
+    @property
+    def host(self) -> str:
+        return self.client.host
+
+    @property
+    def port(self) -> int:
+        return self.client.port
 
     async def send(self, data: bytes, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
         """Send raw bytes (no client-side normalisation); return status, headers, body."""
-        reader, writer = await asyncio.open_connection(self.server.host, self.server.port)
+        reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
             writer.write(data)
             await writer.drain()
@@ -185,19 +239,13 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 
 
 @pytest.fixture
-async def make_raw_gateway(settings: Settings, upstream: Upstream, server_kind: str):
-    servers: list[TestServer] = []
-
+async def make_raw_gateway(settings: Settings, upstream: Upstream,
+                           make_gateway: Callable[..., Awaitable[GatewayClient]]
+                           ) -> Callable[..., Awaitable[RawGateway]]:
     async def make(**overrides: Any) -> RawGateway:
-        server = GatewayTestServer(create_app(replace(settings, **overrides)),
-                                   kind=server_kind)
-        await server.start_server()
-        servers.append(server)
-        return RawGateway(server, upstream)
+        return RawGateway(await make_gateway(**overrides), upstream)
 
-    yield make
-    for s in servers:
-        await s.close()
+    return make
 
 
 @pytest.fixture

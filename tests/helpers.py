@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import re
@@ -11,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import bcrypt
 import yaml
@@ -26,6 +27,28 @@ PASSWORDS = {
     "manager": "imthemanager",
     "ops": "imtheops",
 }
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0,
+                     interval: float = 0.01) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds.
+    The one way tests wait for something that happens in the background."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        await asyncio.sleep(interval)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0,
+               interval: float = 0.02) -> None:
+    """:func:`eventually` for code outside an event loop (integration tests)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        time.sleep(interval)
 
 
 def basic(user: str, password: str) -> dict[str, str]:

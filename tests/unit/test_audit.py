@@ -8,15 +8,13 @@ from dataclasses import replace
 
 from yarl import URL
 
-from gateway.app import create_app
 from gateway.audit import AuditLog
 from tests.helpers import basic
 
 
-async def gateway_with_audit(aiohttp_client, settings):
+async def gateway_with_audit(make_gateway, settings):
     buf = io.StringIO()
-    client = await aiohttp_client(create_app(replace(settings, audit_log="-"),
-                                             audit=AuditLog(buf)))
+    client = await make_gateway(audit=AuditLog(buf), audit_log="-")
     return client, buf
 
 
@@ -24,8 +22,8 @@ def lines(buf: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in buf.getvalue().splitlines()]
 
 
-async def test_one_audit_line_per_request_with_decision_and_rule(aiohttp_client, settings):
-    gw, buf = await gateway_with_audit(aiohttp_client, settings)
+async def test_one_audit_line_per_request_with_decision_and_rule(make_gateway, settings):
+    gw, buf = await gateway_with_audit(make_gateway, settings)
     await gw.get("/api/inventory?name=x", headers=basic("sales", "imsales"))
     await gw.post("/api/inventory", headers=basic("sales", "imsales"))
     await gw.get(URL("/api%2F..%2Fetc", encoded=True), headers=basic("sales", "imsales"))
@@ -43,8 +41,8 @@ async def test_one_audit_line_per_request_with_decision_and_rule(aiohttp_client,
                 "upstream_ms", "total_ms"} <= set(r)
 
 
-async def test_failed_authentication_is_its_own_event(aiohttp_client, settings):
-    gw, buf = await gateway_with_audit(aiohttp_client, settings)
+async def test_failed_authentication_is_its_own_event(make_gateway, settings):
+    gw, buf = await gateway_with_audit(make_gateway, settings)
     await gw.get("/api/inventory", headers=basic("sales", "guess"))
     events = lines(buf)
     failure = [r for r in events if r["event"] == "auth_failure"]

@@ -12,7 +12,6 @@ import base64
 
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from gateway.app import STORE
 from tests.helpers import PASSWORDS
 
 PIECES = ["api", "inventory", "test", "admin", "-", "a", ".", "..", "%2e", "%2E", "%2e%2e",
@@ -70,7 +69,7 @@ async def test_allowed_targets_arrive_canonical(raw_gateway, method, segs, q) ->
 
 
 async def check(raw_gateway, method: str, target: str, user: str | None) -> None:
-    policy = raw_gateway.app[STORE].policy
+    policy = raw_gateway.gw.store.policy
     decision, canonical = policy.decide_request(user, method, target)
     seen = raw_gateway.upstream.seen
     before = len(seen)

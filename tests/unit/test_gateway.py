@@ -10,9 +10,8 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from gateway.app import AUTH
 from tests.conftest import error_of
-from tests.helpers import PASSWORDS, basic
+from tests.helpers import PASSWORDS, basic, eventually
 
 ITEM = "/api/inventory?name=X-Men+1+(1991)"
 BODY = json.dumps({"name": "X-Men 1 (1991)", "count": 3})
@@ -101,7 +100,7 @@ async def test_password_containing_colons_works(gateway, upstream) -> None:
 
 
 async def test_second_request_does_not_run_bcrypt_again(gateway) -> None:
-    auth = gateway.app[AUTH]
+    auth = gateway.gw.auth
     first = await gateway.get(ITEM, headers=basic("sales", "imsales"))
     assert first.status == 200
     checks = auth.bcrypt_checks
@@ -263,12 +262,8 @@ async def test_default_deny_for_paths_no_rule_names(gateway, upstream) -> None:
     assert upstream.seen == []
 
 
-async def test_upstream_error_statuses_pass_through(aiohttp_client, settings, tmp_path) -> None:
-    from dataclasses import replace
-
+async def test_upstream_error_statuses_pass_through(make_gateway, tmp_path) -> None:
     from aiohttp.test_utils import TestServer
-
-    from gateway.app import create_app
 
     async def teapot(request: web.Request) -> web.Response:
         return web.json_response({"error": "nope"}, status=409)
@@ -278,8 +273,7 @@ async def test_upstream_error_statuses_pass_through(aiohttp_client, settings, tm
     server = TestServer(up)
     await server.start_server()
     try:
-        gw = await aiohttp_client(create_app(replace(
-            settings, upstream=str(server.make_url("")).rstrip("/"))))
+        gw = await make_gateway(upstream=str(server.make_url("")).rstrip("/"))
         resp = await gw.post("/api/inventory", data=BODY,
                              headers=basic("manager", "imthemanager"))
         assert resp.status == 409
@@ -289,27 +283,18 @@ async def test_upstream_error_statuses_pass_through(aiohttp_client, settings, tm
 
 
 async def test_pool_retries_a_connection_the_upstream_closed_while_idle(
-        aiohttp_server, aiohttp_client, policy_path) -> None:
-    from gateway.app import FORWARDER, create_app
-    from gateway.settings import Settings
-
+        aiohttp_server, make_gateway) -> None:
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
     up_app = web.Application()
     up_app.router.add_route("*", "/{t:.*}", ok)
     up = await aiohttp_server(up_app, keepalive_timeout=0.05)
-    gw = await aiohttp_client(create_app(Settings(
-        policy=policy_path, upstream=str(up.make_url("")).rstrip("/"), watch=False,
-        audit_log="off", handle_signals=False)))
+    gw = await make_gateway(upstream=str(up.make_url("")).rstrip("/"))
     assert (await gw.get(ITEM, headers=basic("sales", "imsales"))).status == 200
-    pool = gw.app[FORWARDER]._pool
-    idle = pool._idle[-1][0]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while not idle.broken:            # wait until the upstream has closed it
-        assert loop.time() < deadline
-        await asyncio.sleep(0.01)
+    pool = gw.gw.pool
+    assert pool.idle == 1
+    await eventually(lambda: pool.idle == 0)      # the upstream has closed it
     for _ in range(3):
         resp = await gw.get(ITEM, headers=basic("sales", "imsales"))
         assert resp.status == 200

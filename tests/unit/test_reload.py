@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.app import STORE
 from tests.conftest import EXTRA_USERS, TEST_ROLE
 from tests.helpers import basic, fast_hash, policy_doc, write_policy
 
@@ -146,7 +145,7 @@ async def test_watcher_sees_every_kind_of_edit(make_gateway, policy_path, base_d
     async def denied() -> bool:
         return (await gw.get("/api/inventory", headers=SALES)).status == 403
     await eventually(denied)
-    assert gw.app[STORE].stats.ok == 1
+    assert gw.gw.store.stats.ok == 1
 
 
 async def test_watcher_keeps_old_policy_on_a_broken_save_and_takes_the_fix(
@@ -155,16 +154,16 @@ async def test_watcher_keeps_old_policy_on_a_broken_save_and_takes_the_fix(
     policy_path.write_text("version: 1\nroles: [broken\n")
 
     async def refused() -> bool:
-        return gw.app[STORE].stats.failed >= 1
+        return gw.gw.store.stats.failed >= 1
     await eventually(refused)
     assert (await gw.get("/api/inventory", headers=SALES)).status == 200
-    failed = gw.app[STORE].stats.failed
+    failed = gw.gw.store.stats.failed
     write_policy(policy_path, revoke_sales_get(base_doc))
 
     async def denied() -> bool:
         return (await gw.get("/api/inventory", headers=SALES)).status == 403
     await eventually(denied)
-    assert gw.app[STORE].stats.failed == failed    # the broken content was tried once only
+    assert gw.gw.store.stats.failed == failed    # the broken content was tried once only
 
 
 async def test_password_change_drops_cached_credentials(gateway, policy_path, base_doc):
@@ -243,6 +242,6 @@ async def test_100_reloads_under_load_fail_no_request_and_mix_no_policies(
     finally:
         stop.set()
         await asyncio.gather(*workers)
-    assert gateway.app[STORE].stats.ok == 100
+    assert gateway.gw.store.stats.ok == 100
     assert counts["requests"] > 200
     assert seen[0] == {200, 403}     # both policies really were in force during the run

@@ -307,7 +307,7 @@ async def test_unknown_user_and_wrong_password_same_status_and_body(raw_gateway)
 
 async def test_concurrent_first_requests_share_one_bcrypt_check(make_gateway) -> None:
     gw = await make_gateway()
-    auth = gw.app[__import__("gateway.app", fromlist=["AUTH"]).AUTH]
+    auth = gw.gw.auth
     results = await asyncio.gather(*(gw.get("/api/inventory", headers=SALES)
                                      for _ in range(20)))
     assert [r.status for r in results] == [200] * 20

@@ -1,0 +1,130 @@
+"""Stage 4, forward: the request head the upstream sees, and the exchange on the pool.
+
+Request headers lose the hop-by-hop set (and every header named in ``Connection``),
+``Authorization``, framing (re-made here), every client-supplied identity header — also its
+look-alikes (``X-Authenticated.User``, ``X-AuthenticatedUser``, any name with ``_``) that an
+upstream folding punctuation could read as identity — and the forwarding headers; the gateway
+then sets ``X-Authenticated-User``/``-Roles`` and ``X-Forwarded-For/-Proto/-Host``. The query
+string is passed through unchanged; the body byte for byte.
+
+Bodies up to ``buffer_body`` bytes with a ``Content-Length`` are read whole before an upstream
+connection is taken (as nginx buffers), so a client trickling a small upload holds no upstream
+connection; larger and chunked bodies are streamed and may hold at most half the pool.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import BadGateway, PayloadTooLarge
+from .guard import Target
+from .http.message import HOP_BY_HOP, connection_tokens
+from .http.server import Request
+from .http.upstream import Pool, exchange, request_head
+from .policy import User
+
+_DROP = HOP_BY_HOP | frozenset(h.encode() for h in (
+    "authorization", "host", "forwarded", "x-forwarded-for", "x-forwarded-proto",
+    "x-forwarded-host", "x-real-ip", "content-length", "expect"))
+_IDENTITY = b"xauthenticated"
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+BUFFER_BODY = 64 * 1024
+
+
+def is_identity_lookalike(low: bytes) -> bool:
+    """True for a lower-cased header name that reads as an identity header once ``-``,
+    ``_`` and ``.`` are dropped (``x-authenticated-user``, ``x.authenticated_user``...)."""
+    return b"authenticated" in low and low.replace(b"-", b"").replace(b"_", b"").replace(
+        b".", b"").startswith(_IDENTITY)
+
+
+class Forwarder:
+    """Builds the upstream request and runs the exchange on the pool."""
+
+    def __init__(self, pool: Pool, host: str, max_body: int,
+                 buffer_body: int = BUFFER_BODY) -> None:
+        self.pool = pool
+        self.host = host.encode()
+        self.max_body = max_body
+        self.buffer_body = buffer_body
+
+    def header_lines(self, req: Request, user: User | None, client: str) -> list[bytes]:
+        """The client's headers as forwarded, plus the gateway's own."""
+        named = connection_tokens(req.headers.get_raw(b"connection"))
+        out = []
+        for name, value in req.headers.raw:
+            low = name.lower()
+            if low in _DROP or b"_" in low or (named and low in named) or \
+                    is_identity_lookalike(low):
+                continue
+            out.append(b"%s: %s\r\n" % (name, value))
+        if user is not None:
+            out.append(b"X-Authenticated-User: %s\r\nX-Authenticated-Roles: %s\r\n" % (
+                user.name.encode(), user.roles_header.encode()))
+        out.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
+            client.encode("latin-1", "replace"), req.scheme.encode()))
+        host = req.headers.get_raw(b"host")
+        if host and _HOST.fullmatch(host.decode("latin-1")):
+            out.append(b"X-Forwarded-Host: %s\r\n" % host)
+        return out
+
+    async def forward(self, req: Request, target: Target, user: User | None, client: str,
+                      body: bytes | None) -> int:
+        """Forward ``req`` as ``target`` for ``user``; ``body`` when already read. Returns
+        the status relayed."""
+        lines = self.header_lines(req, user, client)
+        stream = None
+        if body is None and req.body is not None:
+            length = req.content_length
+            if length is not None and length > self.max_body:
+                raise PayloadTooLarge(f"request body over {self.max_body} bytes")
+            if length is not None and length <= self.buffer_body:
+                body = await read_body(req, length)
+            else:
+                stream = _Limited(req.body, self.max_body)
+        if body is not None:
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        elif stream is not None:
+            lines.append(b"Content-Length: %d\r\n" % req.content_length
+                         if req.content_length is not None
+                         else b"Transfer-Encoding: chunked\r\n")
+        elif req.content_length == 0:
+            lines.append(b"Content-Length: 0\r\n")
+        head = request_head(req.method.encode(), target.path_qs.encode(), self.host, lines)
+        return await exchange(self.pool, req, head, body, stream,
+                              retry=req.method in _IDEMPOTENT)
+
+
+async def read_body(req: Request, limit: int) -> bytes:
+    """The whole request body, refused with 413 past ``limit`` bytes."""
+    assert req.body is not None
+    chunks, size = [], 0
+    while True:
+        chunk = await req.body.read()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        chunks.append(chunk)
+
+
+class _Limited:
+    """A streamed body refused (413) once over ``limit`` bytes."""
+
+    __slots__ = ("_body", "_left")
+
+    def __init__(self, body: object, limit: int) -> None:
+        self._body = body
+        self._left = limit
+
+    async def read(self) -> bytes:
+        chunk: bytes = await self._body.read()  # type: ignore[attr-defined]
+        self._left -= len(chunk)
+        if self._left < 0:
+            raise PayloadTooLarge("request body over the limit")
+        return chunk
+
+
+__all__ = ["BadGateway", "Forwarder", "is_identity_lookalike", "read_body"]

@@ -1,0 +1,203 @@
+"""The per-request path:
+
+    guard → authenticate → authorize → forward → record
+
+One coroutine, no middleware chain. Every :class:`GatewayError` becomes a JSON answer in one
+place; anything unexpected becomes a JSON 500; the record step (audit line and metrics) runs in
+``finally``, so every request is recorded however it ends — also one cut at shutdown.
+The gateway owns ``/-`` and everything under ``/-/``: those paths are never forwarded, whatever
+the policy says; the policy only decides who may reach them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from .admin import Admin
+from .audit import now_iso
+from .auth import parse_basic
+from .errors import (BadRequest, Forbidden, GatewayError, PayloadTooLarge, TooManyRequests,
+                     Unauthenticated, UnprocessablePolicy)
+from .forward import read_body
+from .guard import (Rejected, Target, canonical_target, check_framing, check_method)
+from .http.message import JSON_TYPE, json_body
+from .http.server import Request
+from .http.upstream import ClientGone
+from .policy import Decision, Policy, User
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+_perf = time.perf_counter
+
+
+def is_gateway_path(path: str) -> bool:
+    """``/-`` and everything below it belong to the gateway, never to the upstream."""
+    return path == "/-" or path.startswith("/-/")
+
+
+class Pipeline:
+    """Holds references fixed at start; per-request state is local."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.settings = gw.settings
+        self.store = gw.store
+        self.auth = gw.auth
+        self.audit = gw.audit
+        self.metrics = gw.metrics
+        self.admin = Admin(gw)
+        self.trusted = self.settings.trusted_proxies
+
+    async def handle(self, req: Request) -> None:
+        """Answer one request and record it."""
+        started = _perf()
+        record: dict[str, object] = {"event": "request", "time": now_iso(), "client": None,
+                                     "user": None, "method": req.method, "path": None,
+                                     "decision": "error", "rule": None}
+        upstream_ms = None
+        status = 500
+        try:
+            client = record["client"] = self.client_address(req)
+            check_method(req.method, req.headers)
+            check_framing(req.headers)
+            target = canonical_target(req.target)
+            record["path"] = target.path
+            policy = self.store.policy          # one snapshot for the whole request
+            user, decision = await self.authorize(req, target, client, policy, record)
+            inspected = None
+            if decision.body_keys:
+                inspected = await self.inspect_body(req, decision, user)
+            record["decision"] = "allow" if user is not None else "public"
+            if is_gateway_path(target.path):
+                status, headers, body = await self.admin.dispatch(req, target)
+                await req.respond(status, headers, body)
+            else:
+                t_up = _perf()
+                status = await self.gw.forwarder.forward(req, target, user, client, inspected)
+                upstream_ms = round((_perf() - t_up) * 1000, 3)
+        except GatewayError as exc:
+            status = exc.status
+            await self.answer_error(req, exc, record)
+        except (ClientGone, ConnectionError):
+            status = 499                     # nginx's "client closed request"
+            record["decision"] = "client_gone"
+            req.abort()
+        except asyncio.CancelledError:
+            status = 499
+            record["decision"] = "cut"
+            record["reason"] = "the gateway shut down before the answer was complete"
+            raise
+        except Exception:
+            log.exception("error handling %s %s", req.method, req.target[:200])
+            status = 500
+            await self.answer_error(req, GatewayError("internal error"), record)
+        finally:
+            elapsed = _perf() - started
+            record["status"] = status
+            record["upstream_ms"] = upstream_ms
+            record["total_ms"] = round(elapsed * 1000, 3)
+            self.audit.write(record)
+            self.metrics.observe(str(record["decision"]), status, elapsed,
+                                 upstream_ms / 1000 if upstream_ms is not None else None)
+
+    def client_address(self, req: Request) -> str:
+        peer = req.remote or "unknown"
+        if not self.trusted:
+            return peer
+        return client_behind_proxies(peer, req.headers.getall("X-Forwarded-For"), self.trusted)
+
+    async def authorize(self, req: Request, target: Target, client: str, policy: Policy,
+                        record: dict[str, object]) -> tuple[User | None, Decision]:
+        """Authenticate (when credentials are sent or needed) and decide."""
+        realm = policy.realm
+        creds = parse_basic(req.headers.get("Authorization"), realm)
+        if creds is None:
+            decision = policy.decide(None, req.method, target.segments)
+            if not decision.allowed:
+                raise Unauthenticated("authentication required", realm=realm)
+            return None, decision
+        try:
+            user = await self.auth.authenticate(policy, creds, client)
+        except Unauthenticated:
+            self.metrics.auth_failures.labels("invalid_credentials").inc()
+            self.audit.write({"event": "auth_failure", "time": now_iso(), "client": client,
+                              "user": creds.user, "method": req.method,
+                              "path": target.path})
+            raise
+        except TooManyRequests:
+            self.metrics.throttled.inc()
+            # Tarpit: a client in back-off waits for its answer, so a flood over a few
+            # connections slows to a few requests per second.
+            if self.settings.throttle_delay:
+                await asyncio.sleep(self.settings.throttle_delay)
+            raise
+        record["user"] = user.name
+        decision = policy.decide(user.name, req.method, target.segments)
+        record["rule"] = decision.rule.id if decision.rule else None
+        if not decision.allowed:
+            raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")
+        return user, decision
+
+    async def inspect_body(self, req: Request, decision: Decision, user: User | None) -> bytes:
+        """Read the body a body-constrained rule must see; 403 unless it fits."""
+        limit = self.settings.max_inspected_body
+        if req.content_length is not None and req.content_length > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes cannot be inspected")
+        if req.headers.get_raw(b"content-encoding") not in (None, b"identity"):
+            raise Forbidden("a body this rule must inspect cannot be content-encoded")
+        body = await read_body(req, limit) if req.body is not None else b""
+        if not decision.allows_body(body):
+            who = user.name if user else "anonymous"
+            allowed = " or ".join("{" + ", ".join(sorted(k)) + "}" for k in decision.body_keys)
+            raise Forbidden(f"user {who!r} may only send a JSON object with keys within "
+                            f"{allowed} here")
+        return body
+
+    async def answer_error(self, req: Request, exc: GatewayError,
+                           record: dict[str, object]) -> None:
+        if isinstance(exc, Rejected):
+            record["decision"] = "reject"
+            self.metrics.rejections.labels(exc.code).inc()
+        elif isinstance(exc, Unauthenticated):
+            record["decision"] = "unauthenticated"
+        elif isinstance(exc, Forbidden):
+            record["decision"] = "deny"
+        elif isinstance(exc, TooManyRequests):
+            record["decision"] = "throttled"
+        elif isinstance(exc, BadRequest) and record["decision"] == "error":
+            record["decision"] = "reject"
+        record["reason"] = exc.message
+        if req.started:    # the answer is under way: all that is left is to cut it short
+            req.abort()
+            return
+        doc: dict[str, object] = {"error": exc.message, "status": exc.status, "code": exc.code}
+        if isinstance(exc, UnprocessablePolicy):
+            doc["errors"] = exc.errors
+        try:
+            await req.respond(exc.status, {"Content-Type": JSON_TYPE, **exc.headers()},
+                              json_body(doc))
+        except ConnectionError:
+            pass                           # the client is gone already
+
+
+def client_behind_proxies(peer: str, forwarded: list[str],
+                          trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+                          ) -> str:
+    """The right-most address that is not a trusted proxy, walking back from the peer."""
+    chain = [a.strip() for v in forwarded for a in v.split(",") if a.strip()]
+    hop = peer
+    for hop in [peer, *reversed(chain)]:
+        try:
+            ip = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer          # a hop that is not an address: believe only the peer
+        if not any(ip in net for net in trusted):
+            return hop
+    return hop
