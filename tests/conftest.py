@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
+import uvloop
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 from yarl import URL
@@ -19,6 +20,12 @@ from gateway.http.server import Server
 from gateway.process import limits_of, raise_fd_limit
 from gateway.settings import Settings
 from tests.helpers import policy_doc, write_policy
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """In-process tests run on uvloop, the loop the gateway runs on."""
+    return {"uvloop": uvloop.new_event_loop}
+
 
 TEST_ROLE = {"description": "test-only: everything under /test",
              "allow": [{"methods": ["*"], "paths": ["/test/**"]}]}

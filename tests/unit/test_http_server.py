@@ -150,3 +150,7 @@ async def test_upstream_answering_out_of_turn_is_not_reused(make_gateway) -> Non
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_in_process_tests_run_on_uvloop_like_the_gateway() -> None:
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")

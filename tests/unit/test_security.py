@@ -345,4 +345,4 @@ async def test_throttled_clients_wait_for_their_429(make_gateway) -> None:
     t0 = _time.monotonic()
     resp = await gw.get("/api/inventory", headers=basic("sales", "again"))
     assert resp.status == 429
-    assert _time.monotonic() - t0 >= 0.3
+    assert _time.monotonic() - t0 >= 0.29     # uvloop's timers have 1 ms resolution
