@@ -34,7 +34,7 @@ from .exchange import JSON_TYPE, AiohttpExchange, Exchange, json_body
 from .proxy import Forwarder, Upstream
 from .upstream import PoolForwarder
 from .settings import Settings
-from .store import PolicyStore, ReloadResult, watch
+from .policy import PolicyStore, ReloadResult, watch
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -14,8 +13,6 @@ import bcrypt
 from .errors import PolicyError
 from .policy import Policy, Rule, load_policy, role_closure
 from .settings import add_serve_arguments, settings_from_args
-
-log = logging.getLogger("gateway")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

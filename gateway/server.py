@@ -24,7 +24,7 @@ from .errors import PolicyError
 from .fastserver import FastRunner
 from .protocol import GatewayRunner
 from .settings import Settings
-from .store import PolicyStore
+from .policy import PolicyStore
 
 log = logging.getLogger("gateway")
 

@@ -193,7 +193,7 @@ async def test_reload_logs_what_changed(gateway, policy_path, base_doc, caplog):
     doc["users"]["newbie"] = {"password_hash": fast_hash("x"), "roles": ["sales"]}
     del doc["users"]["colon"]
     write_policy(policy_path, doc)
-    with caplog.at_level(logging.INFO, logger="gateway.store"):
+    with caplog.at_level(logging.INFO, logger="gateway.policy.store"):
         assert (await gateway.post("/-/reload", headers=OPS)).status == 200
     text = caplog.text
     assert "policy reloaded (api)" in text

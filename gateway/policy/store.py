@@ -8,15 +8,15 @@ metrics). A request takes one snapshot (``store.policy``) and is decided under i
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from .errors import PolicyError
-from .policy import Policy, load_policy
+from ..errors import PolicyError
+from .load import load_policy
+from .model import Policy, digest
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ class ReloadStats:
     failed: int = 0
     unchanged: int = 0
     last_error: str | None = None
-    last_error_at: float | None = None
     last_load_seconds: float = 0.0
-    history: list[ReloadResult] = field(default_factory=list)
 
 
 class PolicyStore:
@@ -72,14 +70,10 @@ class PolicyStore:
 
     def fingerprint(self) -> str:
         """sha256 of the files the current policy came from, as they are on disk now."""
-        h = hashlib.sha256()
-        for i, name in enumerate(self._policy.files):
-            try:
-                data = Path(name).read_bytes()
-            except OSError:
-                return "unreadable"
-            h.update(data if i == 0 else b"\0users_file\0" + data)
-        return h.hexdigest()
+        try:
+            return digest([Path(name).read_bytes() for name in self._policy.files])
+        except OSError:
+            return "unreadable"
 
     def on_result(self, listener: ResultHook) -> None:
         """Call ``listener(result)`` after every reload attempt (metrics, status)."""
@@ -98,7 +92,6 @@ class PolicyStore:
                 errors = tuple(str(p) for p in exc.problems)
                 self.stats.failed += 1
                 self.stats.last_error = "\n".join(errors)
-                self.stats.last_error_at = time.time()
                 log.warning("policy reload (%s) refused, keeping %s: %s", trigger,
                             self._policy.sha256[:12], "; ".join(errors))
                 result = ReloadResult(False, False, self._policy.sha256, errors, trigger)
@@ -126,8 +119,6 @@ class PolicyStore:
             return result
 
     def _remember(self, result: ReloadResult) -> None:
-        self.stats.history.append(result)
-        del self.stats.history[:-20]
         for listener in self._listeners:
             listener(result)
 
