@@ -8,6 +8,7 @@
     load.py      load_policy / parse_policy: validate, compile, run the policy's tests, lint
     lint.py      warnings that do not refuse a policy (shadowed rules, unused roles, costs)
     cost.py      bcrypt cost of a hash, and what one check costs here
+    grants.py    per-user decisions on every (method, pattern): routes, explain, reload diff
     store.py     PolicyStore (the one mutable object): reload, swap, watch the file
 
 Nothing here touches the network; the modules import in that order, with no cycle.
@@ -16,14 +17,15 @@ Nothing here touches the network; the modules import in that order, with no cycl
 from __future__ import annotations
 
 from .cost import bcrypt_cost, check_seconds
+from .grants import Route, describe_changes, user_grants, verdict
 from .load import load_policy, parse_policy
 from .model import Decision, Policy, Role, Rule, TestCase, User, digest, role_closure, run_case
 from .patterns import PathIndex, Pattern, PatternError, compile_pattern
-from .store import PolicyStore, ReloadResult, ReloadStats, describe_changes, watch
+from .store import PolicyStore, ReloadResult, ReloadStats, watch
 
 __all__ = [
     "Decision", "PathIndex", "Pattern", "PatternError", "Policy", "PolicyStore", "ReloadResult",
-    "ReloadStats", "Role", "Rule", "TestCase", "User", "bcrypt_cost", "check_seconds",
+    "ReloadStats", "Role", "Route", "Rule", "TestCase", "User", "bcrypt_cost", "check_seconds",
     "compile_pattern", "describe_changes", "digest", "load_policy", "parse_policy",
-    "role_closure", "run_case", "watch",
+    "role_closure", "run_case", "user_grants", "verdict", "watch",
 ]

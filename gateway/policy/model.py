@@ -196,10 +196,13 @@ class Policy:
         """Every rule that applies to ``user`` (public rules included), in file order."""
         if user is None:
             return list(self.public)
-        u = self.users[user]
-        rules = [r for name in u.effective_roles for r in self.roles[name].allow
-                 + self.roles[name].deny]
-        return sorted(set(rules) | set(self.public), key=_order)
+        return self.rules_for_roles(self.users[user].effective_roles)
+
+    def rules_for_roles(self, roles: Iterable[str]) -> list[Rule]:
+        """Every rule a holder of exactly ``roles`` (already closed under inheritance) is
+        decided by, public rules included, in file order."""
+        rules = {r for name in roles for r in (*self.roles[name].allow, *self.roles[name].deny)}
+        return sorted(rules | set(self.public), key=_order)
 
 
 def role_closure(policy: Policy, name: str) -> set[str]:
