@@ -86,9 +86,8 @@ class Admin:
                                       list(result.errors))
         doc: dict[str, object] = {"status": "reloaded" if result.changed else "unchanged",
                                   "sha256": result.sha256}
-        changes = getattr(result, "changes", None)
-        if changes is not None:
-            doc["changes"] = list(changes)
+        if result.changes:
+            doc["changes"] = list(result.changes)
         return json_answer(doc)
 
     async def status(self) -> Answer:

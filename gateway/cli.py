@@ -1,64 +1,122 @@
-"""The command line: ``serve``, ``check``, ``explain``, ``routes``, ``hash-password``."""
+"""The command line: ``serve``, ``check``, ``explain``, ``routes``, ``hash-password``, ``reload``.
+
+Run as ``python -m gateway`` or as the ``rbac-gateway`` console script; messages name the
+command the way it was invoked.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import getpass
-import logging
+import json
+import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import bcrypt
 
+from . import __version__
 from .errors import PolicyError
-from .policy import Policy, Rule, load_policy, role_closure
+from .policy import Decision, Policy, load_policy
+from .policy.cost import RECOMMENDED, check_seconds
+from .policy.grants import decide_user, role_matcher, routes, sample
+from .policy.patterns import compile_pattern
 from .settings import add_serve_arguments, settings_from_args
 
-log = logging.getLogger("gateway")
+DEFAULT_COST = 12
+WARN_COST = RECOMMENDED[1]   # above: a warning with the time one check takes here
+MAX_COST = 16       # above: refused unless --force (cost 20 is about a minute per login)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m gateway",
+class _Parser(argparse.ArgumentParser):
+    """One line per usage error (``PROG: message``) instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run one command; the exit status is returned (0 ok, 1 refused, 2 usage, 3 denied)."""
+    parser = _Parser(
+        prog=prog or Path(sys.argv[0]).name,
         description="HTTP Basic + role-based authorization gateway (rbac.yaml).")
+    parser.add_argument("--version", action="version", version=f"rbac-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the gateway")
     add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="validate a policy and run its test cases")
-    check.add_argument("policy", type=Path)
+    check.add_argument("policy", type=Path, nargs="?",
+                       help="policy file (default: what serve would use: $GATEWAY_POLICY, "
+                            "else rbac.yaml)")
     check.add_argument("-q", "--quiet", action="store_true", help="print errors only")
 
-    explain = sub.add_parser("explain", help="show how a request would be decided")
+    explain = sub.add_parser(
+        "explain", help="show how a request would be decided, or all a user may do",
+        description="With METHOD and TARGET: how the gateway decides that request. Without: "
+                    "every (method, path pattern) the user (or anonymous) may use.")
     explain.add_argument("policy", type=Path)
     who = explain.add_mutually_exclusive_group()
     who.add_argument("--user", help="user name (omit for an anonymous request)")
     who.add_argument("--all-users", action="store_true", help="a decision for every user")
-    explain.add_argument("method")
-    explain.add_argument("target", help="request target, e.g. '/api/inventory?name=x'")
+    explain.add_argument("method", nargs="?")
+    explain.add_argument("target", nargs="?",
+                         help="request target, e.g. '/api/inventory?name=x'")
     explain.add_argument("--body", help="JSON body, for rules with a body constraint")
 
-    routes = sub.add_parser("routes", help="the role × (method, path) matrix")
-    routes.add_argument("policy", type=Path)
-    routes.add_argument("--by", choices=["role", "user"], default="role")
+    rts = sub.add_parser("routes", help="the role × (method, path) matrix")
+    rts.add_argument("policy", type=Path)
+    rts.add_argument("--by", choices=["role", "user"], default="role")
 
     hp = sub.add_parser("hash-password", help="read a password, print its bcrypt hash")
-    hp.add_argument("--cost", type=int, default=12, help="bcrypt cost, 10-14 (default 12)")
+    hp.add_argument("--cost", type=int, default=DEFAULT_COST,
+                    help=f"bcrypt cost, 10-{WARN_COST} recommended (default {DEFAULT_COST})")
+    hp.add_argument("--force", action="store_true",
+                    help=f"accept a cost above {MAX_COST} (each login then takes seconds)")
 
-    args = parser.parse_args(argv)
+    rl = sub.add_parser(
+        "reload", help="ask the running gateway to reload its policy; print the result",
+        description="POST /-/reload with the credentials in GATEWAY_ADMIN_USER and "
+                    "GATEWAY_ADMIN_PASSWORD (a user the policy allows POST /-/reload). "
+                    "Exit 0 when the policy is in force, 1 when it was refused.")
+    rl.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
+                    help="the gateway's base URL [GATEWAY_URL] (default %(default)s)")
+    rl.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds to wait for the answer (default 30)")
+
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "explain" and args.method is None and extra[:2] and not any(
+            x.startswith("-") for x in extra[:2]):
+        # argparse settles optional positionals before it sees the options after them
+        # (`explain rbac.yaml --user sales GET /x`): take the request from what is left.
+        args.method, args.target = (extra[:2] + [None])[:2]
+        extra = extra[2:]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "serve":
         settings = settings_from_args(args, serve)
-        from .process import serve as run_serve
+        from .process import serve as run_serve  # the network stack, for this command only
         return run_serve(settings)
     if args.command == "check":
-        return cmd_check(args.policy, quiet=args.quiet)
+        return cmd_check(args.policy or Path(os.environ.get("GATEWAY_POLICY", "rbac.yaml")),
+                         quiet=args.quiet)
     if args.command == "explain":
-        return cmd_explain(args)
+        if (args.method is None) != (args.target is None) or (
+                args.all_users and args.method is None):
+            explain.error("give both METHOD and TARGET (or neither, with --user, for a summary)")
+        if args.method is None:
+            return cmd_summary(args.policy, args.user, prog=explain.prog)
+        return cmd_explain(args, prog=explain.prog)
     if args.command == "routes":
         return cmd_routes(args.policy, by=args.by)
-    return cmd_hash_password(args.cost)
+    if args.command == "reload":
+        return cmd_reload(args.url, args.timeout, prog=rl.prog)
+    return cmd_hash_password(args.cost, force=args.force, prog=hp.prog)
 
 
 def _load(path: Path) -> Policy | None:
@@ -85,7 +143,26 @@ def cmd_check(path: Path, *, quiet: bool = False) -> int:
     return 0
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def _body_problem(decision: Decision, body: bytes) -> str | None:
+    """Why ``body`` does not satisfy an allow with a body constraint, or ``None`` if it does."""
+    if decision.allows_body(body):
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return "the body is not JSON"
+    if not isinstance(doc, dict):
+        return "the body is not a JSON object"
+    return f"the body's keys {{{', '.join(sorted(doc))}}} are not within " + " or ".join(
+        "{" + ", ".join(sorted(k)) + "}" for k in decision.body_keys)
+
+
+def _body_rule(decision: Decision) -> str:
+    rule = decision.rule.describe() if decision.rule is not None else "a body-constrained rule"
+    return f"{rule} admits only a JSON object body whose keys are within those"
+
+
+def cmd_explain(args: argparse.Namespace, *, prog: str) -> int:
     policy = _load(args.policy)
     if policy is None:
         return 1
@@ -94,24 +171,32 @@ def cmd_explain(args: argparse.Namespace) -> int:
         users = [None, *sorted(policy.users)]
     else:
         if args.user is not None and args.user not in policy.users:
-            print(f"explain: unknown user {args.user!r} (known: "
-                  f"{', '.join(sorted(policy.users))})", file=sys.stderr)
-            return 2
+            return _unknown_user(policy, args.user, prog)
         users = [args.user]
     body = args.body.encode() if args.body is not None else None
+    if body is not None:
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            print(f"{prog}: --body is not valid JSON: {exc}", file=sys.stderr)
+            return 2
     rows = []
     for user in users:
         decision, path = policy.decide_request(user, args.method, args.target)
-        allowed = decision.allowed
-        note = ""
-        if allowed and decision.body_keys:
+        verdict, note, reason = ("allow" if decision.allowed else "deny"), "", decision.reason
+        if decision.allowed and decision.body_keys:
             if body is None:
-                note = " (only with a JSON body within the rule's keys)"
+                verdict, note = "allow", " (only with a JSON body within the rule's keys)"
+                reason = _body_rule(decision)
             else:
-                allowed = decision.allows_body(body)
-                note = "" if allowed else " (body not allowed)"
-        rows.append((user or "(anonymous)", "allow" if allowed else "deny", note,
-                     decision.reason, path))
+                problem = _body_problem(decision, body)
+                if problem is not None:
+                    verdict, note = "deny", f" ({problem})"
+                    reason = _body_rule(decision)
+                else:
+                    reason = f"allowed by {decision.rule.describe() if decision.rule else ''}" \
+                             " (the body fits)"
+        rows.append((user or "(anonymous)", verdict, note, reason, path))
     if not args.all_users:
         user, verdict, note, reason, path = rows[0]
         print(f"request:   {args.method} {args.target}")
@@ -130,76 +215,164 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_routes(path: Path, *, by: str) -> int:
+def _unknown_user(policy: Policy, user: str, prog: str) -> int:
+    print(f"{prog}: unknown user {user!r} (known: {', '.join(sorted(policy.users))})",
+          file=sys.stderr)
+    return 2
+
+
+def cmd_summary(path: Path, user: str | None, *, prog: str) -> int:
+    """Everything ``user`` may do: the rows of ``routes --by user`` it is allowed on."""
     policy = _load(path)
     if policy is None:
         return 1
-    subjects: list[tuple[str, set[str] | None]]
-    if by == "role":
-        subjects = [(name, {name}) for name in sorted(policy.roles)]
-    else:
-        subjects = [(name, None) for name in sorted(policy.users)]
-    routes: dict[tuple[str, str], dict[str, str]] = {}
-
-    def mark(subject: str, rules: list[Rule], effective: bool) -> None:
-        for r in rules:
-            for m in sorted(r.methods):
-                for p in r.patterns:
-                    cell = routes.setdefault((p.text, m), {})
-                    mark_ = ("DENY" if r.effect == "deny" else "body" if r.body_keys
-                             else "yes" if effective else "inh")
-                    if _RANK[mark_] > _RANK.get(cell.get(subject, "-"), 0):
-                        cell[subject] = mark_
-
-    for name, roles in subjects:
-        if roles is not None:
-            closure = role_closure(policy, name)
-            mark(name, [*policy.roles[name].allow, *policy.roles[name].deny], True)
-            inherited = [r for n in closure - {name} for r in (*policy.roles[n].allow,
-                                                                *policy.roles[n].deny)]
-            mark(name, inherited, False)
-        else:
-            mark(name, policy.rules_of(name), True)
-    mark("public", list(policy.public), True)
-    cols = [s for s, _ in subjects] + ["public"]
-    head = ["PATH", "METHOD", *cols]
-    body = [[p, m, *(routes[(p, m)].get(c, "-") for c in cols)]
-            for (p, m) in sorted(routes)]
-    widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
-    for row in [head, *body]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
-    if by == "role":
-        print("\nyes = granted by the role itself, inh = inherited, body = only with an allowed "
-              "JSON body, DENY = denied (deny wins), - = not granted")
+    if user is not None and user not in policy.users:
+        return _unknown_user(policy, user, prog)
+    who = (f"{user} (roles: {policy.users[user].roles_header or 'none'})" if user is not None
+           else "anonymous (no credentials)")
+    allowed = [(r, d) for r in routes(policy) if (d := decide_user(policy, user, r)).allowed]
+    print(f"{who} may:")
+    if not allowed:
+        print("  nothing")
+    width = max((len(r.method) for r, _ in allowed), default=0)
+    for r, d in allowed:
+        cond = (" if the JSON body's keys are within "
+                + " or ".join("{" + ", ".join(sorted(k)) + "}" for k in d.body_keys)
+                if d.body_keys else "")
+        below = " (and below)" if r.pattern.endswith("/**") else ""
+        rule = d.rule.id if d.rule is not None else "?"
+        print(f"  {r.method:<{width}}  {r.pattern}{below}{cond}   [{rule}]")
+    print("everything else is denied (HEAD goes wherever GET does)")
     return 0
 
 
-_RANK = {"-": 0, "body": 1, "inh": 2, "yes": 3, "DENY": 4}
+def cmd_routes(path: Path, *, by: str) -> int:
+    """The matrix; every cell is the server's own decision on a sample path of the row."""
+    policy = _load(path)
+    if policy is None:
+        return 1
+    cols: list[str] = sorted(policy.roles) if by == "role" else sorted(policy.users)
+    matchers = {name: role_matcher(policy, name) for name in cols} if by == "role" else {}
+    rows = routes(policy)
+    body = []
+    for r in rows:
+        cells = []
+        segs = sample(compile_pattern(r.pattern))
+        for name in cols:
+            d = (matchers[name].decide(r.method, segs) if by == "role"
+                 else policy.decide(name, r.method, segs))
+            cells.append(_mark(d, name if by == "role" else None))
+        cells.append(_mark(policy.decide(None, r.method, segs), None, public=True))
+        body.append([r.pattern, r.method, *cells])
+    head = ["PATH", "METHOD", *cols, "public"]
+    widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
+    for row in [head, *body]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    own = ("yes = granted by the role itself, inh = inherited, " if by == "role"
+           else "yes = granted, ")
+    print(f"\n{own}pub = open to anyone (public), body = only with an allowed JSON body, "
+          "DENY = denied by a deny rule, - = not granted")
+    return 0
 
 
-def cmd_hash_password(cost: int) -> int:
+def _mark(d: Decision, role: str | None, public: bool = False) -> str:
+    if not d.allowed:
+        return "DENY" if d.rule is not None else "-"
+    if d.body_keys:
+        return "body"
+    if d.rule is None or d.rule.role is None:
+        return "yes" if public else "pub"
+    return "yes" if role is None or d.rule.role == role else "inh"
+
+
+def cmd_hash_password(cost: int, *, force: bool = False, prog: str = "hash-password") -> int:
     if not 4 <= cost <= 31:
-        print("hash-password: --cost must be between 4 and 31 (10-14 recommended)",
+        print(f"{prog}: --cost must be between 4 and 31 (10-{WARN_COST} recommended)",
               file=sys.stderr)
         return 2
+    if cost > WARN_COST:
+        took = _duration(check_seconds(cost))
+        if cost > MAX_COST and not force:
+            print(f"{prog}: --cost {cost} makes every password check take ~{took} of CPU here; "
+                  f"refused above {MAX_COST} without --force (10-{WARN_COST} recommended)",
+                  file=sys.stderr)
+            return 2
+        print(f"{prog}: warning: --cost {cost} makes every password check take ~{took} of "
+              f"CPU here (10-{WARN_COST} recommended)", file=sys.stderr)
     try:
         if sys.stdin.isatty():
             password = getpass.getpass("Password: ")
             if getpass.getpass("Again: ") != password:
-                print("hash-password: the passwords differ", file=sys.stderr)
+                print(f"{prog}: the passwords differ", file=sys.stderr)
                 return 1
         else:
             password = sys.stdin.readline().rstrip("\r\n")
     except (EOFError, KeyboardInterrupt):
-        print("\nhash-password: no password given", file=sys.stderr)
+        print(f"\n{prog}: no password given", file=sys.stderr)
         return 1
     raw = password.encode("utf-8")
     if not raw:
-        print("hash-password: empty password refused", file=sys.stderr)
+        print(f"{prog}: empty password refused", file=sys.stderr)
         return 1
     if len(raw) > 72:
-        print("hash-password: bcrypt uses at most 72 bytes of a password; choose a shorter one",
+        print(f"{prog}: bcrypt uses at most 72 bytes of a password; choose a shorter one",
               file=sys.stderr)
         return 1
     print(bcrypt.hashpw(raw, bcrypt.gensalt(rounds=cost)).decode())
     return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} min"
+
+
+def cmd_reload(url: str, timeout: float, *, prog: str) -> int:
+    """POST /-/reload on the running gateway; print the new digest and changes, or the
+    refusal with its FILE:LINE lines. Exit 0 when a valid policy is in force, else 1."""
+    user = os.environ.get("GATEWAY_ADMIN_USER")
+    password = os.environ.get("GATEWAY_ADMIN_PASSWORD")
+    if not user or password is None:
+        print(f"{prog}: set GATEWAY_ADMIN_USER and GATEWAY_ADMIN_PASSWORD (a user the policy "
+              "allows POST /-/reload)", file=sys.stderr)
+        return 2
+    endpoint = url.rstrip("/") + "/-/reload"
+    if not endpoint.startswith(("http://", "https://")):
+        print(f"{prog}: --url must be http(s)://host:port, got {url!r}", file=sys.stderr)
+        return 2
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    req = urllib.request.Request(endpoint, data=b"", method="POST",
+                                 headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        why = getattr(exc, "reason", None) or exc
+        why = getattr(why, "strerror", None) or why
+        print(f"{prog}: cannot reach {url}: {why}", file=sys.stderr)
+        return 1
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = {}
+    if not isinstance(answer, dict):
+        answer = {}
+    if status == 200:
+        state = answer.get("status", "reloaded")
+        print(f"{state}: sha256 {answer.get('sha256', '?')}")
+        for line in answer.get("changes", []):
+            print(f"  {line}")
+        return 0
+    if status == 422:
+        print(f"{prog}: the new policy was refused; the one in force stays", file=sys.stderr)
+        for line in answer.get("errors", []):
+            print(line, file=sys.stderr)
+        return 1
+    why = answer.get("error") or raw[:200].decode(errors="replace")
+    print(f"{prog}: {endpoint} answered {status}: {why}", file=sys.stderr)
+    return 1

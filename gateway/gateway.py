@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from importlib import metadata
 from typing import Callable
 
 from yarl import URL
 
+from . import __version__
 from .audit import AuditLog, Metrics
 from .auth import Authenticator, CredentialCache, FailureThrottle
 from .errors import GatewayError
@@ -24,18 +24,10 @@ from .forward import Forwarder
 from .http.server import Server
 from .http.upstream import Pool, exchange, request_head
 from .pipeline import Pipeline
-from .store import PolicyStore, ReloadResult, watch
+from .policy import PolicyStore, ReloadResult, watch
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def version() -> str:
-    """The installed package's version."""
-    try:
-        return metadata.version("rbac-gateway")
-    except metadata.PackageNotFoundError:   # run from a source tree without install
-        return "0+unknown"
 
 
 class Gateway:
@@ -44,7 +36,7 @@ class Gateway:
     def __init__(self, settings: Settings, *, store: PolicyStore | None = None,
                  audit: AuditLog | None = None) -> None:
         self.settings = settings
-        self.version = version()
+        self.version = __version__
         self.store = store or PolicyStore.open(settings.policy)
         self.auth = Authenticator(
             max_inflight=settings.max_bcrypt_inflight,

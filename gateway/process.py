@@ -24,8 +24,8 @@ from typing import Any, Callable, Coroutine
 from .errors import PolicyError
 from .gateway import Gateway
 from .http.server import Limits, Server
-from .settings import Settings
-from .store import PolicyStore
+from .settings import Settings, SettingsError, tls_context
+from .policy import PolicyStore
 
 log = logging.getLogger("gateway")
 
@@ -80,12 +80,10 @@ def serve(settings: Settings) -> int:
         return 1
     ssl_ctx = None
     if settings.tls_cert:
-        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            ssl_ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            print(f"gateway: cannot load TLS certificate {settings.tls_cert} / key "
-                  f"{settings.tls_key}: {exc}", file=sys.stderr)
+            ssl_ctx = tls_context(settings.tls_cert, settings.tls_key or "")
+        except SettingsError as exc:
+            print(f"gateway: --tls-cert: {exc}", file=sys.stderr)
             return 1
     if settings.workers > 1 and not is_worker():
         from .supervisor import supervise

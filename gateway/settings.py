@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from yarl import URL
 
@@ -41,7 +43,7 @@ class Settings:
     tls_key: str | None = None
     log_level: str = "INFO"
     handle_signals: bool = True
-    # deadlines and caps of the HTTP layer (issue 10)
+    # deadlines and caps of the HTTP layer
     header_timeout: float = 10.0
     keepalive_timeout: float = 75.0
     body_timeout: float = 60.0
@@ -51,36 +53,67 @@ class Settings:
     shutdown_grace: float = 35.0      # more than the upstream timeout: answers in flight finish
 
 
+class SettingsError(ValueError):
+    """A flag or environment value is unusable; the message names both and says why."""
+
+
+# Flag destination → its environment variable; filled by add_serve_arguments, read when a
+# value is refused so that the message names both places it could have come from.
+ENV_OF: dict[str, str] = {}
+
+
 def _env(name: str, default: Any) -> Any:
     return os.environ.get(name, default)
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SettingsError(f"{text!r} is not an integer") from None
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SettingsError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SettingsError(f"{text!r} is not a finite number")
+    return value
+
+
+def _at_least(kind: Callable[[str], Any], low: float, high: float | None = None
+              ) -> Callable[[str], Any]:
+    """``kind`` with a lower (and optional upper) bound, refused in one wording."""
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value < low or (high is not None and value > high):
+            want = f"{low}..{high}" if high is not None else f"at least {low}"
+            raise SettingsError(f"must be {want}, got {text!r}")
+        return value
+    return parse
+
+
 def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
+    """``kind``, zero or more."""
+    return _at_least(kind, 0)
 
 
-def _above_zero(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0: {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
+def _above_zero(text: str) -> float:
+    """A duration where zero makes no sense (a watcher that spins, a timeout that always fires)."""
+    value = _number(text)
+    if value <= 0:
+        raise SettingsError(f"must be greater than 0, got {text!r}")
+    return value
 
 
 def _upstream(text: str) -> str:
     url = URL(text)
     if url.scheme not in ("http", "https") or not url.host:
-        raise argparse.ArgumentTypeError(f"upstream must be an http(s)://host:port URL: {text}")
+        raise SettingsError(f"upstream must be an http(s)://host:port URL: {text}")
     if url.path not in ("", "/") or url.query_string:
-        raise argparse.ArgumentTypeError(f"upstream must not carry a path or query: {text}")
+        raise SettingsError(f"upstream must not carry a path or query: {text}")
     return str(url.with_path(""))
 
 
@@ -89,7 +122,7 @@ def _networks(text: str) -> tuple[Network, ...]:
         return tuple(ipaddress.ip_network(p.strip(), strict=False)
                      for p in text.split(",") if p.strip())
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad CIDR in trusted proxies: {exc}") from None
+        raise SettingsError(f"bad CIDR in trusted proxies: {exc}") from None
 
 
 def _bool(text: str) -> bool:
@@ -98,111 +131,169 @@ def _bool(text: str) -> bool:
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true/false: {text}")
+    raise SettingsError(f"expected true/false, got {text!r}")
+
+
+def _audit_log(text: str) -> str:
+    """'-', 'off', or a file we can append to: its directory must exist now, not at the
+    first request (where the error would name the listener instead of the file)."""
+    if text in ("-", "off"):
+        return text
+    path = Path(text)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise SettingsError(f"{text}: {os.strerror(errno.ENOENT)}")
+    target = path if path.exists() else parent
+    if path.is_dir():
+        raise SettingsError(f"{text}: {os.strerror(errno.EISDIR)}")
+    if not os.access(target, os.W_OK):
+        raise SettingsError(f"{text}: {os.strerror(errno.EACCES)}")
+    return text
+
+
+def _readable(text: str) -> str:
+    try:
+        with open(text, "rb"):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"{text}: {exc.strerror}") from None
+    return text
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The server-side TLS context for ``cert``/``key``; errors name the files."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:   # an OSError too: catch it first
+        raise SettingsError(f"{cert} / {key}: not a matching PEM certificate and private key "
+                            f"({exc.reason or exc})") from None
+    except OSError as exc:
+        raise SettingsError(f"{exc.filename or cert}: {exc.strerror}") from None
+    return ctx
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``serve`` flags; each default comes from its environment variable."""
+    """The ``serve`` flags; each default comes from its environment variable, which the help
+    shows beside the flag."""
     d = Settings()
-    add = p.add_argument
-    add("--policy", type=Path, default=_env("GATEWAY_POLICY", d.policy),
-        help="policy file (GATEWAY_POLICY, default rbac.yaml)")
-    add("--upstream", default=_env("GATEWAY_UPSTREAM", d.upstream),
-        help="upstream base URL (GATEWAY_UPSTREAM, default %(default)s)")
-    add("--host", default=_env("GATEWAY_HOST", d.host), help="listen address (GATEWAY_HOST)")
-    add("--port", default=_env("GATEWAY_PORT", d.port),
-        help="listen port, 0 for any free one (GATEWAY_PORT, default 8080)")
-    add("--workers", default=_env("GATEWAY_WORKERS", d.workers),
-        help="worker processes sharing the port (GATEWAY_WORKERS, default 1)")
-    add("--watch", dest="watch", action="store_true", default=None,
-        help="reload when the policy file changes (default; GATEWAY_WATCH=false to disable)")
-    add("--no-watch", dest="watch", action="store_false")
-    add("--watch-interval", default=_env("GATEWAY_WATCH_INTERVAL", d.watch_interval),
-        help="seconds between policy file checks (default 1)")
-    add("--audit-log", default=_env("GATEWAY_AUDIT_LOG", d.audit_log),
-        help="audit log file, '-' for stdout, 'off' for none (GATEWAY_AUDIT_LOG)")
-    add("--upstream-timeout", default=_env("GATEWAY_UPSTREAM_TIMEOUT", d.upstream_timeout),
-        help="seconds to wait for upstream data before 504 (default 30)")
-    add("--connect-timeout", default=_env("GATEWAY_CONNECT_TIMEOUT", d.connect_timeout),
-        help="seconds to wait for an upstream connection before 502 (default 5)")
-    add("--upstream-health", default=_env("GATEWAY_UPSTREAM_HEALTH", d.upstream_health),
+
+    def add(flag: str, env: str | None = None, default: Any = None, help: str = "",
+            **kw: Any) -> None:
+        if env is not None:
+            ENV_OF[flag.lstrip("-").replace("-", "_")] = env
+            default = _env(env, default)
+            help = f"{help} [{env}]" if help else f"[{env}]"
+        p.add_argument(flag, default=default, help=help, **kw)
+
+    add("--policy", "GATEWAY_POLICY", d.policy, type=Path,
+        help="policy file (default rbac.yaml)")
+    add("--upstream", "GATEWAY_UPSTREAM", d.upstream,
+        help="upstream base URL (default %(default)s)")
+    add("--host", "GATEWAY_HOST", d.host, help="listen address (default %(default)s)")
+    add("--port", "GATEWAY_PORT", d.port, help="listen port, 0 for any free one (default 8080)")
+    add("--workers", "GATEWAY_WORKERS", d.workers,
+        help="worker processes sharing the port (default 1)")
+    add("--watch", dest="watch", action="store_true",
+        help="reload when the policy file changes (the default) [GATEWAY_WATCH=true]")
+    add("--no-watch", dest="watch", action="store_false",
+        help="do not watch the policy file; reload on SIGHUP or POST /-/reload only "
+             "[GATEWAY_WATCH=false]")
+    add("--watch-interval", "GATEWAY_WATCH_INTERVAL", d.watch_interval,
+        help="seconds between policy file checks, above 0 (default 1)")
+    add("--audit-log", "GATEWAY_AUDIT_LOG", d.audit_log,
+        help="audit log file, '-' for stdout, 'off' for none (default -)")
+    add("--upstream-timeout", "GATEWAY_UPSTREAM_TIMEOUT", d.upstream_timeout,
+        help="seconds to wait for upstream data before 504, above 0 (default 30)")
+    add("--connect-timeout", "GATEWAY_CONNECT_TIMEOUT", d.connect_timeout,
+        help="seconds to wait for an upstream connection, above 0 (default 5)")
+    add("--upstream-health", "GATEWAY_UPSTREAM_HEALTH", d.upstream_health,
         help="upstream path probed by /-/ready (default /healthz)")
-    add("--max-body", default=_env("GATEWAY_MAX_BODY", d.max_body),
-        help="largest request body in bytes (GATEWAY_MAX_BODY, default 10 MiB)")
-    add("--throttle-delay", default=_env("GATEWAY_THROTTLE_DELAY", d.throttle_delay),
+    add("--max-body", "GATEWAY_MAX_BODY", d.max_body,
+        help="largest request body in bytes (default 10 MiB)")
+    add("--throttle-delay", "GATEWAY_THROTTLE_DELAY", d.throttle_delay,
         help="seconds a client in login back-off waits for its 429 (default 1)")
-    add("--trusted-proxy", default=_env("GATEWAY_TRUSTED_PROXIES", ""),
-        help="comma-separated CIDRs whose X-Forwarded-For is believed (GATEWAY_TRUSTED_PROXIES)")
-    add("--tls-cert", default=_env("GATEWAY_TLS_CERT", None), help="PEM certificate for TLS")
-    add("--tls-key", default=_env("GATEWAY_TLS_KEY", None), help="PEM private key for TLS")
-    add("--header-timeout", default=_env("GATEWAY_HEADER_TIMEOUT", d.header_timeout),
-        help="seconds a client has to send a request head, else 408 (GATEWAY_HEADER_TIMEOUT,"
-             " default 10)")
-    add("--keepalive-timeout", default=_env("GATEWAY_KEEPALIVE_TIMEOUT", d.keepalive_timeout),
-        help="seconds an idle keep-alive connection is kept (GATEWAY_KEEPALIVE_TIMEOUT,"
-             " default 75)")
-    add("--body-timeout", default=_env("GATEWAY_BODY_TIMEOUT", d.body_timeout),
-        help="seconds a whole request body may take, else 408 (GATEWAY_BODY_TIMEOUT,"
-             " default 60)")
-    add("--min-upload-rate", default=_env("GATEWAY_MIN_UPLOAD_RATE", d.min_upload_rate),
-        help="bytes/s a request body must average after its first seconds, else 408"
-             " (GATEWAY_MIN_UPLOAD_RATE, default 1024; 0 disables)")
-    add("--max-connections", default=_env("GATEWAY_MAX_CONNECTIONS", d.max_connections),
-        help="client connections per process; at the cap the longest-idle or slowest head is"
-             " closed (GATEWAY_MAX_CONNECTIONS, default 0 = from the open-file limit)")
-    add("--pool-size", default=_env("GATEWAY_POOL_SIZE", d.pool_size),
-        help="upstream connections per process (GATEWAY_POOL_SIZE, default 256)")
-    add("--shutdown-grace", default=_env("GATEWAY_SHUTDOWN_GRACE", d.shutdown_grace),
-        help="seconds requests in flight get to finish on SIGTERM (GATEWAY_SHUTDOWN_GRACE,"
-             " default 35)")
-    add("--server", default=_env("GATEWAY_SERVER", "httptools"),
+    add("--trusted-proxy", "GATEWAY_TRUSTED_PROXIES", "",
+        help="comma-separated CIDRs whose X-Forwarded-For is believed")
+    add("--tls-cert", "GATEWAY_TLS_CERT", None, help="PEM certificate for TLS")
+    add("--tls-key", "GATEWAY_TLS_KEY", None, help="PEM private key for TLS")
+    add("--header-timeout", "GATEWAY_HEADER_TIMEOUT", d.header_timeout,
+        help="seconds a client has to send a request head, else 408 (default 10)")
+    add("--keepalive-timeout", "GATEWAY_KEEPALIVE_TIMEOUT", d.keepalive_timeout,
+        help="seconds an idle keep-alive connection is kept open (default 75)")
+    add("--body-timeout", "GATEWAY_BODY_TIMEOUT", d.body_timeout,
+        help="seconds a whole request body may take, else 408 (default 60)")
+    add("--min-upload-rate", "GATEWAY_MIN_UPLOAD_RATE", d.min_upload_rate,
+        help="bytes/s a request body must average after its first 2 s, else 408; 0 disables"
+             " (default 1024)")
+    add("--max-connections", "GATEWAY_MAX_CONNECTIONS", d.max_connections,
+        help="client connections per process; at the cap the longest-idle connection or the"
+             " slowest head is closed (default 0: from the open-file limit)")
+    add("--pool-size", "GATEWAY_POOL_SIZE", d.pool_size,
+        help="upstream connections per process (default 256); uploads may hold half")
+    add("--shutdown-grace", "GATEWAY_SHUTDOWN_GRACE", d.shutdown_grace,
+        help="seconds requests in flight get to finish on SIGTERM (default 35)")
+    add("--server", "GATEWAY_SERVER", "httptools",
         help="removed: the gateway has one HTTP server (see docs/SECURITY.md)")
-    add("--log-level", default=_env("GATEWAY_LOG_LEVEL", d.log_level),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    add("--log-level", "GATEWAY_LOG_LEVEL", d.log_level,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
+        help="least severe log level written to stderr (default INFO)")
 
 
 def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
-    """Validate the raw flag/env values (env values are strings) into :class:`Settings`."""
+    """Validate the raw flag/env values (env values are strings) into :class:`Settings`.
+
+    A refused value ends the program with one line, ``PROG: --flag (ENV_VAR): why``, and
+    status 2; no usage dump, no traceback.
+    """
 
     def conv(name: str, kind: Callable[[str], Any], value: Any) -> Any:
         try:
             return kind(str(value))
-        except (argparse.ArgumentTypeError, ValueError) as exc:
-            parser.error(f"--{name.replace('_', '-')}: {exc}")
+        except (SettingsError, argparse.ArgumentTypeError) as exc:
+            fail(name, str(exc))
+
+    def fail(name: str, why: str) -> NoReturn:
+        flag = f"--{name.replace('_', '-')}"
+        env = ENV_OF.get(name)
+        parser.exit(2, f"{parser.prog}: {flag}{f' ({env})' if env else ''}: {why}\n")
 
     watch = args.watch
     if watch is None:
         watch = conv("watch", _bool, os.environ.get("GATEWAY_WATCH", "true"))
-    port = conv("port", _positive(int), args.port)
-    if port > 65535:
-        parser.error("--port: must be 0..65535")
-    workers = conv("workers", _positive(int), args.workers)
-    if workers < 1:
-        parser.error("--workers: must be at least 1")
+    port = conv("port", _at_least(_integer, 0, 65535), args.port)
+    workers = conv("workers", _at_least(_integer, 1), args.workers)
     if args.server not in ("httptools", "fast"):
-        parser.error(f"--server {args.server}: the aiohttp server mode was removed (it decoded "
-                     "compressed request bodies, see docs/SECURITY.md); omit --server")
+        fail("server", f"{args.server}: the aiohttp server mode was removed (it decoded "
+                       "compressed request bodies: docs/SECURITY.md); omit --server")
     if bool(args.tls_cert) != bool(args.tls_key):
-        parser.error("--tls-cert and --tls-key go together")
+        fail("tls_cert", "--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        conv("tls_cert", _readable, args.tls_cert)
+        conv("tls_key", _readable, args.tls_key)
+        try:
+            tls_context(args.tls_cert, args.tls_key)
+        except SettingsError as exc:
+            fail("tls_cert", str(exc))
     return Settings(
         policy=Path(args.policy), upstream=conv("upstream", _upstream, args.upstream),
         host=args.host, port=port, workers=workers, watch=watch,
-        watch_interval=conv("watch_interval", _positive(float), args.watch_interval),
-        audit_log=args.audit_log,
-        upstream_timeout=conv("upstream_timeout", _positive(float), args.upstream_timeout),
-        connect_timeout=conv("connect_timeout", _positive(float), args.connect_timeout),
+        watch_interval=conv("watch_interval", _above_zero, args.watch_interval),
+        audit_log=conv("audit_log", _audit_log, args.audit_log),
+        upstream_timeout=conv("upstream_timeout", _above_zero, args.upstream_timeout),
+        connect_timeout=conv("connect_timeout", _above_zero, args.connect_timeout),
         upstream_health=args.upstream_health,
-        max_body=conv("max_body", _positive(int), args.max_body),
-        throttle_delay=conv("throttle_delay", _positive(float), args.throttle_delay),
+        max_body=conv("max_body", _positive(_integer), args.max_body),
+        throttle_delay=conv("throttle_delay", _positive(_number), args.throttle_delay),
         trusted_proxies=conv("trusted_proxy", _networks, args.trusted_proxy),
         tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
-        header_timeout=conv("header_timeout", _above_zero(float), args.header_timeout),
-        keepalive_timeout=conv("keepalive_timeout", _above_zero(float), args.keepalive_timeout),
-        body_timeout=conv("body_timeout", _above_zero(float), args.body_timeout),
-        min_upload_rate=conv("min_upload_rate", _positive(int), args.min_upload_rate),
-        max_connections=conv("max_connections", _positive(int), args.max_connections),
-        pool_size=conv("pool_size", _above_zero(int), args.pool_size),
-        shutdown_grace=conv("shutdown_grace", _positive(float), args.shutdown_grace))
+        header_timeout=conv("header_timeout", _above_zero, args.header_timeout),
+        keepalive_timeout=conv("keepalive_timeout", _above_zero, args.keepalive_timeout),
+        body_timeout=conv("body_timeout", _above_zero, args.body_timeout),
+        min_upload_rate=conv("min_upload_rate", _positive(_integer), args.min_upload_rate),
+        max_connections=conv("max_connections", _positive(_integer), args.max_connections),
+        pool_size=conv("pool_size", _at_least(_integer, 1), args.pool_size),
+        shutdown_grace=conv("shutdown_grace", _positive(_number), args.shutdown_grace))
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:

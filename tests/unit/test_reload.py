@@ -192,13 +192,13 @@ async def test_reload_logs_what_changed(gateway, policy_path, base_doc, caplog):
     doc["users"]["newbie"] = {"password_hash": fast_hash("x"), "roles": ["sales"]}
     del doc["users"]["colon"]
     write_policy(policy_path, doc)
-    with caplog.at_level(logging.INFO, logger="gateway.store"):
+    with caplog.at_level(logging.INFO, logger="gateway.policy.store"):
         assert (await gateway.post("/-/reload", headers=OPS)).status == 200
     text = caplog.text
     assert "policy reloaded (api)" in text
     assert "users added: newbie" in text and "users removed: colon" in text
-    assert "user sales loses: allow GET /api/inventory" in text
-    assert "user sales gains: allow OPTIONS /api/inventory" in text
+    assert "user sales loses: GET /api/inventory" in text
+    assert "user sales gains: OPTIONS /api/inventory" in text
 
 
 async def test_100_reloads_under_load_fail_no_request_and_mix_no_policies(
@@ -245,3 +245,79 @@ async def test_100_reloads_under_load_fail_no_request_and_mix_no_policies(
     assert gateway.gw.store.stats.ok == 100
     assert counts["requests"] > 200
     assert seen[0] == {200, 403}     # both policies really were in force during the run
+
+
+# --------------------------------------------------------------------------- the store alone
+
+async def test_undoing_a_typo_clears_the_failure_flag_and_tells_listeners(tmp_path, caplog):
+    """good → typo (refused, flag set) → the exact content in force again (`git checkout`)
+    → flag cleared, counted as recovered, logged, and the listeners told (metric back to 0)."""
+    from gateway.policy import PolicyStore, ReloadResult, watch
+
+    path = write_policy(tmp_path / "rbac.yaml", policy_doc())
+    good = path.read_bytes()
+    store = PolicyStore.open(path)
+    told: list[ReloadResult] = []
+    store.on_result(told.append)
+    task = asyncio.create_task(watch(store, 0.02))
+    try:
+        path.write_text(good.decode().replace("allow:", "alow:", 1))
+
+        async def refused() -> bool:
+            return store.stats.last_error is not None
+        await eventually(refused)
+        assert told[-1].ok is False and "alow" in told[-1].errors[0]
+        with caplog.at_level(logging.INFO, logger="gateway.policy.store"):
+            path.write_bytes(good)
+
+            async def cleared() -> bool:
+                return store.stats.last_error is None
+            await eventually(cleared)
+    finally:
+        task.cancel()
+    assert told[-1].ok and not told[-1].changed and told[-1].recovered
+    assert store.stats.recovered == 1 and store.stats.failed == 1
+    assert "back to the policy in force" in caplog.text
+
+
+async def test_watcher_restoring_the_content_in_force_resets_the_metric(
+        make_gateway, policy_path):
+    gw = await make_gateway(watch=True, watch_interval=0.05)
+    good = policy_path.read_bytes()
+    policy_path.write_text("version: 1\nroles: [broken\n")
+
+    async def failed_metric(value: str) -> bool:
+        text = await (await gw.get("/-/metrics", headers=OPS)).text()
+        return f"gateway_policy_last_reload_failed {value}" in text
+    await eventually(lambda: failed_metric("1.0"))
+    policy_path.write_bytes(good)
+    await eventually(lambda: failed_metric("0.0"))
+    assert (await status_of(gw))["last_reload_error"] is None
+
+
+async def test_reload_result_carries_the_diff_lines(tmp_path):
+    from gateway.policy import PolicyStore
+
+    path = write_policy(tmp_path / "rbac.yaml", policy_doc())
+    store = PolicyStore.open(path)
+    write_policy(path, revoke_sales_get(policy_doc()))
+    result = await store.reload("test")
+    assert result.changed
+    assert "user sales loses: GET /api/inventory" in result.changes
+    assert (await store.reload("test")).changes == ()
+
+
+def test_reload_diff_compares_what_users_can_do_not_rule_lists():
+    """Revoking warehouse's PUT: manager keeps PUT through its own rule, so only warehouse
+    (and nobody who still can) is reported."""
+    from gateway.policy import describe_changes, parse_policy
+
+    doc = policy_doc()
+    old = parse_policy(yaml.safe_dump(doc).encode())
+    doc = copy.deepcopy(doc)
+    doc["roles"]["warehouse"]["allow"] = []
+    doc["tests"] = [t for t in doc["tests"]
+                    if not (t.get("user") == "warehouse" and t["method"] == "PUT")]
+    new = parse_policy(yaml.safe_dump(doc).encode())
+    lines = describe_changes(old, new)
+    assert lines == ["user warehouse loses: PUT /api/inventory"]

@@ -1,30 +1,27 @@
-"""rbac.yaml → a validated, compiled, immutable :class:`Policy`.
+"""rbac.yaml → a validated, compiled, immutable :class:`~gateway.policy.model.Policy`.
 
 Loading reads the file, parses it (keeping line numbers), validates every key, compiles the
-path patterns into per-method indexes, and runs the policy's own ``tests`` cases. Any problem
-raises :class:`~gateway.errors.PolicyError` listing ``FILE:LINE: key.path: message`` for each
-one found, so an operator fixes them all in one pass. A :class:`Policy` is never modified after
-it is built; a reload builds a new one.
+path patterns into per-method indexes, runs the policy's own ``tests`` cases and lints it. Any
+problem raises :class:`~gateway.errors.PolicyError` listing ``FILE:LINE: key.path: message``
+for each one found, so an operator fixes them all in one pass.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from .errors import PolicyError, Problem
-from .guard import Rejected, canonical_target, check_method
-from .patterns import Pattern, PathIndex, PatternError, compile_pattern
+from ..errors import PolicyError, Problem
+from .cost import BCRYPT_HASH
+from .lint import lint
+from .model import ANY, Matcher, Policy, Role, Rule, TestCase, User, digest, run_case
+from .patterns import Pattern, PatternError, compile_pattern
 from .yamlsrc import load_yaml
 
-ANY = "*"
-BCRYPT_HASH = re.compile(r"^\$2[aby]?\$(\d\d)\$[./A-Za-z0-9]{53}$")
 _METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
 _NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
 _TOP_KEYS = {"version", "realm", "roles", "users", "users_file", "public", "tests"}
@@ -33,191 +30,6 @@ _RULE_KEYS = {"methods", "paths", "body", "description"}
 _USER_KEYS = {"password_hash", "roles", "description"}
 _TEST_KEYS = {"user", "method", "path", "expect", "body"}
 
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One compiled ``allow``/``deny`` entry; ``id`` is its key path in the file."""
-
-    id: str
-    role: str | None          # None for public rules
-    effect: str               # "allow" or "deny"
-    order: int                # position in the file: the first matching rule is reported
-    methods: frozenset[str]   # upper-case names, or {"*"}
-    patterns: tuple[Pattern, ...]
-    body_keys: frozenset[str] | None
-    line: int | None
-
-    def describe(self) -> str:
-        """Human summary: ``roles.sales.allow[0] (GET /api/inventory)``."""
-        methods = ",".join(sorted(self.methods))
-        paths = " ".join(p.text for p in self.patterns)
-        body = f" body keys ⊆ {{{', '.join(sorted(self.body_keys))}}}" if self.body_keys else ""
-        return f"{self.id} ({methods} {paths}{body})"
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The policy's answer. With ``body_keys`` the allow holds only for a JSON-object body
-    whose keys are all within one of the sets."""
-
-    allowed: bool
-    rule: Rule | None
-    reason: str
-    body_keys: tuple[frozenset[str], ...] = ()
-
-    def allows_body(self, body: bytes) -> bool:
-        """Check a request body against this decision's body constraint."""
-        if not self.body_keys:
-            return self.allowed
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return False
-        if not isinstance(doc, dict):
-            return False
-        keys = doc.keys()
-        return any(keys <= allowed for allowed in self.body_keys)
-
-
-@dataclass(frozen=True, slots=True)
-class Role:
-    name: str
-    description: str
-    inherits: tuple[str, ...]
-    allow: tuple[Rule, ...]
-    deny: tuple[Rule, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    name: str
-    password_hash: bytes
-    roles: tuple[str, ...]            # as listed
-    effective_roles: frozenset[str]   # with everything inherited
-    roles_header: str                 # value of X-Authenticated-Roles
-
-
-@dataclass(frozen=True, slots=True)
-class TestCase:
-    user: str | None
-    method: str
-    target: str
-    expect: str
-    body: bytes | None
-    id: str
-    line: int | None
-
-
-class Matcher:
-    """The rules one set of roles has, indexed by method and then by path."""
-
-    __slots__ = ("roles", "_by_method", "_any", "_decisions")
-
-    def __init__(self, roles: frozenset[str], rules: Iterable[Rule]) -> None:
-        self.roles = roles
-        rules = list(rules)
-        named = {m for r in rules for m in r.methods if m != ANY}
-        if "GET" in named:
-            named.add("HEAD")
-        self._by_method: dict[str, PathIndex[Rule]] = {}
-        for method in named:
-            idx: PathIndex[Rule] = PathIndex()
-            for r in rules:
-                if ANY in r.methods or method in r.methods or (
-                        method == "HEAD" and "GET" in r.methods):
-                    for p in r.patterns:
-                        idx.add(p, r)
-            self._by_method[method] = idx
-        self._decisions: dict[int, Decision] = {}   # by rule.order: unique per policy
-        self._any: PathIndex[Rule] = PathIndex()
-        for r in rules:
-            if ANY in r.methods:
-                for p in r.patterns:
-                    self._any.add(p, r)
-
-    def decide(self, method: str, segments: tuple[str, ...]) -> Decision:
-        """Default deny; a matching deny rule wins; else the first matching allow rule."""
-        idx = self._by_method.get(method, self._any)
-        hits = idx.match(segments)
-        if not hits:
-            who = ", ".join(sorted(self.roles)) or "anonymous"
-            return Decision(False, None, f"no rule for [{who}] allows {method} on this path")
-        if len(hits) == 1 and hits[0].effect == "allow" and hits[0].body_keys is None:
-            return self._decision(hits[0])            # the common case, decided once per rule
-        denies = [r for r in hits if r.effect == "deny"]
-        if denies:
-            return self._decision(min(denies, key=_order))
-        plain = [r for r in hits if r.body_keys is None]
-        if plain:
-            return self._decision(min(plain, key=_order))
-        conditional = sorted(hits, key=_order)
-        keys = tuple(r.body_keys for r in conditional if r.body_keys is not None)
-        rule = conditional[0]
-        return Decision(True, rule, f"allowed by {rule.describe()} if the body fits", keys)
-
-
-    def _decision(self, rule: Rule) -> Decision:
-        """The (immutable) decision a plain allow or a deny rule gives, built once."""
-        d = self._decisions.get(rule.order)
-        if d is None:
-            verb = "allowed" if rule.effect == "allow" else "denied"
-            d = self._decisions[rule.order] = Decision(rule.effect == "allow", rule,
-                                                 f"{verb} by {rule.describe()}")
-        return d
-
-
-def _order(rule: Rule) -> int:
-    return rule.order
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """A compiled policy. Immutable: reload builds a new one and swaps the reference."""
-
-    source: str
-    sha256: str
-    version: int
-    realm: str
-    roles: Mapping[str, Role]
-    users: Mapping[str, User]
-    public: tuple[Rule, ...]
-    tests: tuple[TestCase, ...]
-    files: tuple[str, ...]
-    warnings: tuple[Problem, ...]
-    _matchers: Mapping[str, Matcher] = field(repr=False)
-    _public: Matcher = field(repr=False)
-
-    def decide(self, user: str | None, method: str, segments: tuple[str, ...]) -> Decision:
-        """Decide for ``user`` (``None``: anonymous) on guard-canonical path ``segments``."""
-        matcher = self._public if user is None else self._matchers.get(user)
-        if matcher is None:
-            return Decision(False, None, f"unknown user {user!r}")
-        return matcher.decide(method, segments)
-
-    def decide_request(self, user: str | None, method: str, target: str,
-                       headers: Mapping[str, str] | None = None) -> tuple[Decision, str | None]:
-        """Run the guard and the decision on a raw target, as the gateway does.
-
-        Returns the decision and the canonical path (``None`` when the guard refused it).
-        """
-        try:
-            check_method(method, headers or {})
-            tgt = canonical_target(target)
-        except Rejected as exc:
-            return Decision(False, None, f"rejected by the request guard: {exc.message}"), None
-        return self.decide(user, method, tgt.segments), tgt.path
-
-    def rules_of(self, user: str | None) -> list[Rule]:
-        """Every rule that applies to ``user`` (public rules included), in file order."""
-        if user is None:
-            return list(self.public)
-        u = self.users[user]
-        rules = [r for name in u.effective_roles for r in self.roles[name].allow
-                 + self.roles[name].deny]
-        return sorted(set(rules) | set(self.public), key=_order)
-
-
-# --------------------------------------------------------------------------- loading
 
 def load_policy(path: str | Path) -> Policy:
     """Read, validate and compile the policy at ``path`` (and its ``users_file``)."""
@@ -283,10 +95,9 @@ class _Builder:
         if not isinstance(realm, str) or not realm or '"' in realm or "\\" in realm:
             self.err("realm", "realm must be a non-empty string without quotes or backslashes")
             realm = "rbac-gateway"
-        digest = hashlib.sha256(raw)
         roles = self.roles(data.get("roles", {}))
         public = self.rule_list(data.get("public", []), "public", None, "allow")
-        file_hashes, files = self.users_file(data.get("users_file"), digest)
+        file_hashes, files, contents = self.users_file(data.get("users_file"))
         users = self.users(data.get("users", {}), roles, file_hashes)
         if self.problems:
             raise PolicyError(self.problems)
@@ -311,16 +122,15 @@ class _Builder:
         if self.problems:
             raise PolicyError(self.problems)
         policy = Policy(
-            source=self.source, sha256=digest.hexdigest(), version=1, realm=realm,
+            source=self.source, sha256=digest([raw, *contents]), version=1, realm=realm,
             roles=MappingProxyType(roles), users=MappingProxyType(user_objs),
             public=public, tests=tests, files=(self.source, *files), warnings=(),
             _matchers=MappingProxyType(matchers), _public=Matcher(frozenset(), public))
         self.run_tests(policy)
         if self.problems:
             raise PolicyError(self.problems)
-        from .lint import lint  # lint reads the compiled policy; keep it out of the load path
         self.warnings.extend(lint(policy, self.lines))
-        return _replace_warnings(policy, tuple(self.warnings))
+        return replace(policy, warnings=tuple(self.warnings))
 
     # -- roles and rules
     def roles(self, obj: Any) -> dict[str, Role]:
@@ -441,19 +251,19 @@ class _Builder:
         return done
 
     # -- users
-    def users_file(self, obj: Any, digest: Any) -> tuple[dict[str, bytes], list[str]]:
+    def users_file(self, obj: Any) -> tuple[dict[str, bytes], list[str], list[bytes]]:
+        """The htpasswd file's hashes by user, its path and its raw content (for the digest)."""
         if obj is None:
-            return {}, []
+            return {}, [], []
         if not isinstance(obj, str) or not obj:
             self.err("users_file", "users_file must be a path to an htpasswd file")
-            return {}, []
+            return {}, [], []
         path = (self.base_dir / obj) if not Path(obj).is_absolute() else Path(obj)
         try:
             raw = path.read_bytes()
         except OSError as exc:
             self.err("users_file", f"cannot read {path}: {exc.strerror}")
-            return {}, []
-        digest.update(b"\0users_file\0" + raw)
+            return {}, [], []
         out: dict[str, bytes] = {}
         for n, line in enumerate(raw.decode("utf-8", "replace").splitlines(), 1):
             line = line.strip()
@@ -471,7 +281,7 @@ class _Builder:
                 self.problems.append(Problem(str(path), n, name, f"duplicate user ({where})"))
             else:
                 out[name] = hashed.encode()
-        return out, [str(path)]
+        return out, [str(path)], [raw]
 
     def users(self, obj: Any, roles: dict[str, Role],
               file_hashes: dict[str, bytes]) -> dict[str, tuple[bytes, list[str]]]:
@@ -564,47 +374,3 @@ class _Builder:
             if verdict is not None:
                 self.err(case.id, verdict)
 
-
-def role_closure(policy: Policy, name: str) -> set[str]:
-    """``name`` and every role it inherits, directly or not."""
-    seen: set[str] = set()
-    todo = [name]
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(policy.roles[n].inherits)
-    return seen
-
-
-def run_case(policy: Policy, case: TestCase) -> str | None:
-    """Run one test case; ``None`` when it passes, else what went wrong."""
-    decision, _ = policy.decide_request(case.user, case.method, case.target)
-    allowed = decision.allowed
-    if allowed and decision.body_keys and case.body is not None:
-        allowed = decision.allows_body(case.body)
-    got = "allow" if allowed else "deny"
-    if got == case.expect:
-        return None
-    who = case.user or "anonymous"
-    return (f"test failed: {who} {case.method} {case.target} expected {case.expect}, "
-            f"got {got} ({decision.reason})")
-
-
-def _replace_warnings(policy: Policy, warnings: tuple[Problem, ...]) -> Policy:
-    from dataclasses import replace
-    return replace(policy, warnings=warnings)
-
-
-def bcrypt_cost(password_hash: bytes) -> int:
-    """The cost factor of a bcrypt hash (validated at load, so it parses)."""
-    return int(password_hash[4:6])
-
-
-def check_cost_seconds(cost: int) -> float:
-    """Measure what one bcrypt check costs here at ``cost`` (extrapolated from cost 4)."""
-    import bcrypt
-    h = bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4))
-    t0 = time.process_time()
-    bcrypt.checkpw(b"x", h)
-    return float((time.process_time() - t0) * (2 ** (cost - 4)))

@@ -8,15 +8,16 @@ metrics). A request takes one snapshot (``store.policy``) and is decided under i
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from .errors import PolicyError
-from .policy import Policy, load_policy
+from ..errors import PolicyError
+from .grants import describe_changes
+from .load import load_policy
+from .model import Policy, digest
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +27,29 @@ ResultHook = Callable[["ReloadResult"], None]
 
 @dataclass(frozen=True, slots=True)
 class ReloadResult:
+    """One reload attempt: refused (``ok`` false, ``errors`` as ``FILE:LINE: key: message``),
+    unchanged, or swapped in (``changed``, with ``changes``: what each user gains and loses).
+    ``recovered``: this attempt cleared an earlier refusal."""
+
     ok: bool
     changed: bool
     sha256: str
     errors: tuple[str, ...] = ()
     trigger: str = ""
+    changes: tuple[str, ...] = ()
+    recovered: bool = False
 
 
 @dataclass(slots=True)
 class ReloadStats:
+    """Counters for ``/-/status``; ``last_error`` is set while the last attempt was refused."""
+
     ok: int = 0
     failed: int = 0
     unchanged: int = 0
+    recovered: int = 0
     last_error: str | None = None
-    last_error_at: float | None = None
     last_load_seconds: float = 0.0
-    history: list[ReloadResult] = field(default_factory=list)
 
 
 class PolicyStore:
@@ -72,14 +80,10 @@ class PolicyStore:
 
     def fingerprint(self) -> str:
         """sha256 of the files the current policy came from, as they are on disk now."""
-        h = hashlib.sha256()
-        for i, name in enumerate(self._policy.files):
-            try:
-                data = Path(name).read_bytes()
-            except OSError:
-                return "unreadable"
-            h.update(data if i == 0 else b"\0users_file\0" + data)
-        return h.hexdigest()
+        try:
+            return digest([Path(name).read_bytes() for name in self._policy.files])
+        except OSError:
+            return "unreadable"
 
     def on_result(self, listener: ResultHook) -> None:
         """Call ``listener(result)`` after every reload attempt (metrics, status)."""
@@ -98,7 +102,6 @@ class PolicyStore:
                 errors = tuple(str(p) for p in exc.problems)
                 self.stats.failed += 1
                 self.stats.last_error = "\n".join(errors)
-                self.stats.last_error_at = time.time()
                 log.warning("policy reload (%s) refused, keeping %s: %s", trigger,
                             self._policy.sha256[:12], "; ".join(errors))
                 result = ReloadResult(False, False, self._policy.sha256, errors, trigger)
@@ -106,57 +109,34 @@ class PolicyStore:
                 return result
             self.stats.last_load_seconds = time.perf_counter() - started
             old = self._policy
+            recovered = self.stats.last_error is not None
+            self.stats.last_error = None
+            if recovered:
+                self.stats.recovered += 1
             if new.sha256 == old.sha256:
                 self.stats.unchanged += 1
-                self.stats.last_error = None
-                result = ReloadResult(True, False, new.sha256, (), trigger)
+                if recovered:
+                    log.info("policy reload (%s): the file is back to the policy in force (%s); "
+                             "the earlier refusal is cleared", trigger, new.sha256[:12])
+                result = ReloadResult(True, False, new.sha256, (), trigger, recovered=recovered)
                 self._remember(result)
                 return result
+            changes = tuple(describe_changes(old, new))
             self._policy = new
             self.loaded_at = time.time()
             self.stats.ok += 1
-            self.stats.last_error = None
             log.info("policy reloaded (%s): %s -> %s", trigger, old.sha256[:12], new.sha256[:12])
-            for line in describe_changes(old, new):
+            for line in changes:
                 log.info("policy change: %s", line)
             for w in new.warnings:
                 log.warning("%s", w)
-            result = ReloadResult(True, True, new.sha256, (), trigger)
+            result = ReloadResult(True, True, new.sha256, (), trigger, changes, recovered)
             self._remember(result)
             return result
 
     def _remember(self, result: ReloadResult) -> None:
-        self.stats.history.append(result)
-        del self.stats.history[:-20]
         for listener in self._listeners:
             listener(result)
-
-
-def describe_changes(old: Policy, new: Policy) -> list[str]:
-    """Human lines: roles/users added and removed, per user the routes gained and lost."""
-    out: list[str] = []
-    for kind, a, b in (("role", old.roles, new.roles), ("user", old.users, new.users)):
-        added = sorted(set(b) - set(a))
-        removed = sorted(set(a) - set(b))
-        if added:
-            out.append(f"{kind}s added: {', '.join(added)}")
-        if removed:
-            out.append(f"{kind}s removed: {', '.join(removed)}")
-    for name in sorted(set(old.users) & set(new.users)):
-        before, after = _routes(old, name), _routes(new, name)
-        gained, lost = sorted(after - before), sorted(before - after)
-        if gained:
-            out.append(f"user {name} gains: {'; '.join(gained)}")
-        if lost:
-            out.append(f"user {name} loses: {'; '.join(lost)}")
-        if old.users[name].password_hash != new.users[name].password_hash:
-            out.append(f"user {name}: password changed (cached credentials dropped)")
-    return out
-
-
-def _routes(policy: Policy, user: str) -> set[str]:
-    return {f"{r.effect} {m} {p.text}" + (" (body-constrained)" if r.body_keys else "")
-            for r in policy.rules_of(user) for m in sorted(r.methods) for p in r.patterns}
 
 
 async def watch(store: PolicyStore, interval: float = 1.0) -> None:
@@ -171,7 +151,11 @@ async def watch(store: PolicyStore, interval: float = 1.0) -> None:
     while True:
         await asyncio.sleep(interval)
         current = await loop.run_in_executor(None, store.fingerprint)
-        if current == store.policy.sha256 or current == last_failed:
+        if current == last_failed:
             continue
+        if current == store.policy.sha256 and store.stats.last_error is None:
+            continue
+        # A new content, or the content in force again after a refused edit (a typo undone
+        # by `git checkout`): reload, which clears the refusal and tells the listeners.
         result = await store.reload("watch")
         last_failed = None if result.ok else current

@@ -1,16 +1,15 @@
-"""Warnings that do not refuse a policy: shadowed rules, unused roles, odd bcrypt costs."""
+"""Warnings that do not refuse a policy: shadowed rules, unused roles, odd bcrypt costs.
+
+Lint reads only the compiled model; the loader calls it last.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .errors import Problem
+from ..errors import Problem
+from .cost import RECOMMENDED, bcrypt_cost, check_seconds
+from .model import Policy, Rule, role_closure
 from .patterns import PathIndex, Pattern
 
-if TYPE_CHECKING:
-    from .policy import Policy, Rule
-
-MIN_COST, MAX_COST = 10, 14
 _PROBE_PARAM = "\x00{param}"  # a segment no literal pattern can equal
 
 
@@ -29,20 +28,19 @@ def lint(policy: Policy, lines: dict[str, int]) -> list[Problem]:
         warn(rule_id, f"rule is shadowed by {by} and never decides anything")
     costs: dict[int, list[str]] = {}
     for u in policy.users.values():
-        costs.setdefault(int(u.password_hash[4:6]), []).append(u.name)
+        costs.setdefault(bcrypt_cost(u.password_hash), []).append(u.name)
+    low, high = RECOMMENDED
     for cost, names in sorted(costs.items()):
-        if cost < MIN_COST or cost > MAX_COST:
-            from .policy import check_cost_seconds
-            ms = check_cost_seconds(cost) * 1000
-            side = "below" if cost < MIN_COST else "above"
+        if cost < low or cost > high:
+            ms = check_seconds(cost) * 1000
+            side = "below" if cost < low else "above"
             key = f"users.{names[0]}.password_hash"
-            warn(key, f"bcrypt cost {cost} is {side} {MIN_COST}-{MAX_COST} for "
+            warn(key, f"bcrypt cost {cost} is {side} {low}-{high} for "
                       f"{', '.join(sorted(names))}: one check costs ~{ms:.1f} ms of CPU here")
     return out
 
 
 def _shadowed(policy: Policy) -> list[tuple[str, str]]:
-    from .policy import role_closure
     """Allow rules every (method, path) of which an earlier allow rule already grants."""
     found: dict[str, str] = {}
     for own in policy.roles:
@@ -63,6 +61,7 @@ def _shadowed(policy: Policy) -> list[tuple[str, str]]:
 
 
 def _covered_by(rule: Rule, index: dict[str, PathIndex[tuple[Rule, Pattern]]]) -> str | None:
+    """The id of an earlier rule that covers every (method, pattern) of ``rule``, if any."""
     by: str | None = None
     for m in rule.methods:
         for p in rule.patterns:

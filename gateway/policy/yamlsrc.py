@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from .errors import PolicyError, Problem
+from ..errors import PolicyError, Problem
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
