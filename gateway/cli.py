@@ -14,6 +14,7 @@ import bcrypt
 from .errors import PolicyError
 from .policy import Policy, Rule, load_policy, role_closure
 from .settings import add_serve_arguments, settings_from_args
+from .supervisor import worker_settings
 
 log = logging.getLogger("gateway")
 
@@ -49,7 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "serve":
-        settings = settings_from_args(args, serve)
+        # A worker of --workers N takes its settings from its supervisor, not from argv.
+        settings = worker_settings() or settings_from_args(args, serve)
         from .server import serve as run_serve
         return run_serve(settings)
     if args.command == "check":

@@ -11,11 +11,8 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import ssl
-import subprocess
 import sys
-from typing import Callable
 
 from aiohttp import web
 
@@ -25,6 +22,7 @@ from .fastserver import FastRunner
 from .protocol import GatewayRunner
 from .settings import Settings
 from .store import PolicyStore
+from .supervisor import supervise
 
 log = logging.getLogger("gateway")
 
@@ -106,70 +104,3 @@ def _bound(runner: web.BaseRunner) -> tuple[str, int]:
     for addr in runner.addresses:
         return str(addr[0]), int(addr[1])
     return "?", 0
-
-
-def supervise(settings: Settings) -> int:
-    """Start ``settings.workers`` worker processes on one port and look after them."""
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    holder = socket.socket(family, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        holder.bind((settings.host, settings.port))
-    except OSError as exc:
-        print(f"gateway: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
-              file=sys.stderr)
-        return 1
-    port = holder.getsockname()[1]   # held (not listening) so port 0 resolves once for all
-    argv = [a for a in sys.argv[1:]]
-    env = dict(os.environ, **{WORKER_ENV: str(os.getpid()), "GATEWAY_PORT": str(port),
-                              "GATEWAY_WORKERS": "1"})
-    cmd = [sys.executable, "-m", "gateway", *_without_port(argv)]
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
-    log.info("gateway supervisor %d: %d workers on %s:%d", os.getpid(), len(procs),
-             settings.host, port)
-
-    def forward(sig: int) -> Callable[[int, object], None]:
-        def handler(_s: int, _f: object) -> None:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(sig)
-        return handler
-
-    signal.signal(signal.SIGHUP, forward(signal.SIGHUP))
-    stopping = {"yes": False}
-
-    def stop(_s: int, _f: object) -> None:
-        stopping["yes"] = True
-        forward(signal.SIGTERM)(_s, _f)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    status = 0
-    for p in procs:
-        while True:
-            try:
-                code = p.wait()
-                break
-            except InterruptedError:
-                continue
-        if code != 0 and not stopping["yes"]:
-            status = code
-            stop(signal.SIGTERM, None)
-    holder.close()
-    return status
-
-
-def _without_port(argv: list[str]) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in ("--port", "--workers"):
-            skip = True
-            continue
-        if a.startswith(("--port=", "--workers=")):
-            continue
-        out.append(a)
-    return out

@@ -23,6 +23,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    reuse_port: bool = False        # share host:port with another process (SO_REUSEPORT)
     watch: bool = True
     watch_interval: float = 1.0
     audit_log: str = "-"
@@ -97,6 +98,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="listen port, 0 for any free one (GATEWAY_PORT, default 8080)")
     add("--workers", default=_env("GATEWAY_WORKERS", d.workers),
         help="worker processes sharing the port (GATEWAY_WORKERS, default 1)")
+    add("--reuse-port", dest="reuse_port", action="store_true", default=None,
+        help="share the port with another process instead of refusing to start when it is "
+             "in use (GATEWAY_REUSE_PORT, default false)")
     add("--watch", dest="watch", action="store_true", default=None,
         help="reload when the policy file changes (default; GATEWAY_WATCH=false to disable)")
     add("--no-watch", dest="watch", action="store_false")
@@ -136,6 +140,9 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     watch = args.watch
     if watch is None:
         watch = conv("watch", _bool, os.environ.get("GATEWAY_WATCH", "true"))
+    reuse_port = args.reuse_port
+    if reuse_port is None:
+        reuse_port = conv("reuse_port", _bool, os.environ.get("GATEWAY_REUSE_PORT", "false"))
     port = conv("port", _positive(int), args.port)
     if port > 65535:
         parser.error("--port: must be 0..65535")
@@ -146,7 +153,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error("--tls-cert and --tls-key go together")
     return Settings(
         policy=Path(args.policy), upstream=conv("upstream", _upstream, args.upstream),
-        host=args.host, port=port, workers=workers, watch=watch,
+        host=args.host, port=port, workers=workers, reuse_port=reuse_port, watch=watch,
         watch_interval=conv("watch_interval", _positive(float), args.watch_interval),
         audit_log=args.audit_log,
         upstream_timeout=conv("upstream_timeout", _positive(float), args.upstream_timeout),
