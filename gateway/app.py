@@ -73,6 +73,7 @@ def create_app(settings: Settings, *, store: PolicyStore | None = None,
                            else AuditLog.to_file(settings.audit_log))
     app[METRICS] = metrics = Metrics()
     metrics.watch_cache(app[AUTH].cache, app[AUTH])
+    metrics.watch_audit(app[AUDIT])   # audit write errors / dropped lines (issue 10)
     store.on_swap(app[AUTH].prepare)
     store.on_result(lambda r: _count_reload(metrics, store, r))
     metrics.policy_loaded_at.set(store.loaded_at)
@@ -341,6 +342,7 @@ class Pipeline:
             "credential_cache": {"entries": len(self.auth.cache), "hits": self.auth.cache.hits,
                                  "misses": self.auth.cache.misses},
             "bcrypt_checks": self.auth.bcrypt_checks,
+            "audit": self.audit.status(),   # issue 10
         })
 
     async def metrics_page(self) -> Answer:
