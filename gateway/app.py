@@ -23,6 +23,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from yarl import URL
 
 from .audit import AuditLog, Metrics, now_iso
+from .supervisor import worker_status
 from .auth import Authenticator, CredentialCache, FailureThrottle, parse_basic
 from .errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                      Overloaded, PayloadTooLarge, RequestTimeout, TooManyRequests,
@@ -343,6 +344,7 @@ class Pipeline:
                                  "misses": self.auth.cache.misses},
             "bcrypt_checks": self.auth.bcrypt_checks,
             "audit": self.audit.status(),   # issue 10
+            "worker": worker_status(),      # issue 10: slot, supervisor, restarts (or null)
         })
 
     async def metrics_page(self) -> Answer:

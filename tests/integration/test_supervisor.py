@@ -59,15 +59,21 @@ def wait_until(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
 
 def serving_pids(url: str, n: int = 30) -> set[int]:
     """Worker pids that answered, one new connection per request (SO_REUSEPORT spreads them)."""
+    return set(worker_statuses(url, n))
+
+
+def worker_statuses(url: str, n: int = 30) -> dict[int, dict]:
+    """pid -> the "worker" part of /-/status, for each worker that answered."""
     host, port = url.removeprefix("http://").split(":")
-    pids = set()
+    pids = {}
     for _ in range(n):
         conn = http.client.HTTPConnection(host, int(port), timeout=5)
         try:
             conn.request("GET", "/-/status", headers=basic("ops", "imtheops"))
             resp = conn.getresponse()
             if resp.status == 200:
-                pids.add(json.loads(resp.read())["pid"])
+                doc = json.loads(resp.read())
+                pids[doc["pid"]] = doc.get("worker")
         except OSError:
             pass
         finally:
@@ -129,6 +135,9 @@ def test_a_killed_worker_is_replaced_and_clients_that_retry_see_no_failure(
         failures = [s for s in (get_retrying_once(gw.url) for _ in range(200)) if s != 200]
         assert failures == []
         wait_until(lambda: serving_pids(gw.url) == set(fresh), 20, "the new worker serves")
+        new = (set(fresh) - set(workers)).pop()
+        assert worker_statuses(gw.url, 40).get(new) == {
+            "supervisor": gw.pid, "slot": victim, "restarts": 1}
         out = gw.output()
         assert f"worker {dead} (slot {victim}) died" in out and "signal SIGKILL" in out, out
         assert "restart #1" in out, out
