@@ -130,6 +130,8 @@ def test_a_full_audit_disk_fails_no_request_and_writing_resumes(
             assert time.monotonic() < deadline, "no audit write error counted"
             time.sleep(0.05)   # polling the metric, with a deadline
         assert metric(url, "gateway_audit_dropped_lines_total") >= 1
+        # No request is missing from the metrics either.
+        assert metric(url, r'gateway_requests_total\{decision="allow",status="201"\}') == 600
         conn = http.client.HTTPConnection(*_hostport(url), timeout=10)
         status, body = call(conn, "GET", "/-/status", OPS)
         conn.close()

@@ -201,3 +201,22 @@ def test_a_second_gateway_on_the_same_port_is_refused(tmp_path) -> None:
     finally:
         assert first.stop() == 0, first.output()
         kill_leftovers(workers)
+
+
+def test_a_worker_that_keeps_dying_is_retried_with_back_off(tmp_path) -> None:
+    policy = tmp_path / "rbac.yaml"
+    policy.write_bytes(SHIPPED_POLICY.read_bytes())
+    gw, workers = start_serving(tmp_path, "gw", "--policy", str(policy))
+    try:
+        policy.write_text("version: 1\nroles: [not, a, mapping]\n")   # new workers refuse it
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(lambda: "restarting in 0.8 s" in gw.output(), 20, "back-off reached 0.8 s")
+        out = gw.output()
+        assert [d for d in ("0.1", "0.2", "0.4") if f"restarting in {d} s" not in out] == []
+        assert gw.proc.poll() is None and serving_pids(gw.url) == {workers[1]}
+        policy.write_bytes(SHIPPED_POLICY.read_bytes())   # fixed: the next restart stays up
+        wait_until(lambda: len(serving_pids(gw.url)) == 2, 20, "the slot serves again")
+    finally:
+        rc = gw.stop()
+        kill_leftovers(workers)
+    assert rc == 0, gw.output()
