@@ -50,7 +50,7 @@ class AuditLog:
     def __init__(self, stream: IO[str] | None = None, *, enabled: bool = True) -> None:
         """Write through to a text ``stream`` (stdout by default) on every line."""
         self.enabled = enabled
-        self.name = getattr(stream, "name", "<stream>") if stream is not None else "<stdout>"
+        self.name = str(getattr(stream, "name", "<stream>")) if stream is not None else "<stdout>"
         self._stream = stream or sys.stdout
         self._fd: int | None = None
         self._owns_fd = False
@@ -124,7 +124,7 @@ class AuditLog:
         self.write_errors += 1
         self.dropped_lines += dropped
         self._episode_dropped += dropped
-        if isinstance(exc, OSError) and exc.errno in errno.errorcode:
+        if isinstance(exc, OSError) and exc.errno is not None and exc.errno in errno.errorcode:
             self.last_error = f"{errno.errorcode[exc.errno]}: {exc.strerror}"
         else:
             self.last_error = str(exc)
