@@ -9,6 +9,8 @@ import ipaddress
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,14 @@ async def test_watch_parent_is_a_no_op_outside_a_worker(monkeypatch: pytest.Monk
     monkeypatch.delenv(supervisor.WORKER_ENV, raising=False)
     assert supervisor.worker_status() is None
     assert supervisor.worker_settings() is None
+
+
+def test_a_worker_whose_supervisor_is_already_gone_does_not_start() -> None:
+    # Its parent (this test) is not the supervisor it was told about: the supervisor died
+    # before PR_SET_PDEATHSIG was armed, so the worker must not serve on as an orphan.
+    env = {**os.environ, supervisor.WORKER_ENV: "1",
+           supervisor.SETTINGS_ENV: supervisor.encode_settings(Settings(port=0))}
+    r = subprocess.run([sys.executable, "-m", "gateway", "serve"], env=env, timeout=60,
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "supervisor gone before the worker started" in r.stderr
