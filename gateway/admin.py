@@ -17,6 +17,7 @@ from .errors import GatewayError, MethodNotAllowed, NotFound, UnprocessablePolic
 from .guard import Target
 from .http.message import JSON_TYPE, json_body
 from .http.server import Request
+from .supervisor import worker_status
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -109,6 +110,7 @@ class Admin:
             "audit": gw.audit_status(),
             "upstream": gw.upstream_status(),
             "connections": len(gw.server.connections) if gw.server is not None else 0,
+            "worker": worker_status(),
         })
 
     async def metrics(self) -> Answer:

@@ -26,6 +26,7 @@ from .policy.cost import RECOMMENDED, check_seconds
 from .policy.grants import decide_user, role_matcher, routes, sample
 from .policy.patterns import compile_pattern
 from .settings import add_serve_arguments, settings_from_args
+from .supervisor import worker_settings
 
 DEFAULT_COST = 12
 WARN_COST = RECOMMENDED[1]   # above: a warning with the time one check takes here
@@ -99,7 +100,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "serve":
-        settings = settings_from_args(args, serve)
+        # A worker of --workers N takes its settings from its supervisor, not from argv.
+        settings = worker_settings() or settings_from_args(args, serve)
         from .process import serve as run_serve  # the network stack, for this command only
         return run_serve(settings)
     if args.command == "check":

@@ -45,6 +45,7 @@ class Gateway:
         self.audit = audit or self.open_audit(settings)
         self.metrics = Metrics()
         self.metrics.watch_cache(self.auth.cache, self.auth)
+        self.metrics.watch_audit(self.audit)
         self.store.on_swap(self.auth.prepare)
         self.store.on_result(self._count_reload)
         self.metrics.policy_loaded_at.set(self.store.loaded_at)
@@ -134,10 +135,7 @@ class Gateway:
         return status < 500
 
     def audit_status(self) -> dict[str, object]:
-        a = self.audit
-        return {"write_errors": getattr(a, "write_errors", 0),
-                "dropped_lines": getattr(a, "dropped_lines", 0),
-                "last_error": getattr(a, "last_error", None)}
+        return self.audit.status()
 
     def upstream_status(self) -> dict[str, object]:
         pool = self._pool

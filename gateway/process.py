@@ -25,6 +25,7 @@ from .errors import PolicyError
 from .gateway import Gateway
 from .http.server import Limits, Server
 from .settings import Settings, SettingsError, tls_context
+from .supervisor import WORKER_ENV, check_port, supervise, watch_parent
 from .policy import PolicyStore
 
 log = logging.getLogger("gateway")
@@ -85,9 +86,14 @@ def serve(settings: Settings) -> int:
         except SettingsError as exc:
             print(f"gateway: --tls-cert: {exc}", file=sys.stderr)
             return 1
-    if settings.workers > 1 and not is_worker():
-        from .supervisor import supervise
-        return supervise(settings)
+    if not is_worker():
+        refusal = check_port(settings)
+        if refusal:
+            print(refusal, file=sys.stderr)
+            return 1
+        if settings.workers > 1:
+            # the supervisor outwaits the workers' own drain before it kills them
+            return supervise(settings, grace=settings.shutdown_grace + 5)
     try:
         audit_open = Gateway.open_audit(settings)
     except OSError as exc:
@@ -104,7 +110,7 @@ def serve(settings: Settings) -> int:
 
 def is_worker() -> bool:
     """True in a process started by the supervisor."""
-    return bool(os.environ.get("GATEWAY_WORKER_OF"))
+    return bool(os.environ.get(WORKER_ENV))
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
@@ -134,7 +140,7 @@ async def _main(settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext 
     try:
         try:
             host, port = await server.listen(settings.host, settings.port, ssl=ssl_ctx,
-                                             reuse_port=is_worker())
+                                             reuse_port=is_worker() or settings.reuse_port)
         except OSError as exc:
             raise _ListenError(exc.strerror or str(exc)) from None
         scheme = "https" if ssl_ctx else "http"
@@ -161,7 +167,7 @@ def _join_supervisor(gw: Gateway, loop: asyncio.AbstractEventLoop,
                      stop: Callable[[], None]) -> None:
     """In a worker: API reloads tell the supervisor (which tells every worker), and the
     worker stops when its supervisor is gone."""
-    supervisor = os.environ.get("GATEWAY_WORKER_OF")
+    supervisor = os.environ.get(WORKER_ENV)
     if not supervisor:
         return
     pid = int(supervisor)
@@ -173,8 +179,4 @@ def _join_supervisor(gw: Gateway, loop: asyncio.AbstractEventLoop,
             pass
 
     gw.on_api_reload = tell_supervisor
-    try:
-        from .supervisor import watch_parent
-    except ImportError:      # pragma: no cover - before the supervisor module lands
-        return
     watch_parent(loop, stop)

@@ -25,6 +25,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    reuse_port: bool = False        # share host:port with another process (SO_REUSEPORT)
     watch: bool = True
     watch_interval: float = 1.0
     audit_log: str = "-"
@@ -194,6 +195,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add("--port", "GATEWAY_PORT", d.port, help="listen port, 0 for any free one (default 8080)")
     add("--workers", "GATEWAY_WORKERS", d.workers,
         help="worker processes sharing the port (default 1)")
+    add("--reuse-port", dest="reuse_port", action="store_true", default=None,
+        help="share host:port with another process on purpose (SO_REUSEPORT); without it a "
+             "port in use is refused [GATEWAY_REUSE_PORT=true]")
     add("--watch", dest="watch", action="store_true",
         help="reload when the policy file changes (the default) [GATEWAY_WATCH=true]")
     add("--no-watch", dest="watch", action="store_false",
@@ -261,6 +265,9 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     watch = args.watch
     if watch is None:
         watch = conv("watch", _bool, os.environ.get("GATEWAY_WATCH", "true"))
+    reuse_port = args.reuse_port
+    if reuse_port is None:
+        reuse_port = conv("reuse_port", _bool, os.environ.get("GATEWAY_REUSE_PORT", "false"))
     port = conv("port", _at_least(_integer, 0, 65535), args.port)
     workers = conv("workers", _at_least(_integer, 1), args.workers)
     if args.server not in ("httptools", "fast"):
@@ -277,7 +284,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
             fail("tls_cert", str(exc))
     return Settings(
         policy=Path(args.policy), upstream=conv("upstream", _upstream, args.upstream),
-        host=args.host, port=port, workers=workers, watch=watch,
+        host=args.host, port=port, workers=workers, reuse_port=reuse_port, watch=watch,
         watch_interval=conv("watch_interval", _above_zero, args.watch_interval),
         audit_log=conv("audit_log", _audit_log, args.audit_log),
         upstream_timeout=conv("upstream_timeout", _above_zero, args.upstream_timeout),
