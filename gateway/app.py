@@ -23,6 +23,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from yarl import URL
 
 from .audit import AuditLog, Metrics, now_iso
+from .decision import Decider
 from .auth import Authenticator, CredentialCache, FailureThrottle, parse_basic
 from .errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                      Overloaded, PayloadTooLarge, RequestTimeout, TooManyRequests,
@@ -159,6 +160,9 @@ class Pipeline:
             "/-/status": ("GET", self.status),
             "/-/metrics": ("GET", self.metrics_page),
         }
+        # -- decision mode (issue 12, gateway/decision.py) ---------------------------------
+        self.decider = (Decider(self.settings, self.store, self.auth, self.audit, self.metrics)
+                        if self.settings.mode == "decide" else None)
 
     @web.middleware
     async def entry(self, request: web.Request, handler: object) -> web.StreamResponse:
@@ -170,6 +174,14 @@ class Pipeline:
 
     async def handle(self, ex: Exchange) -> int:
         """Run the pipeline for one exchange; return the status answered."""
+        # -- decision mode (issue 12): a check request is answered, never forwarded --------
+        if self.decider is not None and self.decider.owns(ex.raw_path):
+            status, headers, body = await self.decider.decide(
+                ex.method, ex.raw_path, ex.headers, ex.raw_headers, ex.remote)
+            with contextlib.suppress(ConnectionError):   # the front proxy may be gone
+                await ex.respond(status, headers, body)
+            return status
+        # -----------------------------------------------------------------------------------
         started = time.perf_counter()
         record: dict[str, object] = {"event": "request", "time": now_iso(),
                                      "client": None, "user": None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -12,6 +13,7 @@ from typing import Any, Callable, Sequence
 from yarl import URL
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_DECISION_PREFIX = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9\-._~]+)+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,9 @@ class Settings:
     log_level: str = "INFO"
     handle_signals: bool = True
     server: str = "fast"
+    # -- decision mode (issue 12, gateway/decision.py)
+    mode: str = "proxy"                   # "decide": answer front proxies' check requests
+    decision_prefix: str = "/-/decide"
 
 
 def _env(name: str, default: Any) -> Any:
@@ -122,6 +127,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="HTTP server: fast (the gateway's lean HTTP/1.1 server, default) or aiohttp")
     add("--log-level", default=_env("GATEWAY_LOG_LEVEL", d.log_level),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    # -- decision mode (issue 12, gateway/decision.py)
+    add("--mode", default=_env("GATEWAY_MODE", d.mode), choices=["proxy", "decide"],
+        help="proxy (default): forward to --upstream; decide: answer a front proxy's "
+             "auth subrequests, never forward (GATEWAY_MODE)")
+    add("--decision-prefix", default=_env("GATEWAY_DECISION_PREFIX", d.decision_prefix),
+        help="path of the check requests in decision mode; Envoy appends the original "
+             "path to it (GATEWAY_DECISION_PREFIX, default /-/decide)")
 
 
 def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
@@ -144,6 +156,16 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         parser.error("--workers: must be at least 1")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    # -- decision mode (issue 12)
+    if args.mode not in ("proxy", "decide"):
+        parser.error(f"--mode: expected proxy or decide, not {args.mode!r}")
+    if args.mode == "decide" and not str(args.trusted_proxy).strip(", "):
+        parser.error("--mode decide needs --trusted-proxy: the proxies whose check requests "
+                     "are believed")
+    if not _DECISION_PREFIX.fullmatch(args.decision_prefix) or args.decision_prefix in (
+            "/-/healthz", "/-/ready", "/-/status", "/-/metrics", "/-/reload"):
+        parser.error(f"--decision-prefix: a path like /-/decide (no trailing '/', no '.' "
+                     f"segments, not a gateway endpoint): {args.decision_prefix!r}")
     return Settings(
         policy=Path(args.policy), upstream=conv("upstream", _upstream, args.upstream),
         host=args.host, port=port, workers=workers, watch=watch,
@@ -156,7 +178,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         throttle_delay=conv("throttle_delay", _positive(float), args.throttle_delay),
         trusted_proxies=conv("trusted_proxy", _networks, args.trusted_proxy),
         tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
-        server=args.server)
+        server=args.server,
+        mode=args.mode, decision_prefix=args.decision_prefix)
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:
