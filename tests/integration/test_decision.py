@@ -13,19 +13,22 @@ body, so decision mode denies it (403 ``body_not_inspectable``). See docs/DECISI
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import aiohttp
 import pytest
 
 from gateway.guard import OVERRIDE_HEADERS, Rejected, canonical_target
 from gateway.policy import Policy, load_policy
-from tests.helpers import PASSWORDS, SHIPPED_POLICY, Process, basic
+from tests.helpers import PASSWORDS, ROOT, SHIPPED_POLICY, Process, basic
 from tests.integration.conftest import start_backend
 from tests.integration.frontproxy import FrontProxy, available
 
@@ -320,3 +323,58 @@ def test_bypass_never_reaches_the_upstream(front, dstack: DecisionStack, method,
     if not seen and not (front[1].kind == "caddy" and "evil.example" in target):
         # (Caddy answers a host it does not serve with an empty 200 of its own.)
         assert status >= 400, status
+
+
+# -- a wrong-password flood through nginx does not starve a cached user ------------------
+
+def loadgen(url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "bench.loadgen", url, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+
+
+def loadgen_result(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=timeout)
+    for line in out.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON "):])  # type: ignore[no-any-return]
+    raise AssertionError(f"load generator gave no result:\n{out}")
+
+
+@pytest.mark.flood
+@pytest.mark.skipif(os.environ.get("GATEWAY_FLOOD_TEST") != "1",
+                    reason="timed latency comparison, too noisy for a shared CI machine: "
+                           "run with GATEWAY_FLOOD_TEST=1 (see docs/DECISION.md)")
+def test_unique_password_flood_through_nginx_does_not_starve_a_cached_user(
+        dstack: DecisionStack) -> None:
+    """Legit p99 under a flood of unique wrong passwords (from another client address,
+    127.0.0.2) stays within 1.5x of its p99 alone. 4 s alone, then 4 s under the flood.
+
+    On this 2-core machine shared with other work the ratio swung from 0.7 to 2.0 between
+    identical runs (load average 4-5), so it is opt-in rather than part of every CI run."""
+    pair = dstack.fronts["nginx"]
+    if pair is None:
+        pytest.skip("nginx is not installed (apt-get install -y nginx)")
+    url = pair[0].url + "/api/inventory?name=X-Men+1+(1991)"
+    cred = auth("sales")["Authorization"]
+    assert raw_exchange(pair[0].url, "GET /api/inventory HTTP/1.1", auth("sales")) == 200
+    legit = ("--connections", "2", "--duration", "4", "--auth", cred)
+    alone = loadgen_result(loadgen(url, *legit))
+    flood = loadgen(url, "--connections", "32", "--duration", "6", "--source", "127.0.0.2",
+                    "--wrong-password-for", "sales", "--announce")
+    try:
+        assert flood.stdout is not None
+        first = flood.stdout.readline()          # BENCH_READY: the flood is on
+        assert first.startswith("BENCH_READY"), first
+        under = loadgen_result(loadgen(url, *legit))
+    finally:
+        flooded = loadgen_result(flood)
+    p99_alone = alone["latency_us"]["p99"]
+    p99_under = under["latency_us"]["p99"]
+    report = (f"legit alone: {alone['requests']} req, p99 {p99_alone} µs; under flood: "
+              f"{under['requests']} req, p99 {p99_under} µs; flood statuses "
+              f"{flooded['statuses']}")
+    print(report)
+    assert set(alone["statuses"]) == {"200"} and set(under["statuses"]) == {"200"}, report
+    assert set(flooded["statuses"]) <= {"401", "429"}, report
+    assert p99_under <= 1.5 * p99_alone, report
