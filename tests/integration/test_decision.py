@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -201,18 +202,29 @@ async def test_role_matrix_through_the_front_proxy(front, user, method) -> None:
 
 def raw_exchange(url: str, request_line: str, headers: dict[str, str]) -> int:
     """Send one request exactly as written (no client-side normalising); return the status."""
+    return raw_exchange_head(url, request_line, headers)[0]
+
+
+def raw_exchange_head(url: str, request_line: str, headers: dict[str, str],
+                      source: str | None = None) -> tuple[int, dict[str, str]]:
+    """As :func:`raw_exchange`, from ``source`` (a loopback address) when given; returns the
+    status and the response header fields (lower-case names)."""
     host, port = url.split("://", 1)[1].split(":")
     lines = [request_line, f"Host: {host}:{port}", "Connection: close",
              *(f"{k}: {v}" for k, v in headers.items()), "", ""]
-    with socket.create_connection((host, int(port)), timeout=10) as s:
+    with socket.create_connection((host, int(port)), timeout=10,
+                                  source_address=(source, 0) if source else None) as s:
         s.sendall("\r\n".join(lines).encode("latin-1"))
         data = b""
-        while b"\r\n" not in data:
+        while b"\r\n\r\n" not in data:
             chunk = s.recv(4096)
             if not chunk:
                 break
             data += chunk
-    return int(data.split(b" ", 2)[1])
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    fields = dict((k.strip().lower(), v.strip()) for k, _, v in
+                  (line.partition(":") for line in head[1:]))
+    return int(head[0].split(" ", 2)[1]), fields
 
 
 def identity_of(entry: dict[str, object]) -> dict[str, str]:
@@ -323,6 +335,21 @@ def test_bypass_never_reaches_the_upstream(front, dstack: DecisionStack, method,
     if not seen and not (front[1].kind == "caddy" and "evil.example" in target):
         # (Caddy answers a host it does not serve with an empty 200 of its own.)
         assert status >= 400, status
+
+
+def test_throttle_429_and_retry_after_reach_the_client(front) -> None:
+    """Four concurrent, different wrong passwords from one client address: the gateway checks two at a
+    time per address and answers the others 429; the proxy relays 429 and Retry-After."""
+    source = "127.0.0.3" if front[1].kind == "nginx" else "127.0.0.4"
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(
+            lambda i: raw_exchange_head(front[1].url, "GET /api/inventory HTTP/1.1",
+                                        auth("sales", f"wrong-{i}"), source), range(4)))
+    statuses = sorted(status for status, _ in answers)
+    assert set(statuses) <= {401, 429} and 429 in statuses, statuses
+    assert all(int(h["retry-after"]) >= 1 for status, h in answers if status == 429)
+    assert all(h["www-authenticate"].startswith("Basic") for status, h in answers
+               if status == 401)
 
 
 # -- a wrong-password flood through nginx does not starve a cached user ------------------
