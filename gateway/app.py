@@ -23,8 +23,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from yarl import URL
 
 from .audit import AuditLog, Metrics, now_iso
-from .decision import Decider
 from .auth import Authenticator, CredentialCache, FailureThrottle, parse_basic
+from .decision import Decider   # decision mode (issue 12)
 from .errors import (BadRequest, Forbidden, GatewayError, MethodNotAllowed, NotFound,
                      Overloaded, PayloadTooLarge, RequestTimeout, TooManyRequests,
                      Unauthenticated, UnprocessablePolicy)
