@@ -17,8 +17,8 @@ from gateway.decision import UntrustedPeer, original_request
 from gateway.errors import NotFound
 from gateway.guard import Rejected
 from gateway.settings import Settings, parse_settings
-from tests.conftest import GatewayTestServer
-from tests.helpers import basic
+from tests.conftest import EXTRA_USERS, TEST_ROLE, GatewayTestServer
+from tests.helpers import basic, policy_doc, write_policy
 
 LOCAL = (ipaddress.ip_network("127.0.0.0/8"),)
 DECIDE = "/-/decide"
@@ -248,3 +248,16 @@ async def test_throttled_client_gets_429_in_decision_mode(decider) -> None:
                                            "X-Forwarded-For": "192.0.2.8",
                                            **basic("sales", "imsales")})
     assert r.status == 200
+
+
+async def test_a_reload_changes_the_next_decision(decider, policy_path) -> None:
+    check = {**nginx_check("POST", "/api/inventory"), **basic("sales", "imsales")}
+    assert (await decider.get(DECIDE, headers=check)).status == 403
+    doc = policy_doc(EXTRA_USERS, {"tester": TEST_ROLE})
+    doc["roles"]["sales"]["allow"].append({"methods": ["POST"], "paths": ["/api/inventory"]})
+    doc["tests"] = [t for t in doc["tests"]     # sales and warehouse may POST now
+                    if not (t["method"] == "POST" and t["expect"] == "deny")]
+    write_policy(policy_path, doc)
+    r = await decider.post("/-/reload", headers=basic("ops", "imtheops"))
+    assert r.status == 200, await r.text()
+    assert (await decider.get(DECIDE, headers=check)).status == 200
