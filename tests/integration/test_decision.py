@@ -31,7 +31,7 @@ from gateway.guard import OVERRIDE_HEADERS, Rejected, canonical_target
 from gateway.policy import Policy, load_policy
 from tests.helpers import PASSWORDS, ROOT, SHIPPED_POLICY, Process, basic
 from tests.integration.conftest import start_backend
-from tests.integration.frontproxy import FrontProxy, available
+from tests.integration.frontproxy import FrontProxy, available, free_port
 
 HULK = "Incredible Hulk 2"
 KINDS = ("nginx", "caddy")
@@ -43,6 +43,7 @@ class DecisionStack:
     policy: Policy
     gateway: Process
     recorder_log: Path
+    recorder_url: str
     fronts: dict[str, tuple[FrontProxy, FrontProxy] | None] = field(default_factory=dict)
 
     def seen_since(self, offset: int) -> tuple[list[dict[str, object]], int]:
@@ -78,7 +79,7 @@ def dstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DecisionStack]:
         recorder.wait_listening()
         gateway = start_decision_gateway(tmp, policy)
         procs.append(gateway)
-        stack = DecisionStack(tmp, load_policy(policy), gateway, recorder_log)
+        stack = DecisionStack(tmp, load_policy(policy), gateway, recorder_log, recorder.url)
         for kind in KINDS:
             if not available(kind):
                 stack.fronts[kind] = None
@@ -335,6 +336,19 @@ def test_bypass_never_reaches_the_upstream(front, dstack: DecisionStack, method,
     if not seen and not (front[1].kind == "caddy" and "evil.example" in target):
         # (Caddy answers a host it does not serve with an empty 200 of its own.)
         assert status >= 400, status
+
+
+def test_gateway_down_means_nothing_passes(front, dstack: DecisionStack, tmp_path: Path) -> None:
+    kind = front[1].kind
+    dead_gateway = f"http://127.0.0.1:{free_port()}"
+    proxy = FrontProxy.start(kind, tmp_path / kind, dead_gateway, dstack.recorder_url)
+    try:
+        _, offset = dstack.seen_since(0)
+        status = raw_exchange(proxy.url, "GET /api/inventory HTTP/1.1", auth("sales"))
+        seen, _ = dstack.seen_since(offset)
+    finally:
+        proxy.stop()
+    assert status == 502 and seen == []
 
 
 def test_throttle_429_and_retry_after_reach_the_client(front) -> None:
