@@ -39,7 +39,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # What each server proxies to: kept running while a later scenario needs the front server.
 DEPENDS = {"gateway": ("upstream",), "gateway-w1": ("upstream",), "gateway-10k": ("upstream",),
            "caddy": ("upstream",), "nginx-bcrypt": ("upstream",), "flask": ("upstream",),
-           "gateway-backend": ("backend",), "caddy-backend": ("backend",)}
+           "gateway-backend": ("backend",), "caddy-backend": ("backend",),
+           "nginx-decide": ("upstream",)}
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,22 @@ class Bench:
             caddy = servers.start_caddy(tmp, creds, upstream.base_url, access_log=a.caddy_access_log)
             caddy.key = key
             return caddy
+        if key == "nginx-decide":
+            if not self.cli.ok or "--mode" not in self.cli.flags:
+                raise BenchError("gateway has no --mode decide")
+            up = self.server("upstream")
+            if up is None:
+                raise BenchError("no upstream")
+            gw = servers.start_gateway(
+                tmp, "gateway-decide", policy=self.policy_files["small"], upstream=up.base_url,
+                workers=self.workers, cli=self.cli, creds=creds,
+                extra_args=[*a.gateway_arg, "--mode", "decide", "--trusted-proxy", "127.0.0.1/32"],
+                label="gateway --mode decide")
+            try:
+                return servers.start_nginx_decide(tmp, creds, up.base_url, gw)
+            except BenchError:
+                gw.stop()
+                raise
         if key == "nginx-bcrypt":
             up = self.server("upstream")
             if up is None:
@@ -234,11 +251,15 @@ class Bench:
             slow = Load(path, c.header(), connections=a.slow_connections, threads=1)
             peers = [Candidate("caddy", "Caddy basicauth+reverse_proxy", "caddy", get),
                      Candidate("nginx-bcrypt", f"nginx auth_basic bcrypt, c={a.slow_connections}", "nginx-bcrypt", slow),
-                     Candidate("flask", f"tutorial Flask app, c={a.slow_connections}", "flask", slow)]
+                     Candidate("flask", f"tutorial Flask app, c={a.slow_connections}", "flask", slow),
+                     Candidate("nginx-decide", "nginx auth_request + gateway --mode decide", "nginx-decide", get)]
             get_c += peers
             post_c.append(Candidate("caddy", "Caddy basicauth+reverse_proxy", "caddy", post))
             flood_c += [Candidate("caddy", "Caddy, alone", "caddy", legit),
-                        Candidate("caddy+flood", "Caddy, under flood", "caddy", legit, flood)]
+                        Candidate("caddy+flood", "Caddy, under flood", "caddy", legit, flood),
+                        Candidate("nginx-decide", "nginx + decision mode, alone", "nginx-decide", legit),
+                        Candidate("nginx-decide+flood", "nginx + decision mode, under flood", "nginx-decide",
+                                  legit, flood)]
             full_c.append(Candidate("caddy", "Caddy → backend", "caddy-backend", get))
         all_s = [
             Scenario("get", f"cached GET {path}, c={a.connections}", get_c),
@@ -459,6 +480,8 @@ def targets(med: dict[str, dict[str, Any]], labels: dict[str, dict[str, str]], p
     add("post_cpu_vs_caddy", "POST 64K: gateway CPU-µs/req ÷ Caddy's", "post64k", "gateway", "caddy", "cpu_us_per_req", "<=", 1.2, True)
     add("post_p99_vs_caddy", "POST 64K: gateway p99 ÷ Caddy's", "post64k", "gateway", "caddy", "p99_ms", "<=", 2.0, True)
     add("rps_vs_nginx_bcrypt", "GET: gateway req/s ÷ nginx-bcrypt's", "get", "gateway", "nginx-bcrypt", "rps", ">=", 100.0, True)
+    add("decide_vs_nginx_bcrypt", "GET: nginx+decision mode req/s ÷ nginx auth_basic bcrypt's", "get", "nginx-decide", "nginx-bcrypt", "rps", "info", 0, True)
+    add("flood_p99_nginx_decide", "flood: legit p99 under flood ÷ alone (nginx + decision mode)", "flood", "nginx-decide+flood", "nginx-decide", "p99_ms", "<=", 1.5, True)
     add("rps_vs_flask", "GET: gateway req/s ÷ tutorial Flask's", "get", "gateway", "flask", "rps", ">=", 100.0, True)
     add("rules10k_cpu", "10,000 rules: CPU-µs/req ÷ shipped-size policy's", "rules10k", "rules10k", "small", "cpu_us_per_req", "<", 1.10)
     add("flood_p99", "flood: legit p99 under flood ÷ alone (gateway)", "flood", "gateway+flood", "gateway", "p99_ms", "<=", 1.5)

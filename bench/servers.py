@@ -4,7 +4,7 @@
   without nginx, `bench.upstream` (aiohttp; much slower, so through-gateway ratios shrink)
 - the gateway: `python -m gateway serve`, audit log to a file in the run's temp dir
 - peers (with --peers): Caddy (basicauth + reverse_proxy), nginx (auth_basic with the bcrypt
-  htpasswd + proxy_pass), the tutorial's Flask app (throwaway venv under bench/.peers)
+  htpasswd + proxy_pass), nginx (auth_request, deploy/nginx) + the gateway in decision mode, the tutorial's Flask app (throwaway venv under bench/.peers)
 - the real inventory backend, for the full-stack scenario
 
 All peers get the same user, password and cost-12 bcrypt hash as the gateway, and the same
@@ -261,6 +261,27 @@ def start_nginx_bcrypt(tmp: Path, creds: Credentials, upstream: str) -> Server:
     proc = _start_nginx("nginx-bcrypt", prefix, conf)
     server = Server("nginx-bcrypt", "nginx auth_basic (bcrypt)+proxy_pass", f"http://127.0.0.1:{port}",
                     [proc], ["bcrypt on every request (no cache)"])
+    return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
+
+
+def start_nginx_decide(tmp: Path, creds: Credentials, upstream: str, gateway: Server) -> Server:
+    """nginx from deploy/nginx/rbac-gateway.conf (auth_request) in front of ``upstream``, asking
+    ``gateway`` (serve --mode decide). Billed for both: nginx's and the gateway's CPU."""
+    if nginx_binary() is None:
+        raise BenchError(f"nginx not installed ({APT_HINT})")
+    port = free_port()
+    prefix = tmp / "nginx-decide"
+    site = (ROOT / "deploy" / "nginx" / "rbac-gateway.conf").read_text()
+    for old, new in (("server 127.0.0.1:9000;", f"server {gateway.base_url.removeprefix('http://')};"),
+                     ("server 127.0.0.1:8081;", f"server {upstream.removeprefix('http://')};"),
+                     ("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port} reuseport;")):
+        if site.count(old) != 1:
+            raise BenchError(f"deploy/nginx/rbac-gateway.conf: expected {old!r} once")
+        site = site.replace(old, new)
+    conf = _nginx_conf(prefix, "auto", site)
+    proc = _start_nginx("nginx-decide", prefix, conf)
+    server = Server("nginx-decide", "nginx auth_request + gateway --mode decide", f"http://127.0.0.1:{port}",
+                    [proc, *gateway.procs], ["CPU: nginx + the decision gateway", *gateway.notes])
     return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
 
 

@@ -19,6 +19,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import threading
@@ -26,6 +27,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterable
 
 import bcrypt
 
@@ -264,3 +266,20 @@ def _checkpw(password: str, hashed: bytes) -> bool:
 
 # Used only before prepare() ran: a cost-12 hash of a random string nobody knows.
 _FALLBACK_DUMMY = b"$2b$12$rK2xBIkQ3M1w2esyvNtmZev8Yn1Ly1qEbYUdA4vtMuDKse9tFRUBi"
+
+
+def client_behind_proxies(peer: str, forwarded: Iterable[str],
+                          trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+                          ) -> str:
+    """The client a request is from: the right-most address in ``X-Forwarded-For`` that is
+    not a trusted proxy, walking back from the peer (the throttle keys on it)."""
+    chain = [a.strip() for v in forwarded for a in v.split(",") if a.strip()]
+    hop = peer
+    for hop in [peer, *reversed(chain)]:
+        try:
+            ip = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer          # a hop that is not an address: believe only the peer
+        if not any(ip in net for net in trusted):
+            return hop
+    return hop

@@ -12,16 +12,16 @@ the policy says; the policy only decides who may reach them.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from .admin import Admin
 from .audit import now_iso
-from .auth import parse_basic
+from .auth import client_behind_proxies, parse_basic
 from .errors import (BadRequest, Forbidden, GatewayError, PayloadTooLarge, TooManyRequests,
                      Unauthenticated, UnprocessablePolicy)
+from .decision import Decider
 from .forward import read_body
 from .guard import (Rejected, Target, canonical_target, check_framing, check_method)
 from .http.message import JSON_TYPE, json_body
@@ -54,9 +54,14 @@ class Pipeline:
         self.metrics = gw.metrics
         self.admin = Admin(gw)
         self.trusted = self.settings.trusted_proxies
+        self.decider = (Decider(self.settings, self.store, self.auth, self.audit, self.metrics)
+                        if self.settings.mode == "decide" else None)
 
     async def handle(self, req: Request) -> None:
         """Answer one request and record it."""
+        if self.decider is not None and self.decider.owns(req.target):
+            await self.decide(req)
+            return
         started = _perf()
         record: dict[str, object] = {"event": "request", "time": now_iso(), "client": None,
                                      "user": None, "method": req.method, "path": None,
@@ -106,6 +111,16 @@ class Pipeline:
             self.audit.write(record)
             self.metrics.observe(str(record["decision"]), status, elapsed,
                                  upstream_ms / 1000 if upstream_ms is not None else None)
+
+    async def decide(self, req: Request) -> None:
+        """Decision mode: answer a front proxy's check request (recorded by the decider);
+        nothing is forwarded."""
+        status, headers, body = await self.decider.decide(  # type: ignore[union-attr]
+            req.method, req.target, req.headers, tuple(req.headers.raw), req.remote)
+        try:
+            await req.respond(status, headers, body)
+        except ConnectionError:
+            req.abort()                      # the front proxy is gone
 
     def client_address(self, req: Request) -> str:
         peer = req.remote or "unknown"
@@ -185,19 +200,3 @@ class Pipeline:
                               json_body(doc))
         except ConnectionError:
             pass                           # the client is gone already
-
-
-def client_behind_proxies(peer: str, forwarded: list[str],
-                          trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-                          ) -> str:
-    """The right-most address that is not a trusted proxy, walking back from the peer."""
-    chain = [a.strip() for v in forwarded for a in v.split(",") if a.strip()]
-    hop = peer
-    for hop in [peer, *reversed(chain)]:
-        try:
-            ip = ipaddress.ip_address(hop)
-        except ValueError:
-            return peer          # a hop that is not an address: believe only the peer
-        if not any(ip in net for net in trusted):
-            return hop
-    return hop

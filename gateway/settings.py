@@ -6,6 +6,7 @@ import argparse
 import errno
 import ipaddress
 import os
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from yarl import URL
 
+_DECISION_PREFIX = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9\-._~]+)+")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -52,6 +54,9 @@ class Settings:
     max_connections: int = 0          # 0: derived from the file-descriptor limit
     pool_size: int = 256
     shutdown_grace: float = 35.0      # more than the upstream timeout: answers in flight finish
+    # decision mode (gateway/decision.py)
+    mode: str = "proxy"               # "decide": answer front proxies' check requests
+    decision_prefix: str = "/-/decide"
 
 
 class SettingsError(ValueError):
@@ -239,6 +244,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds requests in flight get to finish on SIGTERM (default 35)")
     add("--server", "GATEWAY_SERVER", "httptools",
         help="removed: the gateway has one HTTP server (see docs/SECURITY.md)")
+    add("--mode", "GATEWAY_MODE", d.mode, choices=["proxy", "decide"],
+        help="proxy: authorize and forward (default); decide: answer the check requests of a"
+             " front proxy (nginx auth_request, Caddy forward_auth, Traefik, Envoy), never"
+             " forward")
+    add("--decision-prefix", "GATEWAY_DECISION_PREFIX", d.decision_prefix,
+        help="path of the check requests in decision mode; Envoy appends the original path"
+             " to it (default /-/decide)")
     add("--log-level", "GATEWAY_LOG_LEVEL", d.log_level,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
         help="least severe log level written to stderr (default INFO)")
@@ -273,6 +285,13 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     if args.server not in ("httptools", "fast"):
         fail("server", f"{args.server}: the aiohttp server mode was removed (it decoded "
                        "compressed request bodies: docs/SECURITY.md); omit --server")
+    if args.mode == "decide" and not str(args.trusted_proxy).strip(", "):
+        fail("mode", "--mode decide needs --trusted-proxy: the proxies whose check requests "
+                     "are believed")
+    if not _DECISION_PREFIX.fullmatch(args.decision_prefix) or args.decision_prefix in (
+            "/-/healthz", "/-/ready", "/-/status", "/-/metrics", "/-/reload"):
+        fail("decision_prefix", f"a path like /-/decide (no trailing '/', no '.' segments, "
+                                f"not a gateway endpoint): {args.decision_prefix!r}")
     if bool(args.tls_cert) != bool(args.tls_key):
         fail("tls_cert", "--tls-cert and --tls-key go together")
     if args.tls_cert:
@@ -300,7 +319,8 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         min_upload_rate=conv("min_upload_rate", _positive(_integer), args.min_upload_rate),
         max_connections=conv("max_connections", _positive(_integer), args.max_connections),
         pool_size=conv("pool_size", _at_least(_integer, 1), args.pool_size),
-        shutdown_grace=conv("shutdown_grace", _positive(_number), args.shutdown_grace))
+        shutdown_grace=conv("shutdown_grace", _positive(_number), args.shutdown_grace),
+        mode=args.mode, decision_prefix=args.decision_prefix)
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from http import HTTPStatus
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 JSON_TYPE = "application/json; charset=utf-8"
 RawHeaders = list[tuple[bytes, bytes]]
@@ -90,10 +90,11 @@ class Headers:
         """The raw value of an already lower-cased name."""
         return self._map.get(low_name)
 
-    def getall(self, name: str) -> list[str]:
-        """Every value of ``name``, one per header line."""
+    def getall(self, name: str, default: Iterable[str] = ()) -> list[str]:
+        """Every value of ``name``, one per header line (``default`` when there is none)."""
         low = name.lower().encode()
-        return [v.decode("latin-1") for k, v in self.raw if k.lower() == low]
+        found = [v.decode("latin-1") for k, v in self.raw if k.lower() == low]
+        return found if found else list(default)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower().encode() in self._map
