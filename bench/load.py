@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,14 +110,13 @@ class FloodClient:
         self.duration = duration
 
     def wait_sending(self, deadline_s: float = 15.0) -> None:
-        """Block until the flood announces its first answered request."""
+        """Block (at most `deadline_s`) until the flood announces its first answered request."""
         assert self.popen.stdout is not None
-        deadline = time.monotonic() + deadline_s
-        # readline blocks; the client announces within a fraction of a second or exits.
-        line = self.popen.stdout.readline()
-        if not line.startswith("BENCH_READY") or time.monotonic() > deadline:
-            self.popen.kill()
-            raise BenchError(f"flood client did not start: {line!r} {self.popen.stderr.read()[-300:] if self.popen.stderr else ''}")
+        ready, _, _ = select.select([self.popen.stdout], [], [], deadline_s)
+        line = self.popen.stdout.readline() if ready else ""
+        if not line.startswith("BENCH_READY"):
+            self.kill()
+            raise BenchError(f"flood client did not start within {deadline_s:.0f} s: {line.strip()!r}")
 
     def result(self) -> dict[str, Any]:
         try:

@@ -47,6 +47,7 @@ DEPENDS = {"gateway": ("upstream",), "gateway-alt": ("upstream",), "gateway-10k"
            "flask": ("upstream",), "gateway-backend": ("backend",), "caddy-backend": ("backend",)}
 SCENARIOS = ("get", "post64k", "rules10k", "flood", "fullstack")
 DEFAULT_SCENARIOS = ("get", "post64k", "rules10k", "flood")  # issue 9's Done-when; fullstack on request
+PEER_KEYS = {"nginx-plain", "haproxy", "caddy", "caddy-log", "caddy+flood"}
 STALL_FACTOR = 3.0  # a round whose p99 is > 3× the median p99 of the other rounds is a stall
 
 
@@ -432,7 +433,7 @@ class Bench:
                 }
                 for s in scns
             },
-            "targets": targets(medians, {s.key: s.samples for s in scns}, self.flood_sources),
+            "targets": targets(medians, {s.key: s.samples for s in scns}, self.flood_sources, self.args.peers),
         }
 
     def tools(self) -> dict[str, str | None]:
@@ -527,7 +528,7 @@ def stalls(samples: list[dict[str, Any]], factor: float = STALL_FACTOR) -> list[
 
 
 def targets(med: dict[str, dict[str, Any]], samples: dict[str, dict[str, list[dict[str, Any]]]],
-            flood_sources: list[str]) -> list[dict[str, Any]]:
+            flood_sources: list[str], peers: bool = True) -> list[dict[str, Any]]:
     """Issue 9's Done-when as ratios of medians from this one run (plus INFO rows).
 
     Each row also carries the ratio round by round (round i of one candidate against round i
@@ -543,7 +544,9 @@ def targets(med: dict[str, dict[str, Any]], samples: dict[str, dict[str, list[di
         if ma is None or mb is None:
             if op == "info" or info_if_missing:
                 return  # optional comparison whose candidate did not run: no row
-            row.update(status="SKIP", why=f"no result for {a if ma is None else b}")
+            missing = a if ma is None else b
+            why = "needs PEERS=1 (--peers)" if missing in PEER_KEYS and not peers else f"no result for {missing}"
+            row.update(status="SKIP", why=why)
             out.append(row)
             return
         va, vb = ma[metric], mb[metric]
