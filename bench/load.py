@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +36,13 @@ class Load:
 
 @dataclass(frozen=True)
 class Flood:
-    """A second client: a unique wrong password on every request, paced to `rate` req/s."""
+    """A second client: a unique wrong password on every request, paced to `rate` req/s (0: as
+    fast as answers come back)."""
 
     user: str
     path: str
     connections: int = 16
-    rate: float = 1000.0
+    rate: float = 0.0
     source: str = "127.0.0.2"
 
 
@@ -89,41 +90,33 @@ def run_load(tool: str, base_url: str, load: Load, duration: int, timeout_s: int
 
 
 class FloodClient:
-    """The flood runs beside the measured client; start() returns once it is sending."""
+    """The flood runs beside the measured client; wait_sending() returns once it is answered.
+
+    Always bench.loadgen: it binds the source address, so the flood can come from another
+    loopback address (127.0.0.2: another client) or from the legitimate client's own
+    (127.0.0.1: behind the same NAT or proxy) with the same generator either way.
+    """
 
     def __init__(self, tool: str, base_url: str, flood: Flood, duration: float) -> None:
-        if flood.source not in ("", "127.0.0.1") or tool != "wrk":
-            # wrk cannot bind a source address; the Python client can, so by default the
-            # flood comes from another loopback address than the legitimate client.
-            self.tool = "python"
-            argv = [sys.executable, "-m", "bench.loadgen", base_url + flood.path,
-                    "-c", str(flood.connections), "-d", str(duration), "--rate", str(flood.rate),
-                    "--wrong-password-for", flood.user, "--timeout", "10", "--announce"]
-            if flood.source:
-                argv += ["--source", flood.source]
-            env = dict(os.environ)
-        else:
-            self.tool = "wrk"
-            argv = ["wrk", "-t", "1", "-c", str(flood.connections), "-d", f"{int(duration)}s",
-                    "--timeout", "10s", "-s", str(LUA_DIR / "flood.lua"), base_url]
-            env = _wrk_env({"BENCH_PATH": flood.path, "BENCH_USER": flood.user,
-                            "BENCH_RATE": str(flood.rate), "BENCH_CONNECTIONS": str(flood.connections)})
+        self.tool = "python"
+        argv = [sys.executable, "-m", "bench.loadgen", base_url + flood.path,
+                "-c", str(flood.connections), "-d", str(duration), "--rate", str(flood.rate),
+                "--wrong-password-for", flood.user, "--timeout", "10", "--announce"]
+        if flood.source:
+            argv += ["--source", flood.source]
         self.argv = argv
         self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=env, cwd=ROOT)
+                                      env=dict(os.environ), cwd=ROOT)
         self.duration = duration
 
     def wait_sending(self, deadline_s: float = 15.0) -> None:
-        """Block until the Python flood announces its first answered request (wrk: started)."""
-        if self.tool != "python":
-            return
+        """Block (at most `deadline_s`) until the flood announces its first answered request."""
         assert self.popen.stdout is not None
-        deadline = time.monotonic() + deadline_s
-        # readline blocks; the client announces within a fraction of a second or exits.
-        line = self.popen.stdout.readline()
-        if not line.startswith("BENCH_READY") or time.monotonic() > deadline:
-            self.popen.kill()
-            raise BenchError(f"flood client did not start: {line!r} {self.popen.stderr.read()[-300:] if self.popen.stderr else ''}")
+        ready, _, _ = select.select([self.popen.stdout], [], [], deadline_s)
+        line = self.popen.stdout.readline() if ready else ""
+        if not line.startswith("BENCH_READY"):
+            self.kill()
+            raise BenchError(f"flood client did not start within {deadline_s:.0f} s: {line.strip()!r}")
 
     def result(self) -> dict[str, Any]:
         try:

@@ -28,8 +28,9 @@ from bench.load import Load, run_load, wrk_available
 from bench.procs import BenchError
 from bench.runner import RESULTS
 
-# Frames below the event loop: every sample resumed from the loop's base stack carries them.
-RUNNERS = {"gateway/server.py", "gateway/cli.py", "gateway/__main__.py"}
+# The event loop's entry frames: whatever sits outside them (runpy, cli, the serve function)
+# is the process's base stack, carried by every sample resumed from it, not per-request work.
+LOOP_FILES = ("uvloop/__init__.py", "asyncio/runners.py", "asyncio/base_events.py")
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -72,15 +73,16 @@ def summarize(raw: Path, top: int) -> str:
         func, file = frames[-1]
         self_t[f"{func} ({file})"] += count
         # A partition of all samples: the innermost gateway frame owns the sample (with what
-        # it called); samples with no gateway frame go to the leaf's package (aiohttp's own
+        # it called); samples with no gateway frame go to the leaf (the HTTP parsers in C,
         # request parsing, the event loop).
-        owner = next((f"{fn} ({fl})" for fn, fl in reversed(frames)
-                      if fl.startswith("gateway/") and fl not in RUNNERS), None)
+        base = max((i for i, (_, fl) in enumerate(frames) if fl.endswith(LOOP_FILES)), default=-1)
+        owner = next((f"{fn} ({fl})" for fn, fl in reversed(frames[base + 1:])
+                      if fl.startswith("gateway/")), None)
         if owner is None:
-            owner = f"[loop/aiohttp, no handler frame] {func} ({file})"
+            owner = f"[event loop / C parsers, no gateway frame] {func} ({file})"
         stage[owner] += count
         stage_mod[owner.split("(", 1)[1].rstrip(")") if not owner.startswith("[") else
-                  "aiohttp server/client + event loop (no gateway frame)"] += count
+                  "event loop + C parsers (no gateway frame)"] += count
         seen_f: set[str] = set()
         seen_m: set[str] = set()
         for func, file in frames:

@@ -3,12 +3,17 @@
 - the fixed upstream: nginx answering 200 "ok" to anything (bodies read and discarded), or,
   without nginx, `bench.upstream` (aiohttp; much slower, so through-gateway ratios shrink)
 - the gateway: `python -m gateway serve`, audit log to a file in the run's temp dir
-- peers (with --peers): Caddy (basicauth + reverse_proxy), nginx (auth_basic with the bcrypt
-  htpasswd + proxy_pass), nginx (auth_request, deploy/nginx) + the gateway in decision mode, the tutorial's Flask app (throwaway venv under bench/.peers)
+- the Python floor: `../shared/bench/py_floor.py`, run in place (never copied), with this
+  venv's Python when it has httptools+uvloop+bcrypt, else a throwaway venv under bench/.peers
+- peers (with --peers): nginx (auth_basic with a `{PLAIN}` password + proxy_pass keep-alive),
+  HAProxy (http_auth on an insecure-password userlist), Caddy (basicauth bcrypt +
+  reverse_proxy) without and with its JSON access log; with --slow-peers also nginx auth_basic
+  with the bcrypt htpasswd and the tutorial's Flask app (throwaway venv under bench/.peers)
 - the real inventory backend, for the full-stack scenario
 
-All peers get the same user, password and cost-12 bcrypt hash as the gateway, and the same
-upstream. Tools are detected, never installed: a missing one is reported with the apt line.
+All peers get the same user, password (and, where they hash, cost-12 bcrypt hash) as the
+gateway, and the same upstream. Tools are detected, never installed: a missing one is reported
+with the apt line.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ from bench.procs import BenchError, Proc, free_port, http_status, start, wait_ht
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = ROOT / "bench" / ".peers"
-APT_HINT = "apt-get install wrk caddy nginx-light"
+APT_HINT = "apt-get install wrk caddy nginx-light haproxy"
 FLASK_REQUIREMENTS = ["Flask==3.1.3", "requests==2.34.2"]
+# What py_floor.py imports, pinned like the project (constraints.txt) where the project has them.
+FLOOR_REQUIREMENTS = ["httptools==0.8.0", "uvloop==0.23.0", "bcrypt==5.0.0"]
+FLOOR_NAME = "py_floor.py"
 
 
 @dataclass
@@ -140,6 +148,8 @@ class GatewayCli:
     ok: bool
     flags: frozenset[str]
     problem: str = ""
+    # `serve`'s own default for --workers, read from its --help; None when it doesn't say.
+    workers_default: int | None = None
 
     @classmethod
     def probe(cls) -> GatewayCli:
@@ -153,7 +163,21 @@ class GatewayCli:
         if out.returncode != 0:
             tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
             return cls(False, frozenset(), " | ".join(tail) or f"exit {out.returncode}")
-        return cls(True, frozenset(re.findall(r"--[a-z][a-z-]+", out.stdout)))
+        return cls(True, frozenset(re.findall(r"--[a-z][a-z-]+", out.stdout)),
+                   workers_default=_workers_default(out.stdout))
+
+
+def _workers_default(help_text: str) -> int | None:
+    """The default of `--workers` as `serve --help` states it: a number, or the CPU count."""
+    flat = " ".join(help_text.split())
+    at = flat.rfind("--workers ")  # the options section, after the usage line
+    if at < 0:
+        return None
+    text = re.split(r" --[a-z]", flat[at + len("--workers "):], maxsplit=1)[0]
+    d = re.search(r"default:? *(\d+|nproc|cpu|number of cpu|os\.cpu_count)", text, re.IGNORECASE)
+    if d is None:
+        return None
+    return int(d.group(1)) if d.group(1).isdigit() else len(os.sched_getaffinity(0))
 
 
 def start_gateway(
@@ -199,7 +223,7 @@ def start_caddy(tmp: Path, creds: Credentials, upstream: str, *, access_log: boo
     if version is None:
         raise BenchError(f"caddy not installed ({APT_HINT})")
     port = free_port()
-    home = tmp / "caddy"
+    home = tmp / ("caddy-log" if access_log else "caddy")
     home.mkdir(exist_ok=True)
     if caddy_supports_plain_hash(version):
         directive, hashed = "basic_auth", creds.bcrypt_hash
@@ -228,18 +252,24 @@ http://127.0.0.1:{port} {{
     proc = start("caddy", ["caddy", "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
                  home / "caddy.log", env=env)
     notes = [version.split()[0], "access log → file" if access_log else "no access log"]
-    server = Server("caddy", "Caddy basicauth+reverse_proxy", f"http://127.0.0.1:{port}", [proc], notes)
+    label = "Caddy basicauth+reverse_proxy" + (", JSON access log" if access_log else "")
+    server = Server("caddy-log" if access_log else "caddy", label, f"http://127.0.0.1:{port}", [proc], notes)
     return _ready(server, proc, "/", deadline_s=30, ok=lambda s: s == 401)
 
 
 def start_nginx_bcrypt(tmp: Path, creds: Credentials, upstream: str) -> Server:
     if nginx_binary() is None:
         raise BenchError(f"nginx not installed ({APT_HINT})")
+    return _start_nginx_auth(tmp, "nginx-bcrypt", f"{creds.user}:{creds.bcrypt_hash}\n", upstream,
+                             "nginx auth_basic (bcrypt)+proxy_pass", "bcrypt on every request (no cache)")
+
+
+def _start_nginx_auth(tmp: Path, key: str, htpasswd_line: str, upstream: str, label: str, note: str) -> Server:
     port = free_port()
-    prefix = tmp / "nginx-bcrypt"
+    prefix = tmp / key
     prefix.mkdir(parents=True, exist_ok=True)
     htpasswd = prefix / "htpasswd"
-    htpasswd.write_text(f"{creds.user}:{creds.bcrypt_hash}\n")
+    htpasswd.write_text(htpasswd_line)
     htpasswd.chmod(0o644)  # workers run as nobody when started by root
     conf = _nginx_conf(prefix, "auto", f"""\
     server {{
@@ -258,45 +288,25 @@ def start_nginx_bcrypt(tmp: Path, creds: Credentials, upstream: str) -> Server:
         server {upstream.removeprefix("http://")};
         keepalive 64;
     }}""")
-    proc = _start_nginx("nginx-bcrypt", prefix, conf)
-    server = Server("nginx-bcrypt", "nginx auth_basic (bcrypt)+proxy_pass", f"http://127.0.0.1:{port}",
-                    [proc], ["bcrypt on every request (no cache)"])
+    proc = _start_nginx(key, prefix, conf)
+    server = Server(key, label, f"http://127.0.0.1:{port}", [proc], [note])
     return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
 
 
-def start_nginx_decide(tmp: Path, creds: Credentials, upstream: str, gateway: Server) -> Server:
-    """nginx from deploy/nginx/rbac-gateway.conf (auth_request) in front of ``upstream``, asking
-    ``gateway`` (serve --mode decide). Billed for both: nginx's and the gateway's CPU."""
-    if nginx_binary() is None:
-        raise BenchError(f"nginx not installed ({APT_HINT})")
-    port = free_port()
-    prefix = tmp / "nginx-decide"
-    site = (ROOT / "deploy" / "nginx" / "rbac-gateway.conf").read_text()
-    for old, new in (("server 127.0.0.1:9000;", f"server {gateway.base_url.removeprefix('http://')};"),
-                     ("server 127.0.0.1:8081;", f"server {upstream.removeprefix('http://')};"),
-                     ("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port} reuseport;")):
-        if site.count(old) != 1:
-            raise BenchError(f"deploy/nginx/rbac-gateway.conf: expected {old!r} once")
-        site = site.replace(old, new)
-    conf = _nginx_conf(prefix, "auto", site)
-    proc = _start_nginx("nginx-decide", prefix, conf)
-    server = Server("nginx-decide", "nginx auth_request + gateway --mode decide", f"http://127.0.0.1:{port}",
-                    [proc, *gateway.procs], ["CPU: nginx + the decision gateway", *gateway.notes])
-    return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
-
-
-def flask_python(log: Path) -> tuple[str | None, str]:
-    """Python of the throwaway Flask venv (created on first use); (None, why) if impossible."""
-    venv = PEERS_DIR / "flask-venv"
+def peer_python(name: str, requirements: list[str], log: Path) -> tuple[str | None, str]:
+    """Python of the throwaway venv bench/.peers/NAME-venv (created on first use, git-ignored);
+    (None, why) if it cannot be made."""
+    venv = PEERS_DIR / f"{name}-venv"
     py = venv / "bin" / "python"
     stamp = venv / ".installed"
-    wanted = " ".join(FLASK_REQUIREMENTS)
+    wanted = " ".join(requirements)
     if py.exists() and stamp.exists() and stamp.read_text() == wanted:
         return str(py), ""
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
+    (PEERS_DIR / ".gitignore").write_text("*\n")
     with open(log, "ab") as out:
         steps = [[sys.executable, "-m", "venv", "--clear", str(venv)],
-                 [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *FLASK_REQUIREMENTS]]
+                 [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements]]
         for argv in steps:
             try:
                 rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=300).returncode
@@ -306,6 +316,92 @@ def flask_python(log: Path) -> tuple[str | None, str]:
                 return None, f"`{' '.join(argv[:4])} …` failed (exit {rc}); see {log}"
     stamp.write_text(wanted)
     return str(py), ""
+
+
+def flask_python(log: Path) -> tuple[str | None, str]:
+    return peer_python("flask", FLASK_REQUIREMENTS, log)
+
+
+def find_floor(explicit: Path | None = None) -> Path | None:
+    """`../shared/bench/py_floor.py` seen from the checkout (or from the worktree folder)."""
+    cands = [explicit] if explicit else [ROOT.parent / "shared" / "bench" / FLOOR_NAME,
+                                         ROOT.parent.parent / "shared" / "bench" / FLOOR_NAME]
+    return next((c.resolve() for c in cands if c is not None and c.is_file()), None)
+
+
+def floor_python(log: Path) -> tuple[str | None, str, str]:
+    """(python, why-not, which): this venv's Python if it imports what the floor needs."""
+    probe = subprocess.run([sys.executable, "-c", "import httptools, uvloop, bcrypt"],
+                           capture_output=True, timeout=60)
+    if probe.returncode == 0:
+        return sys.executable, "", "the project's venv"
+    py, why = peer_python("floor", FLOOR_REQUIREMENTS, log)
+    return py, why, "bench/.peers/floor-venv (" + " ".join(FLOOR_REQUIREMENTS) + ")"
+
+
+def start_floor(tmp: Path, creds: Credentials, upstream: str, floor: Path | None = None) -> Server:
+    """The yardstick: py_floor.py run where it lives, from its own folder, with its own flags."""
+    script = find_floor(floor)
+    if script is None:
+        raise BenchError(f"{FLOOR_NAME} not found (looked in ../shared/bench and ../../shared/bench; "
+                         "--floor PATH)")
+    py, why, which = floor_python(tmp / "floor-venv.log")
+    if py is None:
+        raise BenchError(f"floor: no Python with httptools+uvloop+bcrypt: {why}")
+    port = free_port()
+    proc = start("floor", [py, script.name, "--upstream", upstream, "--user", f"{creds.user}:{creds.bcrypt_hash}",
+                           "--port", str(port)], tmp / "floor.log", cwd=script.parent)
+    server = Server("floor", "Python floor (py_floor.py)", f"http://127.0.0.1:{port}", [proc],
+                    [f"{script}", f"Python: {which}"])
+    return _ready(server, proc, "/", deadline_s=30, ok=lambda s: s == 401)
+
+
+def start_nginx_plain(tmp: Path, creds: Credentials, upstream: str) -> Server:
+    """nginx auth_basic with a `{PLAIN}` password (no hash) + proxy_pass with a keep-alive pool."""
+    if nginx_binary() is None:
+        raise BenchError(f"nginx not installed ({APT_HINT})")
+    return _start_nginx_auth(tmp, "nginx-plain", f"{creds.user}:{{PLAIN}}{creds.password}\n", upstream,
+                             "nginx auth_basic {PLAIN}+proxy_pass", "plain password compare")
+
+
+def start_haproxy(tmp: Path, creds: Credentials, upstream: str) -> Server:
+    """HAProxy: `http_auth` on a userlist with an insecure-password (plain) user, one backend."""
+    haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if haproxy is None:
+        raise BenchError(f"haproxy not installed ({APT_HINT})")
+    port = free_port()
+    home = tmp / "haproxy"
+    home.mkdir(exist_ok=True)
+    cfg = home / "haproxy.cfg"
+    cfg.write_text(f"""\
+global
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 75s
+
+userlist bench_users
+    user {creds.user} insecure-password {creds.password}
+
+frontend bench
+    bind 127.0.0.1:{port}
+    http-request auth realm bench unless {{ http_auth(bench_users) }}
+    default_backend upstream
+
+backend upstream
+    http-reuse always
+    server up {upstream.removeprefix("http://")}
+""")
+    proc = start("haproxy", [haproxy, "-db", "-f", str(cfg)], home / "haproxy.log")
+    version = tool_version([haproxy, "-v"]) or "haproxy"
+    server = Server("haproxy", "HAProxy http_auth+backend", f"http://127.0.0.1:{port}", [proc],
+                    [version.split(" - ")[0], "insecure-password userlist"])
+    return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
 
 
 def start_flask(tmp: Path, creds: Credentials, upstream: str) -> Server:
