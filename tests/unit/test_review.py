@@ -1,0 +1,242 @@
+"""Adversarial review of the httptools HTTP layer: regression tests for confirmed findings.
+
+Each test states what must happen; the ones marked xfail(strict) are open findings (the mark
+goes when the fix lands)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import httptools
+import pytest
+
+from tests.helpers import basic
+from tests.unit.test_smuggling import parse_answers
+
+TESTER = basic("tester", "testerpw")["Authorization"]
+
+
+@dataclass
+class Req:
+    conn: int
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass
+class ScriptedUpstream:
+    """A raw upstream: parses requests with llhttp, answers with ``script(req)`` bytes."""
+
+    port: int = 0
+    seen: list[Req] = field(default_factory=list)
+    script: Callable[[Req], bytes] = lambda r: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    conns: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class _P:
+    def __init__(self, up: ScriptedUpstream, n: int, writer: asyncio.StreamWriter) -> None:
+        self.up, self.n, self.writer = up, n, writer
+        self.parser = httptools.HttpRequestParser(self)
+
+    def on_message_begin(self) -> None:
+        self.url, self.headers, self.body = b"", [], b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        r = Req(self.n, self.parser.get_method().decode(), self.url.decode("latin-1"),
+                self.headers, self.body)
+        self.up.seen.append(r)
+        out = self.up.script(r)
+        if out is None:
+            self.writer.close()
+        else:
+            self.writer.write(out)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedUpstream]:
+    up = ScriptedUpstream()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up.conns += 1
+        p = _P(up, up.conns, writer)
+        try:
+            while data := await reader.read(65536):
+                p.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            up.errors.append(str(exc))
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    up.port = server.sockets[0].getsockname()[1]
+    yield up
+    server.close()
+
+
+async def roundtrip(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send bytes, read until the gateway closes (or timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    out = b""
+    try:
+        async def all_() -> None:
+            nonlocal out
+            while chunk := await reader.read(65536):
+                out += chunk
+        await asyncio.wait_for(all_(), timeout)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        writer.close()
+    return out
+
+
+def get(target: str, *, close: bool = False, extra: str = "") -> bytes:
+    return (f"GET {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: {TESTER}\r\n{extra}"
+            + ("Connection: close\r\n" if close else "") + "\r\n").encode()
+
+
+
+async def _slow_download(port: int, target: str) -> int:
+    """A client with a tiny receive buffer that reads its answer slowly."""
+    import socket
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(get(target, close=True))
+    got = 0
+    try:
+        while chunk := await asyncio.wait_for(reader.read(16384), 10):
+            got += len(chunk)
+            await asyncio.sleep(0.005)
+    finally:
+        writer.close()
+    return got
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 1")
+async def test_slow_reader_does_not_leave_a_paused_connection_in_the_pool(
+        make_gateway, scripted) -> None:
+    """Finding 1: the client's pause_writing pauses the upstream transport (relay_source);
+    when the answer's last bytes arrive in the read that makes the client's buffer overflow,
+    the exchange ends, relay_source is reset to None, and the upstream connection goes back
+    to the pool *still paused*: the next request on it (any user's) is never read -> 504
+    after --upstream-timeout, and the pool slowly fills with dead connections."""
+    size = 5_000_000
+
+    def script(r: Req) -> bytes:
+        if r.target == "/test/big":
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    scripted.script = script
+    gw = await make_gateway(upstream=scripted.url, upstream_timeout=2.0)
+    for _ in range(3):
+        assert await _slow_download(gw.port, "/test/big") > size
+        out = await roundtrip(gw.port, get("/test/small", close=True), timeout=4)
+        assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"ok"), out[:200]
+
+
+def post_chunked_with_trailer(trailer: str) -> bytes:
+    return (f"POST /test/a HTTP/1.1\r\nHost: gw\r\nAuthorization: {TESTER}\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            f"3\r\nabc\r\n0\r\n{trailer}\r\n\r\n").encode()
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 2")
+async def test_trailer_fields_are_never_forwarded_as_header_fields(make_gateway, scripted) -> None:
+    """Finding 2: Connection.on_header does not tell trailers from the head: trailer fields
+    are appended to req.headers, which the forwarder turns into the upstream's *header*
+    block (they are not even re-checked by the guard when they arrive after it ran)."""
+    gw = await make_gateway(upstream=scripted.url)
+    out = await roundtrip(gw.port, post_chunked_with_trailer("X-Original-URL: /admin"))
+    assert out.startswith(b"HTTP/1.1 ")
+    for seen in scripted.seen:
+        assert not any(k.lower() == "x-original-url" for k, _ in seen.headers), seen.headers
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 2")
+async def test_method_override_in_a_late_trailer_is_not_forwarded(make_gateway, scripted) -> None:
+    """Finding 2, the guard bypass: on a json_keys rule the body is read *after* the guard's
+    check_method and *before* the upstream head is built; a trailer sent after the 100 Continue
+    lands in req.headers and reaches the upstream: 'PUT' + X-HTTP-Method-Override: DELETE."""
+    gw = await make_gateway(upstream=scripted.url)
+    auth = basic("warehouse", "imthewarehouse")["Authorization"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write((f"PUT /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\n"
+                  "Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                  "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode())
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100")          # the guard and the policy have run
+    body = b'{"name": "X-Men 1 (1991)", "count": 1}'
+    writer.write(b"%x\r\n%s\r\n0\r\nX-HTTP-Method-Override: DELETE\r\n\r\n" % (len(body), body))
+    out = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert out.startswith(b"HTTP/1.1 ")
+    for seen in scripted.seen:
+        assert not any(k.lower() == "x-http-method-override" for k, _ in seen.headers), \
+            (seen.method, seen.headers)
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 3")
+async def test_a_huge_header_block_is_refused_with_431(make_gateway, scripted) -> None:
+    """Finding 3: only each header line is bounded (max_header_bytes) and their count (100);
+    a 720 KB header block is accepted, held in memory and forwarded upstream. SECURITY.md:
+    'Oversize header blocks get 431'."""
+    gw = await make_gateway(upstream=scripted.url)
+    lines = "".join(f"X-H{i}: {'v' * 8000}\r\n" for i in range(90))
+    out = await roundtrip(gw.port, (f"GET /test/a HTTP/1.1\r\nHost: gw\r\n"
+                                    f"Authorization: {TESTER}\r\n{lines}"
+                                    "Connection: close\r\n\r\n").encode())
+    assert out.startswith(b"HTTP/1.1 431"), out[:100]
+    assert scripted.seen == []
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 4")
+async def test_upgrade_request_body_is_forwarded_or_refused(make_gateway, scripted) -> None:
+    """Finding 4: a POST with Connection: Upgrade and a Content-Length body reaches the
+    upstream as 'Content-Length: 0' with no body (llhttp stops at the head of an upgrade);
+    the client's body is silently dropped. It must be forwarded whole or refused (400)."""
+    gw = await make_gateway(upstream=scripted.url)
+    out = await roundtrip(gw.port, (f"POST /test/a HTTP/1.1\r\nHost: gw\r\n"
+                                    f"Authorization: {TESTER}\r\nConnection: Upgrade\r\n"
+                                    "Upgrade: h2c\r\nContent-Length: 3\r\n\r\nabc").encode())
+    assert out.startswith(b"HTTP/1.1 ")
+    assert all(s.body == b"abc" for s in scripted.seen), [(s.headers, s.body) for s in scripted.seen]
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 5")
+async def test_malformed_answer_detected_before_any_byte_left_is_a_502(make_gateway,
+                                                                       scripted) -> None:
+    """Finding 5: the upstream's head and its bad chunk size arrive in one read; the parse
+    error is raised, then _flush() still writes the relayed '200 OK' head: the client gets a
+    200 and a reset instead of a clean 502 (an HTTP/1.0 client reading to the close sees an
+    empty 200)."""
+    scripted.script = lambda r: (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 b"zz\r\nabc\r\n0\r\n\r\n")
+    gw = await make_gateway(upstream=scripted.url)
+    out = await roundtrip(gw.port, get("/test/a", close=True))
+    assert out.startswith(b"HTTP/1.1 502"), out[:100]
