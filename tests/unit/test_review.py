@@ -240,3 +240,49 @@ async def test_malformed_answer_detected_before_any_byte_left_is_a_502(make_gate
     gw = await make_gateway(upstream=scripted.url)
     out = await roundtrip(gw.port, get("/test/a", close=True))
     assert out.startswith(b"HTTP/1.1 502"), out[:100]
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 6")
+async def test_a_client_that_never_reads_does_not_hold_its_upstream_connection_forever(
+        make_gateway, scripted) -> None:
+    """Finding 6 (pool exhaustion): a client that never reads a large answer is cut after
+    send_timeout, but its exchange never ends: the upstream transport stays paused (nothing is
+    read, so nothing notices the client is gone) and the pool's sweeper skips it because the
+    dead client's FlowControl.paused_since is never cleared. The slot is held forever:
+    pool_size such clients (256 by default) make every later request 503 until restart."""
+    import socket
+    size = 8_000_000
+
+    def script(r: Req) -> bytes:
+        if r.target == "/test/big":
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+        return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    scripted.script = script
+    gw = await make_gateway(upstream=scripted.url, upstream_timeout=0.5, pool_size=2,
+                            connect_timeout=0.5)
+    socks = []
+    for _ in range(2):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", gw.port))
+        s.sendall(get("/test/big", close=True))
+        socks.append(s)
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while gw.gw._pool.in_use < 2 and loop.time() < deadline:  # both answers under way
+            await asyncio.sleep(0.05)
+        assert gw.gw._pool.in_use == 2
+        deadline = loop.time() + 5
+        while gw.server.connections and loop.time() < deadline:   # both cut by send_timeout
+            await asyncio.sleep(0.05)
+        assert not gw.server.connections
+        deadline = loop.time() + 5
+        while gw.gw._pool.in_use and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        out = await roundtrip(gw.port, get("/test/small", close=True), timeout=4)
+        assert out.startswith(b"HTTP/1.1 200"), out[:120]
+    finally:
+        for s in socks:
+            s.close()
