@@ -286,3 +286,35 @@ async def test_a_client_that_never_reads_does_not_hold_its_upstream_connection_f
     finally:
         for s in socks:
             s.close()
+
+
+async def _send_then_half_close(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    writer.write_eof()                       # shutdown(SHUT_WR): "that is all I send"
+    out = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            out += chunk
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 7")
+async def test_half_close_after_a_complete_request_still_gets_the_answer(make_gateway,
+                                                                         scripted) -> None:
+    """Finding 7: Connection.eof_received returns None, so the transport closes itself at the
+    client's FIN: a client that half-closes after a *complete* request (HTTP/1.0 tools,
+    `printf ... | nc -N`) gets no answer at all, although the request was forwarded and
+    executed upstream (often: it is a race). Pipelined requests before the FIN are lost the same way, and _serve's
+    unguarded flow.drain() then logs 'Task exception was never retrieved' tracebacks."""
+    gw = await make_gateway(upstream=scripted.url)
+    out = await _send_then_half_close(gw.port, get("/test/a", close=True))
+    # (depending on timing the upstream has executed it already: the probe saw it there)
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"ok"), out[:100]
+    out = await _send_then_half_close(gw.port, get("/test/a") + get("/test/b", close=True))
+    assert len(parse_answers(out)) == 2, out[:200]
