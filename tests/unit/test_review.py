@@ -318,3 +318,39 @@ async def test_half_close_after_a_complete_request_still_gets_the_answer(make_ga
     assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"ok"), out[:100]
     out = await _send_then_half_close(gw.port, get("/test/a") + get("/test/b", close=True))
     assert len(parse_answers(out)) == 2, out[:200]
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 8")
+async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(make_gateway,
+                                                                      scripted) -> None:
+    """Finding 8: one write of N pipelined wrong-password requests is parsed and queued at
+    once (the 16-request pause only stops *further* reads; 256 KB of tiny requests queue ~3000),
+    and after the throttle threshold each answer is tarpitted --throttle-delay seconds. The
+    connection is BUSY for N x delay (~50 min per 256 KB at the default 1 s), and BUSY
+    connections are never evicted: an anonymous client fills --max-connections and every
+    legitimate client is refused."""
+    gw = await make_gateway(upstream=scripted.url, max_connections=2, throttle_delay=0.5)
+    bad = basic("sales", "wrong")["Authorization"]
+    flood = (f"GET /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {bad}\r\n\r\n"
+             .encode()) * 200
+    held = []
+    for _ in range(2):
+        r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+        w.write(flood)
+        await w.drain()
+        held.append(w)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not (len(gw.server.connections) == 2 and all(c.state == 1 for c in gw.server.connections)) \
+            and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    try:
+        out = b""
+        try:
+            out = await roundtrip(gw.port, get("/test/a", close=True), timeout=3)
+        except ConnectionError:
+            pass
+        assert out.startswith(b"HTTP/1.1 200"), out[:80]
+    finally:
+        for w in held:
+            w.transport.abort()
