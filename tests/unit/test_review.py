@@ -354,3 +354,34 @@ async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(make_gatew
     finally:
         for w in held:
             w.transport.abort()
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 9")
+async def test_http10_request_with_transfer_encoding_closes_the_connection(make_gateway,
+                                                                          scripted) -> None:
+    """Finding 9: RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing
+    and the connection MUST be closed after it (a 1.0 front proxy would not see that body).
+    The gateway keeps the connection alive and answers the next request on it."""
+    gw = await make_gateway(upstream=scripted.url)
+    out = await roundtrip(gw.port, (
+        f"POST /test/a HTTP/1.0\r\nHost: gw\r\nAuthorization: {TESTER}\r\n"
+        "Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        f"GET /test/b HTTP/1.0\r\nHost: gw\r\nAuthorization: {TESTER}\r\n\r\n").encode())
+    answers = parse_answers(out)
+    assert len(answers) == 1 and answers[0][1].get("connection") == "close", answers
+    assert [s.target for s in scripted.seen] in ([], ["/test/a"])
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 10")
+@pytest.mark.parametrize("hosts", [["a.test", "b.test"], [], ["a b"]])
+async def test_http11_request_without_one_valid_host_is_a_400(make_gateway, scripted,
+                                                              hosts) -> None:
+    """Finding 10: RFC 9112 3.2: a 1.1 request with no Host, several Host lines or an invalid
+    Host value MUST get 400. The gateway forwards all three (a front proxy routing on the
+    first Host and an upstream on the last can disagree)."""
+    gw = await make_gateway(upstream=scripted.url)
+    lines = "".join(f"Host: {h}\r\n" for h in hosts)
+    out = await roundtrip(gw.port, (f"GET /test/a HTTP/1.1\r\n{lines}Authorization: {TESTER}\r\n"
+                                    "Connection: close\r\n\r\n").encode())
+    assert out.startswith(b"HTTP/1.1 400"), out[:60]
+    assert scripted.seen == []
