@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _perf = time.perf_counter
+_TARGET_CACHE = 4096
 
 
 def is_gateway_path(path: str) -> bool:
@@ -54,6 +55,7 @@ class Pipeline:
         self.metrics = gw.metrics
         self.admin = Admin(gw)
         self.trusted = self.settings.trusted_proxies
+        self._targets: dict[str, Target] = {}
         self.decider = (Decider(self.settings, self.store, self.auth, self.audit, self.metrics)
                         if self.settings.mode == "decide" else None)
 
@@ -72,7 +74,9 @@ class Pipeline:
             client = record["client"] = self.client_address(req)
             check_method(req.method, req.headers)
             check_framing(req.headers)
-            target = canonical_target(req.target)
+            target = self._targets.get(req.target)
+            if target is None:
+                target = self.canonical(req.target)
             record["path"] = target.path
             policy = self.store.policy          # one snapshot for the whole request
             user, decision = await self.authorize(req, target, client, policy, record)
@@ -122,6 +126,15 @@ class Pipeline:
         except ConnectionError:
             req.abort()                      # the front proxy is gone
 
+    def canonical(self, raw: str) -> Target:
+        """The guard's verdict on a raw target; accepted ones are remembered (targets repeat,
+        and a Target is immutable), rejections are not."""
+        target = canonical_target(raw)
+        if len(self._targets) >= _TARGET_CACHE:
+            self._targets.clear()
+        self._targets[raw] = target
+        return target
+
     def client_address(self, req: Request) -> str:
         peer = req.remote or "unknown"
         if not self.trusted:
@@ -132,14 +145,30 @@ class Pipeline:
                         record: dict[str, object]) -> tuple[User | None, Decision]:
         """Authenticate (when credentials are sent or needed) and decide."""
         realm = policy.realm
-        creds = parse_basic(req.headers.get("Authorization"), realm)
-        if creds is None:
+        header = req.headers.get_raw(b"authorization")
+        if header is None:
             decision = policy.decide(None, req.method, target.segments)
             if not decision.allowed:
                 raise Unauthenticated("authentication required", realm=realm)
             return None, decision
+        key = self.auth.cache.key(header)
+        user = self.auth.cached(policy, key)
+        if user is None:
+            user = await self.authenticate(req, target, client, policy, header, key)
+        record["user"] = user.name
+        decision = policy.decide(user.name, req.method, target.segments)
+        record["rule"] = decision.rule.id if decision.rule else None
+        if not decision.allowed:
+            raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")
+        return user, decision
+
+    async def authenticate(self, req: Request, target: Target, client: str, policy: Policy,
+                           header: bytes, key: bytes) -> User:
+        """The uncached path: parse the credentials, check them with bcrypt."""
+        creds = parse_basic(header.decode("latin-1"), policy.realm)
+        assert creds is not None
         try:
-            user = await self.auth.authenticate(policy, creds, client)
+            return await self.auth.authenticate(policy, creds, client, key)
         except Unauthenticated:
             self.metrics.auth_failures.labels("invalid_credentials").inc()
             self.audit.write({"event": "auth_failure", "time": now_iso(), "client": client,
@@ -153,12 +182,6 @@ class Pipeline:
             if self.settings.throttle_delay:
                 await asyncio.sleep(self.settings.throttle_delay)
             raise
-        record["user"] = user.name
-        decision = policy.decide(user.name, req.method, target.segments)
-        record["rule"] = decision.rule.id if decision.rule else None
-        if not decision.allowed:
-            raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")
-        return user, decision
 
     async def inspect_body(self, req: Request, decision: Decision, user: User | None) -> bytes:
         """Read the body a body-constrained rule must see; 403 unless it fits."""
