@@ -23,7 +23,8 @@ from .errors import (BadRequest, Forbidden, GatewayError, PayloadTooLarge, TooMa
                      Unauthenticated, UnprocessablePolicy)
 from .decision import Decider
 from .forward import read_body
-from .guard import (Rejected, Target, canonical_target, check_framing, check_method)
+from .guard import (OVERRIDE_HEADERS, REJECTED_METHODS, Rejected, Target, canonical_target,
+                    check_framing, check_method)
 from .http.message import JSON_TYPE, json_body
 from .http.server import Request
 from .http.upstream import ClientGone
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _perf = time.perf_counter
 _TARGET_CACHE = 4096
+_OVERRIDES = frozenset(h.lower().encode() for h in OVERRIDE_HEADERS)
 
 
 def is_gateway_path(path: str) -> bool:
@@ -72,8 +74,10 @@ class Pipeline:
         status = 500
         try:
             client = record["client"] = self.client_address(req)
-            check_method(req.method, req.headers)
-            check_framing(req.headers)
+            if req.method in REJECTED_METHODS or req.headers.has_any(_OVERRIDES):
+                check_method(req.method, req.headers)
+            if req.chunked:
+                check_framing(req.headers)
             target = self._targets.get(req.target)
             if target is None:
                 target = self.canonical(req.target)

@@ -90,6 +90,10 @@ class Headers:
         """The raw value of an already lower-cased name."""
         return self._map.get(low_name)
 
+    def has_any(self, low_names: frozenset[bytes]) -> bool:
+        """True when any of these lower-cased names is present."""
+        return not low_names.isdisjoint(self._map)
+
     def getall(self, name: str, default: Iterable[str] = ()) -> list[str]:
         """Every value of ``name``, one per header line (``default`` when there is none)."""
         low = name.lower().encode()

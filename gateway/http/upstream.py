@@ -32,7 +32,7 @@ import httptools
 
 from ..errors import BadGateway, GatewayError, GatewayTimeout, Overloaded
 from .flow import FlowControl
-from .message import HOP_BY_HOP, NO_BODY_STATUS, connection_tokens, status_line
+from .message import HOP_BY_HOP, NO_BODY_STATUS, REASONS, connection_tokens, status_line
 from .server import Request
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 _IDLE_SECONDS = 30.0
 _HIGH_WATER = 256 * 1024
 _SKIP_RESPONSE = HOP_BY_HOP | {b"content-length"}
+_NONE: frozenset[bytes] = frozenset()
+_STANDARD = {(code, phrase): line for code, phrase in REASONS.items()
+             for line in (status_line(code),)}
 
 
 class Stale(Exception):
@@ -68,6 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._connection: list[bytes] = []
         self._interim = False
         self._chunked_out = False
         self._until_eof = False
@@ -129,6 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.broken = True
             raise BadGateway("the upstream answered twice", code="upstream_malformed")
         self._headers = []
+        self._connection: list[bytes] = []
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
@@ -136,6 +141,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        if len(name) == 10 and name.lower() == b"connection":
+            self._connection.append(value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -149,9 +156,9 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is None:                           # a probe: only the status matters
             return
-        named = connection_tokens(b",".join(v for k, v in self._headers
-                                            if k.lower() == b"connection"))
-        out = [status_line(status, self._reason or None)]
+        named = connection_tokens(b",".join(self._connection)) if self._connection else _NONE
+        reason = self._reason
+        out = [_STANDARD.get((status, reason)) or status_line(status, reason or None)]
         length: bytes | None = None
         chunked_in = False
         for name, value in self._headers:
@@ -340,6 +347,22 @@ class Pool:
                 return
         self._free += 1
 
+    def try_acquire(self) -> UpstreamConnection | None:
+        """An idle pooled connection without waiting, or ``None`` (the common case first)."""
+        if self._free <= 0 or self._waiters or not self._idle:
+            return None
+        now = time.monotonic()
+        while self._idle:
+            conn, since = self._idle.pop()
+            t = conn.transport
+            if not conn.broken and now - since < _IDLE_SECONDS and t is not None \
+                    and not t.is_closing():
+                self._free -= 1
+                self.busy.add(conn)
+                return conn
+            conn.close()
+        return None
+
     async def acquire(self, streaming: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused from the pool."""
         if streaming:
@@ -441,7 +464,11 @@ async def exchange(pool: Pool, req: Request | None, head: bytes, body: bytes | N
     answer left, :class:`ClientGone` when the client disappeared."""
     streaming = stream is not None
     for attempt in (0, 1):
-        conn, reused = await pool.acquire(streaming)
+        conn = pool.try_acquire() if not streaming and attempt == 0 else None
+        if conn is not None:
+            reused = True
+        else:
+            conn, reused = await pool.acquire(streaming)
         done = conn.start(req)
         if req is not None:
             req.conn.relay_source = conn.transport
