@@ -20,8 +20,8 @@ from typing import Any
 from .errors import PayloadTooLarge
 from .guard import Target
 from .http.message import HOP_BY_HOP, connection_tokens
-from .http.server import Request
-from .http.upstream import Pool, exchange, request_head
+from .http.connection import Request
+from .http.pool import Pool, exchange, request_head
 from .policy import User
 
 _DROP = HOP_BY_HOP | frozenset(h.encode() for h in (

@@ -346,3 +346,25 @@ async def test_throttled_clients_wait_for_their_429(make_gateway) -> None:
     resp = await gw.get("/api/inventory", headers=basic("sales", "again"))
     assert resp.status == 429
     assert _time.monotonic() - t0 >= 0.29     # uvloop's timers have 1 ms resolution
+
+
+async def test_deeply_nested_json_on_a_body_checked_route_is_403_not_500(gateway,
+                                                                         upstream) -> None:
+    deep = b'{"count": ' + b"[" * 5000 + b"]" * 5000 + b', "name": "x"}'
+    resp = await gateway.put("/api/inventory?name=x", data=deep,
+                             headers={**basic("warehouse", "imthewarehouse"),
+                                      "Content-Type": "application/json"})
+    assert resp.status == 403
+    doc = await resp.json()
+    assert doc["status"] == 403 and "may only send a JSON object" in doc["error"]
+    assert upstream.seen == []
+
+
+async def test_compressed_body_on_a_body_checked_route_is_refused(gateway, upstream) -> None:
+    import gzip
+    resp = await gateway.put("/api/inventory?name=x",
+                             data=gzip.compress(b'{"name": "x", "count": 1}'),
+                             headers={**basic("warehouse", "imthewarehouse"),
+                                      "Content-Encoding": "gzip"})
+    assert resp.status == 403
+    assert upstream.seen == []
