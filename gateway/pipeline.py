@@ -58,6 +58,9 @@ class Pipeline:
         self.admin = Admin(gw)
         self.trusted = self.settings.trusted_proxies
         self._targets: dict[str, Target] = {}
+        # Decisions are pure functions of (policy, user, method, path): remembered per policy.
+        self._memo: dict[tuple[str, str, str], Decision] = {}
+        self._memo_policy: Policy | None = None
         self.decider = (Decider(self.settings, self.store, self.auth, self.audit, self.metrics)
                         if self.settings.mode == "decide" else None)
 
@@ -160,7 +163,16 @@ class Pipeline:
         if user is None:
             user = await self.authenticate(req, target, client, policy, header, key)
         record["user"] = user.name
-        decision = policy.decide(user.name, req.method, target.segments)
+        if policy is not self._memo_policy:          # a reload: decisions start afresh
+            self._memo.clear()
+            self._memo_policy = policy
+        memo_key = (user.name, req.method, target.path)
+        decision = self._memo.get(memo_key)
+        if decision is None:
+            decision = policy.decide(user.name, req.method, target.segments)
+            if len(self._memo) >= _TARGET_CACHE:
+                self._memo.clear()
+            self._memo[memo_key] = decision
         record["rule"] = decision.rule.id if decision.rule else None
         if not decision.allowed:
             raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")

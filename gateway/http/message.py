@@ -114,8 +114,11 @@ class Headers:
         return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw]
 
 
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 def connection_tokens(value: bytes | None) -> frozenset[bytes]:
     """Lower-cased header names listed in a ``Connection`` value."""
-    if not value:
-        return frozenset()
+    if not value or value == b"keep-alive" or value == b"close":
+        return _NO_TOKENS
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
