@@ -44,10 +44,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEPENDS = {"gateway": ("upstream",), "gateway-alt": ("upstream",), "gateway-10k": ("upstream",),
            "floor": ("upstream",), "nginx-plain": ("upstream",), "haproxy": ("upstream",),
            "caddy": ("upstream",), "caddy-log": ("upstream",), "nginx-bcrypt": ("upstream",),
-           "flask": ("upstream",), "gateway-backend": ("backend",), "caddy-backend": ("backend",)}
+           "flask": ("upstream",), "gateway-backend": ("backend",), "caddy-backend": ("backend",),
+           "nginx-decide": ("upstream",)}
 SCENARIOS = ("get", "post64k", "rules10k", "flood", "fullstack")
 DEFAULT_SCENARIOS = ("get", "post64k", "rules10k", "flood")  # issue 9's Done-when; fullstack on request
-PEER_KEYS = {"nginx-plain", "haproxy", "caddy", "caddy-log", "caddy+flood"}
+PEER_KEYS = {"nginx-plain", "haproxy", "caddy", "caddy-log", "caddy+flood", "nginx-decide", "nginx-decide+flood"}
+DECIDE = "nginx auth_request + gateway --mode decide"
 STALL_FACTOR = 3.0  # a round whose p99 is > 3× the median p99 of the other rounds is a stall
 
 
@@ -223,6 +225,8 @@ class Bench:
             if up is None:
                 raise BenchError("no upstream")
             return simple[key](tmp, creds, up.base_url)
+        if key == "nginx-decide":
+            return self._start_nginx_decide()
         if key == "flask":
             up = self.server("upstream")
             if up is None:
@@ -232,6 +236,31 @@ class Bench:
         if key == "backend":
             return servers.start_backend(tmp)
         raise AssertionError(key)
+
+    def _start_nginx_decide(self) -> Server:
+        """nginx (deploy/nginx/rbac-gateway.conf, auth_request) asking a gateway started in
+        decision mode for this candidate alone; one Server billed for both."""
+        if servers.nginx_binary() is None:
+            raise BenchError(f"nginx not installed ({APT_HINT})")
+        if not self.cli.ok:
+            raise BenchError(f"gateway not runnable: {self.cli.problem}")
+        if not {"--mode", "--trusted-proxy"} <= self.cli.flags:
+            raise BenchError("gateway serve has no --mode decide / --trusted-proxy")
+        up = self.server("upstream")
+        if up is None:
+            raise BenchError("no upstream")
+        # --upstream is never used in decision mode; --trusted-proxy: nginx's X-Forwarded-For
+        # ($remote_addr) names the client, so the flood from 127.0.0.2 is not the legit client.
+        gw = servers.start_gateway(
+            self.tmp, "gateway-decide", policy=self.policy_files["small"], upstream=up.base_url,
+            workers=self.main_flag, cli=self.cli, creds=self.creds,
+            extra_args=[*self.args.gateway_arg, "--mode", "decide", "--trusted-proxy", "127.0.0.1/32"],
+            label="gateway --mode decide")
+        try:
+            return servers.start_nginx_decide(self.tmp, up.base_url, gw)
+        except BenchError:
+            gw.stop()
+            raise
 
     def gateway_label(self, alt: bool = False) -> str:
         if alt:
@@ -283,12 +312,16 @@ class Bench:
             get_c += [Candidate("nginx-plain", "nginx auth_basic {PLAIN}+proxy_pass", "nginx-plain", get),
                       Candidate("haproxy", "HAProxy http_auth (insecure-password)", "haproxy", get),
                       Candidate("caddy", f"{caddy}, no access log", "caddy", get),
-                      Candidate("caddy-log", f"{caddy}, JSON access log", "caddy-log", get)]
+                      Candidate("caddy-log", f"{caddy}, JSON access log", "caddy-log", get),
+                      Candidate("nginx-decide", DECIDE, "nginx-decide", get)]
             post_c.append(Candidate("caddy", f"{caddy}, no access log", "caddy", post))
             flood_c.append(Candidate("caddy", "Caddy, alone", "caddy", legit))
             src = self.flood_sources[0] if self.flood_sources else "127.0.0.2"
             flood = Flood(c.user, path, connections=a.flood_connections, rate=a.flood_rate, source=src)
             flood_c.append(Candidate("caddy+flood", f"Caddy, flood from {src}", "caddy", legit, flood))
+            flood_c += [Candidate("nginx-decide", "nginx + decision mode, alone", "nginx-decide", legit),
+                        Candidate("nginx-decide+flood", f"nginx + decision mode, flood from {src}", "nginx-decide",
+                                  legit, flood)]
             full_c.append(Candidate("caddy", "Caddy → backend", "caddy-backend", get))
         if a.slow_peers:
             # bcrypt/pbkdf2 on every request: CPU-bound at any concurrency, so a few connections
@@ -573,6 +606,9 @@ def targets(med: dict[str, dict[str, Any]], samples: dict[str, dict[str, list[di
         key = f"gateway+flood@{src}"
         add(f"flood_p99@{src}", f"flood from {src}: legit p99 ÷ alone", "flood", key, "gateway", "p99_ms", "<=", 1.5)
         add(f"flood_rps@{src}", f"flood from {src}: legit req/s ÷ alone", "flood", key, "gateway", "rps", ">=", 0.8)
+    # Issue 12: a unique-password flood through nginx in decision mode does not starve a cached user.
+    add("flood_p99_nginx_decide", f"flood from {flood_sources[0] if flood_sources else '?'}: "
+        "nginx+decide legit p99 ÷ alone", "flood", "nginx-decide+flood", "nginx-decide", "p99_ms", "<=", 1.5)
     # For reading the above.
     add("cpu_vs_caddy_log", "GET: gateway CPU-µs/req ÷ Caddy-with-access-log's", "get", "gateway", "caddy-log",
         "cpu_us_per_req", "info", 0)
@@ -590,6 +626,8 @@ def targets(med: dict[str, dict[str, Any]], samples: dict[str, dict[str, list[di
     add("flood_p99_caddy", f"flood from {flood_sources[0] if flood_sources else '?'}: Caddy legit p99 ÷ alone",
         "flood", "caddy+flood", "caddy", "p99_ms", "info", 0)
     add("rps_vs_nginx_bcrypt", "GET: gateway req/s ÷ nginx-bcrypt's", "get", "gateway", "nginx-bcrypt", "rps", "info", 0)
+    add("decide_vs_nginx_bcrypt", "GET: nginx+decision mode req/s ÷ nginx auth_basic bcrypt's", "get",
+        "nginx-decide", "nginx-bcrypt", "rps", "info", 0)
     add("rps_vs_flask", "GET: gateway req/s ÷ tutorial Flask's", "get", "gateway", "flask", "rps", "info", 0)
     add("get_vs_direct", "GET: gateway req/s ÷ upstream direct", "get", "gateway", "direct", "rps", "info", 0)
     add("full_rps", "full stack: gateway→backend req/s ÷ backend alone", "fullstack", "gateway", "direct", "rps", "info", 0)
@@ -685,7 +723,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     add = p.add_argument
     add("--peers", action="store_true",
-        help="also run nginx auth_basic {PLAIN}, HAProxy http_auth, Caddy without and with its access log")
+        help="also run nginx auth_basic {PLAIN}, HAProxy http_auth, Caddy without and with its access log, "
+             "nginx auth_request + gateway --mode decide")
     add("--slow-peers", action="store_true",
         help="also run the peers that hash on every request (nginx auth_basic bcrypt, the tutorial Flask app)")
     add("--duration", type=int, help="seconds per measured run (default 6 with --peers, else 4)")

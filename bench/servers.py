@@ -7,7 +7,8 @@
   venv's Python when it has httptools+uvloop+bcrypt, else a throwaway venv under bench/.peers
 - peers (with --peers): nginx (auth_basic with a `{PLAIN}` password + proxy_pass keep-alive),
   HAProxy (http_auth on an insecure-password userlist), Caddy (basicauth bcrypt +
-  reverse_proxy) without and with its JSON access log; with --slow-peers also nginx auth_basic
+  reverse_proxy) without and with its JSON access log, nginx auth_request from
+  deploy/nginx/rbac-gateway.conf + the gateway in decision mode; with --slow-peers also nginx auth_basic
   with the bcrypt htpasswd and the tutorial's Flask app (throwaway venv under bench/.peers)
 - the real inventory backend, for the full-stack scenario
 
@@ -290,6 +291,29 @@ def _start_nginx_auth(tmp: Path, key: str, htpasswd_line: str, upstream: str, la
     }}""")
     proc = _start_nginx(key, prefix, conf)
     server = Server(key, label, f"http://127.0.0.1:{port}", [proc], [note])
+    return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
+
+
+def start_nginx_decide(tmp: Path, upstream: str, gateway: Server) -> Server:
+    """nginx from deploy/nginx/rbac-gateway.conf (auth_request) in front of ``upstream``, asking
+    ``gateway`` (serve --mode decide). Only its three addresses change; billed for both nginx's
+    and the decision gateway's CPU."""
+    if nginx_binary() is None:
+        raise BenchError(f"nginx not installed ({APT_HINT})")
+    port = free_port()
+    prefix = tmp / "nginx-decide"
+    site = (ROOT / "deploy" / "nginx" / "rbac-gateway.conf").read_text()
+    for old, new in (("server 127.0.0.1:9000;", f"server {gateway.base_url.removeprefix('http://')};"),
+                     ("server 127.0.0.1:8081;", f"server {upstream.removeprefix('http://')};"),
+                     # reuseport: both nginx workers get connections (as for the other nginx peers)
+                     ("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port} reuseport;")):
+        if site.count(old) != 1:
+            raise BenchError(f"deploy/nginx/rbac-gateway.conf: expected {old!r} once")
+        site = site.replace(old, new)
+    conf = _nginx_conf(prefix, "auto", site)
+    proc = _start_nginx("nginx-decide", prefix, conf)
+    server = Server("nginx-decide", "nginx auth_request + gateway --mode decide", f"http://127.0.0.1:{port}",
+                    [proc, *gateway.procs], ["CPU: nginx + the decision gateway", *gateway.notes])
     return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
 
 

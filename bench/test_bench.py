@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from bench import servers
+from bench.procs import BenchError
 from bench.runner import median, render, stalls, targets
 from bench.servers import _workers_default
 
@@ -55,3 +60,33 @@ def test_render_reads_a_result_without_the_newer_fields() -> None:
     out = render(result)
     assert "gateway" in out and "caddy not installed" in out and "PASS" in out
     assert "| gateway |" in render(result, markdown=True)
+
+
+def test_nginx_decision_mode_targets() -> None:
+    # Without --peers the flood target is listed as skipped, the INFO ratio not at all.
+    rows = {r["id"]: r for r in targets({}, {}, ["127.0.0.2"], peers=False)}
+    assert rows["flood_p99_nginx_decide"]["status"] == "SKIP"
+    assert "PEERS=1" in rows["flood_p99_nginx_decide"]["why"]
+    assert "decide_vs_nginx_bcrypt" not in rows
+    samples = {"get": {"nginx-decide": [sample(5, rps=4000)], "nginx-bcrypt": [sample(5, rps=400)]},
+               "flood": {"nginx-decide": [sample(4.0)], "nginx-decide+flood": [sample(7.0)]}}
+    med = {scn: {k: median(v) for k, v in cands.items()} for scn, cands in samples.items()}
+    rows = {r["id"]: r for r in targets(med, samples, ["127.0.0.2"], peers=True)}
+    assert rows["decide_vs_nginx_bcrypt"]["status"] == "INFO" and rows["decide_vs_nginx_bcrypt"]["ratio"] == 10.0
+    assert rows["flood_p99_nginx_decide"]["status"] == "FAIL" and rows["flood_p99_nginx_decide"]["ratio"] == 1.75
+    assert "127.0.0.2" in rows["flood_p99_nginx_decide"]["text"]
+    samples["flood"]["nginx-decide+flood"] = [sample(5.0)]
+    med["flood"]["nginx-decide+flood"] = median(samples["flood"]["nginx-decide+flood"])
+    rows = {r["id"]: r for r in targets(med, samples, ["127.0.0.2"], peers=True)}
+    assert rows["flood_p99_nginx_decide"]["status"] == "PASS"
+    # nginx missing under --peers: a SKIP naming the candidate that has no result.
+    rows = {r["id"]: r for r in targets({}, {}, ["127.0.0.2"], peers=True)}
+    assert rows["flood_p99_nginx_decide"]["why"] == "no result for nginx-decide+flood"
+
+
+def test_nginx_decide_without_nginx_is_skipped_with_the_apt_line(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    monkeypatch.setattr(servers, "nginx_binary", lambda: None)
+    gw = servers.Server("gateway-decide", "gateway --mode decide", "http://127.0.0.1:1", [])
+    with pytest.raises(BenchError, match="nginx not installed.*apt-get install"):
+        servers.start_nginx_decide(tmp_path, "http://127.0.0.1:2", gw)

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import hmac
 import ipaddress
 import os
 import re
@@ -67,32 +66,43 @@ def parse_basic(header: str | None, realm: str) -> Credentials | None:
 
 
 class CredentialCache:
-    """Verified credentials, keyed by HMAC; bounded in size and age."""
+    """Verified credentials, bounded in size and age, stored under a keyed hash (keyed
+    BLAKE2b, a MAC, with a per-process random key) of the ``Authorization`` value as it
+    arrived, so a cached request is recognised without decoding it; never the password.
+    An entry holds the user's name and the bcrypt hash it was verified against: a reload that
+    changes the hash (or removes the user) makes it miss."""
 
     def __init__(self, ttl: float = 300.0, max_entries: int = 10_000) -> None:
         self._key = os.urandom(32)
         self._ttl = ttl
         self._max = max_entries
-        self._entries: OrderedDict[bytes, tuple[float, bytes]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[float, bytes, str]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def key(self, creds: Credentials) -> bytes:
-        """The keyed hash an entry is stored under (never the password itself)."""
-        msg = creds.user.encode() + b"\0" + creds.password.encode("utf-8", "surrogatepass")
-        return hmac.digest(self._key, msg, hashlib.sha256)
+    def key(self, header: bytes) -> bytes:
+        """The keyed hash an ``Authorization`` value is stored under."""
+        return hashlib.blake2b(header, key=self._key, digest_size=16).digest()
 
-    def get(self, key: bytes, password_hash: bytes) -> bool:
-        """True when ``key`` was verified against exactly ``password_hash`` within the TTL."""
+    def key_of(self, creds: Credentials) -> bytes:
+        """The key of decoded credentials (for callers without the raw header)."""
+        return self.key(b"\0".join((b"creds", creds.user.encode(),
+                                    creds.password.encode("utf-8", "surrogatepass"))))
+
+    def lookup(self, key: bytes, policy: Policy) -> User | None:
+        """The user ``key`` was verified as, if still valid under ``policy``."""
         entry = self._entries.get(key)
-        if entry is not None and entry[1] == password_hash and entry[0] > time.monotonic():
-            self.hits += 1
-            return True
+        if entry is not None:
+            user = policy.users.get(entry[2])
+            if user is not None and user.password_hash == entry[1] and \
+                    entry[0] > time.monotonic():
+                self.hits += 1
+                return user
         self.misses += 1
-        return False
+        return None
 
-    def put(self, key: bytes, password_hash: bytes) -> None:
-        self._entries[key] = (time.monotonic() + self._ttl, password_hash)
+    def put(self, key: bytes, user: User) -> None:
+        self._entries[key] = (time.monotonic() + self._ttl, user.password_hash, user.name)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
@@ -100,7 +110,7 @@ class CredentialCache:
     def retain(self, policy: Policy) -> int:
         """Drop entries whose hash no user has any more; return how many were dropped."""
         live = {u.password_hash for u in policy.users.values()}
-        stale = [k for k, (_, h) in self._entries.items() if h not in live]
+        stale = [k for k, (_, h, _u) in self._entries.items() if h not in live]
         for k in stale:
             del self._entries[k]
         return len(stale)
@@ -189,12 +199,21 @@ class Authenticator:
         self._common_prefix = max(set(costs), key=costs.count) if costs else b""
         self.cache.retain(policy)
 
-    async def authenticate(self, policy: Policy, creds: Credentials, address: str) -> User:
-        """Return the user or raise 401 / 429 / 503."""
+    def cached(self, policy: Policy, key: bytes) -> User | None:
+        """The user of an ``Authorization`` value verified before (see :meth:`CredentialCache.key`),
+        without decoding it; ``None`` when it must be checked."""
+        return self.cache.lookup(key, policy)
+
+    async def authenticate(self, policy: Policy, creds: Credentials, address: str,
+                           key: bytes | None = None) -> User:
+        """Return the user or raise 401 / 429 / 503; ``key`` is the cache key of the header
+        the credentials came from (by default one is made from the credentials)."""
         user = policy.users.get(creds.user)
-        key = self.cache.key(creds)
-        if user is not None and self.cache.get(key, user.password_hash):
-            return user
+        if key is None:
+            key = self.cache.key_of(creds)
+            cached = self.cache.lookup(key, policy)
+            if cached is not None and cached is user:
+                return user
         self.throttle.check(address, creds.user)
         hashed = user.password_hash if user is not None else self._dummy(policy)
         ok = await self._verify(key, creds.password, hashed, address)
@@ -203,7 +222,7 @@ class Authenticator:
             raise Unauthenticated("invalid credentials", realm=policy.realm,
                                   code="invalid_credentials")
         self.throttle.succeeded(address, creds.user)
-        self.cache.put(key, user.password_hash)
+        self.cache.put(key, user)
         return user
 
     async def _verify(self, key: bytes, password: str, hashed: bytes, address: str) -> bool:

@@ -15,12 +15,13 @@ connection; larger and chunked bodies are streamed and may hold at most half the
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from .errors import BadGateway, PayloadTooLarge
+from .errors import PayloadTooLarge
 from .guard import Target
 from .http.message import HOP_BY_HOP, connection_tokens
-from .http.server import Request
-from .http.upstream import Pool, exchange, request_head
+from .http.connection import Request
+from .http.pool import Pool, exchange, request_head
 from .policy import User
 
 _DROP = HOP_BY_HOP | frozenset(h.encode() for h in (
@@ -48,6 +49,10 @@ class Forwarder:
         self.host = host.encode()
         self.max_body = max_body
         self.buffer_body = buffer_body
+        # Lines that repeat from request to request, made once.
+        self._identity: dict[str, tuple[User, bytes]] = {}
+        self._forwarded: dict[tuple[str, str], bytes] = {}
+        self._hosts: dict[bytes, bytes] = {}
 
     def header_lines(self, req: Request, user: User | None, client: str) -> list[bytes]:
         """The client's headers as forwarded, plus the gateway's own."""
@@ -60,14 +65,31 @@ class Forwarder:
                 continue
             out.append(b"%s: %s\r\n" % (name, value))
         if user is not None:
-            out.append(b"X-Authenticated-User: %s\r\nX-Authenticated-Roles: %s\r\n" % (
-                user.name.encode(), user.roles_header.encode()))
-        out.append(b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
-            client.encode("latin-1", "replace"), req.scheme.encode()))
+            known = self._identity.get(user.name)
+            if known is None or known[0] is not user:      # a reload makes new User objects
+                known = self._identity[user.name] = (user, self.identity_lines(user))
+            out.append(known[1])
+        fwd = self._forwarded.get((client, req.scheme))
+        if fwd is None:
+            fwd = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
+                client.encode("latin-1", "replace"), req.scheme.encode())
+            _remember(self._forwarded, (client, req.scheme), fwd)
+        out.append(fwd)
         host = req.headers.get_raw(b"host")
-        if host and _HOST.fullmatch(host.decode("latin-1")):
-            out.append(b"X-Forwarded-Host: %s\r\n" % host)
+        if host:
+            line = self._hosts.get(host)
+            if line is None:
+                line = (b"X-Forwarded-Host: %s\r\n" % host
+                        if _HOST.fullmatch(host.decode("latin-1")) else b"")
+                _remember(self._hosts, host, line)
+            out.append(line)
         return out
+
+    @staticmethod
+    def identity_lines(user: User) -> bytes:
+        """The identity headers the gateway asserts for ``user``."""
+        return b"X-Authenticated-User: %s\r\nX-Authenticated-Roles: %s\r\n" % (
+            user.name.encode(), user.roles_header.encode())
 
     async def forward(self, req: Request, target: Target, user: User | None, client: str,
                       body: bytes | None) -> int:
@@ -94,6 +116,12 @@ class Forwarder:
         head = request_head(req.method.encode(), target.path_qs.encode(), self.host, lines)
         return await exchange(self.pool, req, head, body, stream,
                               retry=req.method in _IDEMPOTENT)
+
+
+def _remember(memo: dict[Any, bytes], key: Any, value: bytes) -> None:
+    if len(memo) >= 1024:
+        memo.clear()
+    memo[key] = value
 
 
 async def read_body(req: Request, limit: int) -> bytes:
@@ -126,5 +154,3 @@ class _Limited:
             raise PayloadTooLarge("request body over the limit")
         return chunk
 
-
-__all__ = ["BadGateway", "Forwarder", "is_identity_lookalike", "read_body"]

@@ -22,7 +22,7 @@ from .auth import Authenticator, CredentialCache, FailureThrottle
 from .errors import GatewayError
 from .forward import Forwarder
 from .http.server import Server
-from .http.upstream import Pool, exchange, request_head
+from .http.pool import Pool, exchange, request_head
 from .pipeline import Pipeline
 from .policy import PolicyStore, ReloadResult, watch
 from .settings import Settings

@@ -23,9 +23,10 @@ from .errors import (BadRequest, Forbidden, GatewayError, PayloadTooLarge, TooMa
                      Unauthenticated, UnprocessablePolicy)
 from .decision import Decider
 from .forward import read_body
-from .guard import (Rejected, Target, canonical_target, check_framing, check_method)
+from .guard import (OVERRIDE_HEADERS, REJECTED_METHODS, Rejected, Target, canonical_target,
+                    check_framing, check_method)
 from .http.message import JSON_TYPE, json_body
-from .http.server import Request
+from .http.connection import Request
 from .http.upstream import ClientGone
 from .policy import Decision, Policy, User
 
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _perf = time.perf_counter
+_TARGET_CACHE = 4096
+_OVERRIDES = frozenset(h.lower().encode() for h in OVERRIDE_HEADERS)
 
 
 def is_gateway_path(path: str) -> bool:
@@ -54,6 +57,10 @@ class Pipeline:
         self.metrics = gw.metrics
         self.admin = Admin(gw)
         self.trusted = self.settings.trusted_proxies
+        self._targets: dict[str, Target] = {}
+        # Decisions are pure functions of (policy, user, method, path): remembered per policy.
+        self._memo: dict[tuple[str, str, str], Decision] = {}
+        self._memo_policy: Policy | None = None
         self.decider = (Decider(self.settings, self.store, self.auth, self.audit, self.metrics)
                         if self.settings.mode == "decide" else None)
 
@@ -70,9 +77,13 @@ class Pipeline:
         status = 500
         try:
             client = record["client"] = self.client_address(req)
-            check_method(req.method, req.headers)
-            check_framing(req.headers)
-            target = canonical_target(req.target)
+            if req.method in REJECTED_METHODS or req.headers.has_any(_OVERRIDES):
+                check_method(req.method, req.headers)
+            if req.chunked:
+                check_framing(req.headers)
+            target = self._targets.get(req.target)
+            if target is None:
+                target = self.canonical(req.target)
             record["path"] = target.path
             policy = self.store.policy          # one snapshot for the whole request
             user, decision = await self.authorize(req, target, client, policy, record)
@@ -122,6 +133,15 @@ class Pipeline:
         except ConnectionError:
             req.abort()                      # the front proxy is gone
 
+    def canonical(self, raw: str) -> Target:
+        """The guard's verdict on a raw target; accepted ones are remembered (targets repeat,
+        and a Target is immutable), rejections are not."""
+        target = canonical_target(raw)
+        if len(self._targets) >= _TARGET_CACHE:
+            self._targets.clear()
+        self._targets[raw] = target
+        return target
+
     def client_address(self, req: Request) -> str:
         peer = req.remote or "unknown"
         if not self.trusted:
@@ -132,14 +152,39 @@ class Pipeline:
                         record: dict[str, object]) -> tuple[User | None, Decision]:
         """Authenticate (when credentials are sent or needed) and decide."""
         realm = policy.realm
-        creds = parse_basic(req.headers.get("Authorization"), realm)
-        if creds is None:
+        header = req.headers.get_raw(b"authorization")
+        if header is None:
             decision = policy.decide(None, req.method, target.segments)
             if not decision.allowed:
                 raise Unauthenticated("authentication required", realm=realm)
             return None, decision
+        key = self.auth.cache.key(header)
+        user = self.auth.cached(policy, key)
+        if user is None:
+            user = await self.authenticate(req, target, client, policy, header, key)
+        record["user"] = user.name
+        if policy is not self._memo_policy:          # a reload: decisions start afresh
+            self._memo.clear()
+            self._memo_policy = policy
+        memo_key = (user.name, req.method, target.path)
+        decision = self._memo.get(memo_key)
+        if decision is None:
+            decision = policy.decide(user.name, req.method, target.segments)
+            if len(self._memo) >= _TARGET_CACHE:
+                self._memo.clear()
+            self._memo[memo_key] = decision
+        record["rule"] = decision.rule.id if decision.rule else None
+        if not decision.allowed:
+            raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")
+        return user, decision
+
+    async def authenticate(self, req: Request, target: Target, client: str, policy: Policy,
+                           header: bytes, key: bytes) -> User:
+        """The uncached path: parse the credentials, check them with bcrypt."""
+        creds = parse_basic(header.decode("latin-1"), policy.realm)
+        assert creds is not None
         try:
-            user = await self.auth.authenticate(policy, creds, client)
+            return await self.auth.authenticate(policy, creds, client, key)
         except Unauthenticated:
             self.metrics.auth_failures.labels("invalid_credentials").inc()
             self.audit.write({"event": "auth_failure", "time": now_iso(), "client": client,
@@ -153,12 +198,6 @@ class Pipeline:
             if self.settings.throttle_delay:
                 await asyncio.sleep(self.settings.throttle_delay)
             raise
-        record["user"] = user.name
-        decision = policy.decide(user.name, req.method, target.segments)
-        record["rule"] = decision.rule.id if decision.rule else None
-        if not decision.allowed:
-            raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")
-        return user, decision
 
     async def inspect_body(self, req: Request, decision: Decision, user: User | None) -> bytes:
         """Read the body a body-constrained rule must see; 403 unless it fits."""

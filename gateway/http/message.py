@@ -90,6 +90,10 @@ class Headers:
         """The raw value of an already lower-cased name."""
         return self._map.get(low_name)
 
+    def has_any(self, low_names: frozenset[bytes]) -> bool:
+        """True when any of these lower-cased names is present."""
+        return not low_names.isdisjoint(self._map)
+
     def getall(self, name: str, default: Iterable[str] = ()) -> list[str]:
         """Every value of ``name``, one per header line (``default`` when there is none)."""
         low = name.lower().encode()
@@ -110,8 +114,11 @@ class Headers:
         return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self.raw]
 
 
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
 def connection_tokens(value: bytes | None) -> frozenset[bytes]:
     """Lower-cased header names listed in a ``Connection`` value."""
-    if not value:
-        return frozenset()
+    if not value or value == b"keep-alive" or value == b"close":
+        return _NO_TOKENS
     return frozenset(t.strip().lower() for t in value.split(b",") if t.strip())

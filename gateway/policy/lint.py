@@ -26,6 +26,8 @@ def lint(policy: Policy, lines: dict[str, int]) -> list[Problem]:
             warn(f"roles.{name}", f"role {name!r} is held by no user (directly or inherited)")
     for rule_id, by in _shadowed(policy):
         warn(rule_id, f"rule is shadowed by {by} and never decides anything")
+    for rule_id, message in _gateway_paths(policy):
+        warn(rule_id, message)
     costs: dict[int, list[str]] = {}
     for u in policy.users.values():
         costs.setdefault(bcrypt_cost(u.password_hash), []).append(u.name)
@@ -37,6 +39,29 @@ def lint(policy: Policy, lines: dict[str, int]) -> list[Problem]:
             key = f"users.{names[0]}.password_hash"
             warn(key, f"bcrypt cost {cost} is {side} {low}-{high} for "
                       f"{', '.join(sorted(names))}: one check costs ~{ms:.1f} ms of CPU here")
+    return out
+
+
+# The gateway's own endpoints; everything else under /- is answered 404, never forwarded.
+GATEWAY_ENDPOINTS = ("healthz", "ready", "reload", "status", "metrics")
+_PROBE_OTHER = ("-", "\x00not-an-endpoint")
+
+
+def _gateway_paths(policy: Policy) -> list[tuple[str, str]]:
+    """Allow rules that grant paths under ``/-`` other than the gateway's endpoints: the
+    gateway owns ``/-`` and never forwards it, so such a grant reaches nothing upstream."""
+    out = []
+    rules = [*policy.public, *(r for role in policy.roles.values() for r in role.allow)]
+    for rule in rules:
+        for p in rule.patterns:
+            if p.segments[:1] != ("-",):
+                continue               # catch-alls like /** are not meant for /- paths
+            if p.matches(("-",)) or p.matches(_PROBE_OTHER) or (
+                    len(p.segments) > 1 and p.segments[1] is not None
+                    and p.segments[1] not in GATEWAY_ENDPOINTS):
+                out.append((rule.id, f"{p.text} grants paths under /- that are not gateway "
+                                     f"endpoints ({', '.join('/-/' + e for e in GATEWAY_ENDPOINTS)}"
+                                     f"); the gateway owns /- and never forwards them (404)"))
     return out
 
 

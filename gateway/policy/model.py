@@ -56,8 +56,8 @@ class Decision:
             return self.allowed
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return False
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return False            # not JSON, or nested past the parser's depth: refused
         if not isinstance(doc, dict):
             return False
         keys = doc.keys()

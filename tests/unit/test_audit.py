@@ -69,3 +69,12 @@ async def test_metrics_count_decisions_cache_and_rejections(gateway):
     assert "gateway_request_seconds_bucket" in text
     assert "gateway_upstream_seconds_count" in text
     assert "gateway_policy_loaded_timestamp_seconds" in text
+
+
+async def test_a_refused_request_names_who_was_refused(make_gateway, settings):
+    gw, buf = await gateway_with_audit(make_gateway, settings)
+    resp = await gw.delete("/api/inventory?name=x", headers=basic("sales", "imsales"))
+    assert resp.status == 403
+    line = [r for r in lines(buf) if r["event"] == "request"][-1]
+    assert line["decision"] == "deny" and line["user"] == "sales"
+    assert line["rule"] is None and "sales" in line["reason"]

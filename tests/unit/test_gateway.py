@@ -246,7 +246,7 @@ async def test_gateway_endpoints_are_authorized_by_policy(gateway, upstream) -> 
     assert resp.status == 200
     assert len((await resp.json())["sha256"]) == 64
     resp = await gateway.get("/-/nothing", headers=basic("ops", "imtheops"))
-    assert resp.status == 404
+    assert resp.status == 403     # ops is granted the three endpoints, nothing else under /-
     assert upstream.seen == []    # /-/ is the gateway's own: never forwarded
 
 
@@ -325,3 +325,27 @@ async def test_malformed_host_is_not_forwarded_as_x_forwarded_host(gateway, upst
                                             "Host": "evil.example, other"})
     assert resp.status == 200
     assert "X-Forwarded-Host" not in upstream.seen[-1].headers
+
+
+async def test_ready_names_a_down_upstream(make_gateway, upstream) -> None:
+    gw = await make_gateway()
+    await upstream.server.close()
+    resp = await gw.get("/-/ready")
+    assert resp.status == 503
+    assert (await resp.json())["code"] == "upstream_down"
+
+
+async def test_public_rule_for_health_endpoints_is_the_policys_decision(make_gateway,
+                                                                       tmp_path) -> None:
+    """Without the public rule, /-/healthz needs credentials, as `explain` says."""
+    from tests.helpers import policy_doc, write_policy
+    doc = policy_doc()
+    doc.pop("public")
+    doc["tests"] = [t for t in doc.get("tests", []) if not t.get("path", "").startswith("/-/")
+                    or t.get("user")]
+    policy = write_policy(tmp_path / "nopublic.yaml", doc)
+    gw = await make_gateway(policy=policy)
+    assert (await gw.get("/-/healthz")).status == 401
+    from gateway.policy import load_policy
+    decision, _ = load_policy(policy).decide_request(None, "GET", "/-/healthz")
+    assert not decision.allowed

@@ -251,3 +251,23 @@ users:
 """)
     assert p.decide("alice", "GET", ("r5000", "7", "x5000")).allowed
     assert not p.decide("alice", "GET", ("r5000", "7", "x5001")).allowed
+
+
+def test_lint_warns_about_grants_under_dash_that_reach_nothing(tmp_path) -> None:
+    p = load_text(tmp_path, """
+        version: 1
+        roles:
+          ops: {allow: [{methods: [GET, POST], paths: [/-/**]}]}
+          odd: {allow: [{methods: [GET], paths: [/-/api]}]}
+          fine: {allow: [{methods: [GET], paths: [/-/status, /-/metrics, /**]}]}
+        users:
+          alice: {password_hash: "HASH", roles: [ops, odd, fine]}
+        """)
+    text = "\n".join(str(w) for w in p.warnings)
+    assert "roles.ops.allow[0]: warning: /-/** grants paths under /- that are not gateway" in text
+    assert "roles.odd.allow[0]: warning: /-/api grants paths under /-" in text
+    assert "roles.fine" not in text                 # endpoints and catch-alls are not flagged
+
+
+def test_shipped_policy_has_no_warnings() -> None:
+    assert load_policy(SHIPPED_POLICY).warnings == ()

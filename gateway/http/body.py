@@ -1,0 +1,105 @@
+"""A request body as it arrives from the client, with read-side flow control: the client's
+socket stops being read while more than ``_BODY_HIGH`` bytes wait to be consumed.
+``Expect: 100-continue`` is answered on the first read, that is only once the pipeline has
+authenticated, authorized and size-checked the request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .server import Connection
+
+_BODY_HIGH = 256 * 1024       # buffered body bytes before the socket stops being read
+_BODY_LOW = 64 * 1024
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Body:
+    """A request body as it arrives: :meth:`read` gives chunks, ``b""`` at its end.
+
+    Raises :class:`~gateway.errors.BadRequest` for a body the parser refused,
+    :class:`~gateway.errors.RequestTimeout` for one that came too slowly, and
+    :class:`ConnectionResetError` when the client went away before its end."""
+
+    __slots__ = ("_conn", "_chunks", "_buffered", "_eof", "_exc", "_waiter", "received",
+                 "started_at", "_continue", "_paused")
+
+    def __init__(self, conn: Connection, expect_continue: bool, now: float) -> None:
+        self._conn = conn
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.received = 0
+        self.started_at = now
+        self._continue = expect_continue
+        self._paused = False
+
+    @property
+    def complete(self) -> bool:
+        """Everything was received and read."""
+        return self._eof and not self._chunks
+
+    @property
+    def ended(self) -> bool:
+        """Everything was received (maybe not read yet)."""
+        return self._eof
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self.received += len(data)
+        if self._buffered > _BODY_HIGH and not self._paused:
+            self._paused = True
+            self._conn.pause_reading()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if not self._eof and self._exc is None:
+            self._exc = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next chunk of the body; ``b""`` once it is all read."""
+        if self._continue:
+            self._continue = False
+            self._conn.write_interim(_CONTINUE)
+        while not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            if self._eof:
+                return b""
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered < _BODY_LOW:
+            self._paused = False
+            self._conn.resume_reading()
+        return chunk
+
+    def take_buffered(self) -> bytes:
+        """Everything received and not read yet, without waiting."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._paused:
+            self._paused = False
+            self._conn.resume_reading()
+        return data

@@ -1,0 +1,427 @@
+"""One client connection of the gateway's HTTP/1.1 server, on httptools (llhttp).
+
+llhttp refuses what could be framed two ways (``Content-Length`` with ``Transfer-Encoding``,
+duplicate lengths, bad chunk sizes, obs-fold, bare LF, NUL and control characters); this layer
+adds the limits llhttp leaves to its user (header line size and count) and the deadlines:
+
+* a request head must arrive within ``header_timeout`` of the connection (or of its first byte
+  on a kept-alive connection), else 408 and close;
+* an idle kept-alive connection is closed after ``keepalive_timeout``;
+* a request body must arrive within ``body_timeout`` in total and at ``min_rate`` bytes a
+  second after a grace second, else the reader gets :class:`~gateway.errors.RequestTimeout`;
+* a client that stops reading its answer for ``send_timeout`` is cut off.
+
+All deadlines are checked by one sweeper task per server (no timer per request). Pipelined
+requests are answered in order by one task per busy connection. A request whose body was not
+read to its end closes the connection after the answer, so unread bytes are never parsed as a
+request. ``Expect: 100-continue`` is answered only when the handler starts reading the body,
+that is after authentication, authorization and the size check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Mapping
+
+import httptools
+
+from ..errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
+from .body import Body
+from .flow import FlowControl
+from .message import (JSON_TYPE, NO_BODY_STATUS, Headers, error_body, http_date,
+                      status_line)
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger(__name__)
+
+_PIPELINE_PAUSE = 16          # queued requests before the socket stops being read
+_MAX_HEADERS = 100
+_AUTH_FIELD_LIMIT = 128 * 1024  # an oversize credential is a bad credential (401), up to this
+
+# Connection states the sweeper looks at.
+_HEAD, BUSY, _IDLE, _LINGER = 0, 1, 2, 3
+_LINGER_SECONDS = 2.0
+
+
+class Request:
+    """One request and its answer. The pipeline answers with :meth:`respond`, or a forwarder
+    writes a relayed answer through :meth:`send` (head first, then body pieces)."""
+
+    __slots__ = ("conn", "method", "target", "headers", "http11", "keep_alive", "body",
+                 "content_length", "chunked", "started", "remote", "scheme", "head_only",
+                 "status")
+
+    def __init__(self, conn: Connection, method: str, target: str, headers: Headers,
+                 http11: bool, keep_alive: bool) -> None:
+        self.conn = conn
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.body: Body | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.started = False       # a byte of the answer was written
+        self.remote = conn.remote
+        self.scheme = conn.scheme
+        self.head_only = method == "HEAD"
+        self.status = 0
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.headers.raw
+
+    def connection_header(self) -> bytes:
+        """The ``Connection`` line of the answer (also says close while draining)."""
+        if self.conn.draining or (self.body is not None and not self.body.ended):
+            self.keep_alive = False      # an unread body: the connection closes after this
+        if not self.keep_alive:
+            return b"Connection: close\r\n"
+        return b"" if self.http11 else b"Connection: keep-alive\r\n"
+
+    async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        """Send a complete answer made by the gateway itself."""
+        out = [status_line(status)]
+        for name, value in headers.items():
+            out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("utf-8")))
+        out.append(b"Date: %s\r\n" % http_date())
+        no_body = status in NO_BODY_STATUS
+        if not no_body:
+            out.append(b"Content-Length: %d\r\n" % len(body))
+        out.append(self.connection_header())
+        out.append(b"\r\n")
+        if body and not no_body and not self.head_only:
+            out.append(body)
+        self.status = status
+        self.started = True
+        self.conn.write(b"".join(out))
+        await self.conn.flow.drain()
+
+    def send(self, data: bytes) -> None:
+        """Write part of a relayed answer (raises :class:`ConnectionError` if the client is
+        gone); the caller honours :attr:`Connection.flow`."""
+        self.started = True
+        self.conn.write(data)
+
+    def abort(self) -> None:
+        """Cut the client connection: the answer cannot be completed."""
+        self.keep_alive = False
+        self.conn.abort()
+
+
+class _ParseFailure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: GatewayError) -> None:
+        self.error = error
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parses requests, queues them, answers them in order."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.limits = server.limits
+        self.transport: asyncio.Transport | None = None
+        self.flow: FlowControl = FlowControl()
+        self.parser = httptools.HttpRequestParser(self)
+        self.remote: str | None = None
+        self.scheme = "http"
+        self.queue: deque[Request | _ParseFailure] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False
+        self.draining = False
+        self.state = _HEAD
+        self.since = self.loop.time()
+        self.reading_paused = 0   # reasons the socket is not read (bit set)
+        self.relay_source: asyncio.Transport | None = None  # paused with our writes
+        # the request being parsed
+        self._url = b""
+        self._headers = Headers()
+        self._head_bytes = 0
+        self._body: Body | None = None
+        self._error: GatewayError | None = None
+        self._in_head = False
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.flow.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote = peer[0] if isinstance(peer, tuple) else None
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
+        self.server.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.server.connections.discard(self)
+        self.closing = True
+        self.flow.connection_lost()
+        gone = ConnectionResetError("client disconnected")
+        if self._body is not None:
+            self._body.fail(gone)
+        for item in self.queue:
+            if isinstance(item, Request) and item.body is not None:
+                item.body.fail(gone)
+
+    def pause_writing(self) -> None:
+        self.flow.pause(self.loop.time())
+        if self.relay_source is not None:
+            self.relay_source.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.flow.resume()
+        if self.relay_source is not None and not self.relay_source.is_closing():
+            self.relay_source.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.closing = True      # answer what was asked (Upgrade is not proxied), then close
+        except httptools.HttpParserError as exc:
+            self._refuse(self._error or BadRequest(_parser_message(exc), code="framing"))
+
+    def eof_received(self) -> bool | None:
+        if self._body is not None and not self._body.ended:
+            self._body.fail(ConnectionResetError("client closed before sending the whole body"))
+        return None
+
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = Headers()
+        self._head_bytes = 0
+        self._in_head = True
+        if self.state == _IDLE:
+            self.state = _HEAD
+            self.since = self.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.max_header_bytes:
+            self._error = HeadersTooLarge("request line too long", code="headers_too_large")
+            raise self._error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value)
+        h = self._headers
+        if size > self.limits.max_header_bytes and (
+                size > _AUTH_FIELD_LIMIT or name.lower() != b"authorization"):
+            self._error = HeadersTooLarge(
+                f"header {name[:64].decode('latin-1')} is over {self.limits.max_header_bytes}"
+                " bytes", code="headers_too_large")
+            raise self._error
+        if len(h.raw) >= _MAX_HEADERS:
+            self._error = HeadersTooLarge(f"more than {_MAX_HEADERS} header lines",
+                                          code="headers_too_large")
+            raise self._error
+        h.add(name, value)
+
+    def on_headers_complete(self) -> None:
+        p = self.parser
+        headers = self._headers
+        req = Request(self, p.get_method().decode("ascii", "replace"),
+                      self._url.decode("latin-1"), headers,
+                      p.get_http_version() == "1.1", p.should_keep_alive())
+        length = headers.get_raw(b"content-length")
+        now = self.loop.time()
+        if length is not None:
+            req.content_length = int(length)
+            if req.content_length:
+                req.body = Body(self, _expects_continue(headers, req.http11), now)
+        elif headers.get_raw(b"transfer-encoding") is not None:
+            req.chunked = True
+            req.body = Body(self, _expects_continue(headers, req.http11), now)
+        self._body = req.body
+        self._in_head = False
+        self.state = BUSY
+        self.queue.append(req)
+        if len(self.queue) >= _PIPELINE_PAUSE:
+            self.pause_reading(2)
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+
+    def on_body(self, data: bytes) -> None:
+        body = self._body
+        if body is not None:
+            body.feed(data)
+
+    def on_message_complete(self) -> None:
+        body = self._body
+        if body is not None:
+            body.feed_eof()
+            self._body = None
+
+    # -- reading and writing
+    def pause_reading(self, reason: int = 1) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.reading_paused |= reason
+
+    def resume_reading(self, reason: int = 1) -> None:
+        was = self.reading_paused
+        self.reading_paused &= ~reason
+        if was and not self.reading_paused and self.transport is not None \
+                and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            raise ConnectionResetError("client disconnected")
+        t.write(data)
+
+    def write_interim(self, data: bytes) -> None:
+        """A 1xx line, unless the answer has begun."""
+        req = self.queue[0] if self.queue else None
+        if isinstance(req, Request) and not req.started:
+            try:
+                self.write(data)
+            except ConnectionError:
+                pass
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def linger(self) -> None:
+        """Close after an answer while the client may still be sending (an unread body, a
+        refused head): end our side, read and discard for a moment, so that the client reads
+        the answer instead of a reset."""
+        self.closing = True
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if t.get_extra_info("sslcontext") is not None or not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()
+        self.state = _LINGER
+        self.since = self.loop.time()
+        self.reading_paused = 1
+        self.resume_reading(1)
+
+    def close_if_idle(self) -> bool:
+        """Close now if no request is being handled; True if it was idle."""
+        if self.task is None and not self.queue:
+            self.close()
+            return True
+        self.draining = True
+        return False
+
+    # -- serving
+    def _refuse(self, error: GatewayError) -> None:
+        """The byte stream can no longer be trusted: answer what came before, then this."""
+        self.closing = True
+        if self._body is not None:
+            self._body.fail(BadRequest(f"malformed request body: {error.message}",
+                                       code="framing"))
+            self._body = None
+        self.queue.append(_ParseFailure(error))
+        if self.task is None:
+            self.task = self.loop.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        handler = self.server.handler
+        try:
+            while self.queue:
+                item = self.queue[0]
+                if isinstance(item, _ParseFailure):
+                    self._answer_failure(item.error)
+                    self.linger()
+                    return
+                try:
+                    await handler(item)
+                except ConnectionError:
+                    self.abort()
+                    return
+                self.queue.popleft()
+                if self.reading_paused & 2 and len(self.queue) < _PIPELINE_PAUSE // 2:
+                    self.resume_reading(2)
+                body = item.body
+                if body is not None and not body.ended:
+                    await self.flow.drain()
+                    self.linger()
+                    return
+                if not item.keep_alive or self.closing:
+                    await self.flow.drain()
+                    self.close()
+                    return
+            self.state = _HEAD if self._in_head else _IDLE
+            self.since = self.loop.time()
+        finally:
+            self.task = None
+
+    def _answer_failure(self, error: GatewayError) -> None:
+        log.info("refused malformed request from %s: %s", self.remote, error.message)
+        self.server.on_refusal(error)
+        body = error_body(error.status, error.code, error.message)
+        try:
+            self.write(b"%sContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n"
+                       b"Connection: close\r\n\r\n%s" % (
+                           status_line(error.status), JSON_TYPE.encode(), len(body),
+                           http_date(), body))
+        except ConnectionError:
+            pass
+
+    def sweep(self, now: float) -> None:
+        """Enforce this connection's deadlines (called by the server's sweeper)."""
+        lim = self.limits
+        if self.state == _LINGER:
+            if now - self.since > _LINGER_SECONDS:
+                self.abort()
+            return
+        if self.state == _HEAD:
+            if now - self.since > lim.header_timeout:
+                if self.task is None and not self.queue:
+                    self._refuse(RequestTimeout("the request head did not arrive in time",
+                                                code="header_timeout"))
+                else:
+                    self.abort()
+            return
+        if self.state == _IDLE:
+            if now - self.since > lim.keepalive_timeout:
+                self.close()
+            return
+        body = self._body
+        if body is not None and not body.ended:
+            elapsed = now - body.started_at
+            if elapsed > lim.body_timeout:
+                body.fail(RequestTimeout(
+                    f"the request body did not arrive within {lim.body_timeout:g} s",
+                    code="body_timeout"))
+                self.closing = True
+            elif elapsed > 2.0 and body.received < lim.min_rate * (elapsed - 1.0):
+                body.fail(RequestTimeout(
+                    f"the request body arrived slower than {lim.min_rate} bytes/s",
+                    code="body_too_slow"))
+                self.closing = True
+        paused = self.flow.paused_since
+        if paused and now - paused > lim.send_timeout:
+            log.info("client %s stopped reading its answer; connection cut", self.remote)
+            self.abort()
+
+
+def _expects_continue(headers: Headers, http11: bool) -> bool:
+    value = headers.get_raw(b"expect")
+    return http11 and value is not None and value.lower() == b"100-continue"
+
+
+def _parser_message(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else "malformed request"
+    return text.rstrip(":")
