@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 from .errors import GatewayError, MethodNotAllowed, NotFound, UnprocessablePolicy
 from .guard import Target
 from .http.message import JSON_TYPE, json_body
-from .http.connection import Request
+from .http.request import Request
 from .supervisor import worker_status
 
 if TYPE_CHECKING:

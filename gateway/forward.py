@@ -20,13 +20,15 @@ from typing import Any
 from .errors import PayloadTooLarge
 from .guard import Target
 from .http.message import HOP_BY_HOP, connection_tokens
-from .http.connection import Request
+from .http.request import Request
 from .http.pool import Pool, exchange, request_head
 from .policy import User
 
 _DROP = HOP_BY_HOP | frozenset(h.encode() for h in (
     "authorization", "host", "forwarded", "x-forwarded-for", "x-forwarded-proto",
-    "x-forwarded-host", "x-real-ip", "content-length", "expect"))
+    "x-forwarded-host", "x-real-ip", "content-length", "expect",
+    # other spellings of "who is this" that upstreams behind proxies are known to trust
+    "remote-user", "x-remote-user", "x-user", "x-forwarded-user"))
 _IDENTITY = b"xauthenticated"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")

@@ -26,7 +26,7 @@ from .forward import read_body
 from .guard import (OVERRIDE_HEADERS, REJECTED_METHODS, Rejected, Target, canonical_target,
                     check_framing, check_method)
 from .http.message import JSON_TYPE, json_body
-from .http.connection import Request
+from .http.request import Request
 from .http.upstream import ClientGone
 from .policy import Decision, Policy, User
 

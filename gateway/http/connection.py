@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import httptools
 
 from ..errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
 from .body import Body
 from .flow import FlowControl
-from .message import (JSON_TYPE, NO_BODY_STATUS, Headers, error_body, http_date,
-                      status_line)
+from .message import JSON_TYPE, Headers, error_body, http_date, status_line
+from .request import Request
 
 if TYPE_CHECKING:
     from .server import Server
@@ -41,77 +42,14 @@ log = logging.getLogger(__name__)
 _PIPELINE_PAUSE = 16          # queued requests before the socket stops being read
 _MAX_HEADERS = 100
 _AUTH_FIELD_LIMIT = 128 * 1024  # an oversize credential is a bad credential (401), up to this
+_MAX_HEAD_BYTES = 32 * 1024     # the whole header block (an oversize Authorization aside)
+_PIPELINE_MAX = 64              # queued requests past which a connection is refused
+# RFC 9110 Host: reg-name or IP literal, optional port (a repeated Host joins with ", ": refused)
+_HOST = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 # Connection states the sweeper looks at.
 _HEAD, BUSY, _IDLE, _LINGER = 0, 1, 2, 3
 _LINGER_SECONDS = 2.0
-
-
-class Request:
-    """One request and its answer. The pipeline answers with :meth:`respond`, or a forwarder
-    writes a relayed answer through :meth:`send` (head first, then body pieces)."""
-
-    __slots__ = ("conn", "method", "target", "headers", "http11", "keep_alive", "body",
-                 "content_length", "chunked", "started", "remote", "scheme", "head_only",
-                 "status")
-
-    def __init__(self, conn: Connection, method: str, target: str, headers: Headers,
-                 http11: bool, keep_alive: bool) -> None:
-        self.conn = conn
-        self.method = method
-        self.target = target
-        self.headers = headers
-        self.http11 = http11
-        self.keep_alive = keep_alive
-        self.body: Body | None = None
-        self.content_length: int | None = None
-        self.chunked = False
-        self.started = False       # a byte of the answer was written
-        self.remote = conn.remote
-        self.scheme = conn.scheme
-        self.head_only = method == "HEAD"
-        self.status = 0
-
-    @property
-    def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        return self.headers.raw
-
-    def connection_header(self) -> bytes:
-        """The ``Connection`` line of the answer (also says close while draining)."""
-        if self.conn.draining or (self.body is not None and not self.body.ended):
-            self.keep_alive = False      # an unread body: the connection closes after this
-        if not self.keep_alive:
-            return b"Connection: close\r\n"
-        return b"" if self.http11 else b"Connection: keep-alive\r\n"
-
-    async def respond(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        """Send a complete answer made by the gateway itself."""
-        out = [status_line(status)]
-        for name, value in headers.items():
-            out.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("utf-8")))
-        out.append(b"Date: %s\r\n" % http_date())
-        no_body = status in NO_BODY_STATUS
-        if not no_body:
-            out.append(b"Content-Length: %d\r\n" % len(body))
-        out.append(self.connection_header())
-        out.append(b"\r\n")
-        if body and not no_body and not self.head_only:
-            out.append(body)
-        self.status = status
-        self.started = True
-        self.conn.write(b"".join(out))
-        await self.conn.flow.drain()
-
-    def send(self, data: bytes) -> None:
-        """Write part of a relayed answer (raises :class:`ConnectionError` if the client is
-        gone); the caller honours :attr:`Connection.flow`."""
-        self.started = True
-        self.conn.write(data)
-
-    def abort(self) -> None:
-        """Cut the client connection: the answer cannot be completed."""
-        self.keep_alive = False
-        self.conn.abort()
 
 
 class _ParseFailure:
@@ -148,6 +86,8 @@ class Connection(asyncio.Protocol):
         self._body: Body | None = None
         self._error: GatewayError | None = None
         self._in_head = False
+        self.client_done = False       # the client half-closed (sent EOF)
+        self._host_ok: bytes | None = None  # the last Host value found valid here
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,6 +103,9 @@ class Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.closing = True
         self.flow.connection_lost()
+        relay = self.relay_source
+        if relay is not None and not relay.is_closing():
+            relay.resume_reading()     # the relay must see that its client is gone
         gone = ConnectionResetError("client disconnected")
         if self._body is not None:
             self._body.fail(gone)
@@ -191,9 +134,13 @@ class Connection(asyncio.Protocol):
             self._refuse(self._error or BadRequest(_parser_message(exc), code="framing"))
 
     def eof_received(self) -> bool | None:
+        self.client_done = True
         if self._body is not None and not self._body.ended:
             self._body.fail(ConnectionResetError("client closed before sending the whole body"))
-        return None
+            return None
+        # A client that half-closes after its request(s) still reads the answers: keep our
+        # side open until they are written (``_serve`` closes once the queue is empty).
+        return True if (self.task is not None or self.queue) else None
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
@@ -212,6 +159,8 @@ class Connection(asyncio.Protocol):
             raise self._error
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return          # a chunked body's trailer: never a header of the request
         size = len(name) + len(value)
         h = self._headers
         if size > self.limits.max_header_bytes and (
@@ -224,6 +173,12 @@ class Connection(asyncio.Protocol):
             self._error = HeadersTooLarge(f"more than {_MAX_HEADERS} header lines",
                                           code="headers_too_large")
             raise self._error
+        if size <= self.limits.max_header_bytes:      # an oversize credential is not counted
+            self._head_bytes += size
+            if self._head_bytes > _MAX_HEAD_BYTES:
+                self._error = HeadersTooLarge(f"request header block over {_MAX_HEAD_BYTES} bytes",
+                                              code="headers_too_large")
+                raise self._error
         h.add(name, value)
 
     def on_headers_complete(self) -> None:
@@ -241,6 +196,25 @@ class Connection(asyncio.Protocol):
         elif headers.get_raw(b"transfer-encoding") is not None:
             req.chunked = True
             req.body = Body(self, _expects_continue(headers, req.http11), now)
+            if not req.http11:
+                req.keep_alive = False    # RFC 9112 6.1: close after a chunked 1.0 request
+        if len(self.queue) >= _PIPELINE_MAX:
+            self._error = BadRequest(f"more than {_PIPELINE_MAX} pipelined requests",
+                                     code="pipeline_depth")
+            raise self._error
+        if req.body is not None and headers.get_raw(b"upgrade") is not None:
+            # llhttp stops at the head of an upgrade: its body would be lost, not forwarded.
+            self._error = BadRequest("a protocol upgrade with a request body is not accepted",
+                                     code="upgrade_body")
+            raise self._error
+        if req.http11:
+            host = headers.get_raw(b"host")
+            if host is None or (host != self._host_ok and (
+                    not _HOST.fullmatch(host) or len(headers.getall_raw(b"host")) != 1)):
+                self._error = BadRequest("an HTTP/1.1 request needs exactly one valid Host "
+                                         "header", code="host")
+                raise self._error
+            self._host_ok = host
         self._body = req.body
         self._in_head = False
         self.state = BUSY
@@ -355,17 +329,23 @@ class Connection(asyncio.Protocol):
                     self.resume_reading(2)
                 body = item.body
                 if body is not None and not body.ended:
-                    await self.flow.drain()
+                    await self._drained()
                     self.linger()
                     return
-                if not item.keep_alive or self.closing:
-                    await self.flow.drain()
+                if not item.keep_alive or self.closing or (self.client_done and not self.queue):
+                    await self._drained()
                     self.close()
                     return
             self.state = _HEAD if self._in_head else _IDLE
             self.since = self.loop.time()
         finally:
             self.task = None
+
+    async def _drained(self) -> None:
+        try:
+            await self.flow.drain()
+        except ConnectionError:
+            pass                       # gone already: closing is all that is left
 
     def _answer_failure(self, error: GatewayError) -> None:
         log.info("refused malformed request from %s: %s", self.remote, error.message)

@@ -28,6 +28,7 @@ class FlowControl:
 
     def connection_lost(self) -> None:
         self._lost = True
+        self.paused_since = 0.0        # nothing to wait for any more
         w = self._waiter
         if w is not None and not w.done():
             w.set_exception(ConnectionResetError("connection lost"))

@@ -90,6 +90,10 @@ class Headers:
         """The raw value of an already lower-cased name."""
         return self._map.get(low_name)
 
+    def getall_raw(self, low_name: bytes) -> list[bytes]:
+        """Every raw value of an already lower-cased name, one per header line."""
+        return [v for k, v in self.raw if k.lower() == low_name]
+
     def has_any(self, low_names: frozenset[bytes]) -> bool:
         """True when any of these lower-cased names is present."""
         return not low_names.isdisjoint(self._map)

@@ -12,7 +12,7 @@ from collections import deque
 from typing import Any
 
 from ..errors import BadGateway, GatewayTimeout, Overloaded
-from .connection import Request
+from .request import Request
 from .upstream import Stale, UpstreamConnection
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,9 @@ class Pool:
             self.streaming -= 1
         if conn.reusable():
             conn.reset()
+            t = conn.transport
+            if t is not None and not t.is_reading():
+                t.resume_reading()     # paused for a slow client: ready for the next one
             self._idle.append((conn, time.monotonic()))
         else:
             conn.reset()

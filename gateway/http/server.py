@@ -8,7 +8,8 @@ import asyncio
 from typing import Awaitable, Callable
 
 from ..errors import GatewayError
-from .connection import BUSY, Connection, Request
+from .connection import BUSY, Connection
+from .request import Request
 
 Handler = Callable[[Request], Awaitable[None]]
 

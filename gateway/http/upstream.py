@@ -29,7 +29,7 @@ import httptools
 from ..errors import BadGateway, GatewayError, GatewayTimeout
 from .flow import FlowControl
 from .message import HOP_BY_HOP, NO_BODY_STATUS, REASONS, connection_tokens, status_line
-from .connection import Request
+from .request import Request
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -114,6 +114,8 @@ class UpstreamConnection(asyncio.Protocol):
                                   code="upstream_protocol"))
         except httptools.HttpParserError as exc:
             self.broken = True
+            if not self.complete and self.sink is not None and not self.sink.started:
+                self._out.clear()          # nothing sent yet: the client gets a clean 502
             cause = exc.__context__
             self._fail(cause if isinstance(cause, GatewayError) else BadGateway(
                 "the upstream sent a malformed answer", code="upstream_malformed"))
@@ -161,6 +163,10 @@ class UpstreamConnection(asyncio.Protocol):
                 if low == b"content-length":
                     length = value
                 elif low == b"transfer-encoding":
+                    if value.strip().lower() != b"chunked":
+                        # re-framing would drop the other coding (gzip): the bytes would lie
+                        raise BadGateway("the upstream used a transfer coding other than "
+                                         "chunked", code="upstream_malformed")
                     chunked_in = True
                 continue
             out.append(b"%s: %s\r\n" % (name, value))

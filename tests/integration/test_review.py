@@ -26,7 +26,6 @@ def _half_closed_get(port: int, auth: str) -> bytes:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 7")
 def test_half_closing_client_gets_its_answer_and_no_traceback_is_logged(tmp_path: Path) -> None:
     """Finding 7 against real processes: the half-closing client gets 0 bytes, and the
     gateway log shows 'Task exception was never retrieved' tracebacks from

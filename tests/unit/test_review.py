@@ -137,7 +137,6 @@ async def _slow_download(port: int, target: str) -> int:
     return got
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 1")
 async def test_slow_reader_does_not_leave_a_paused_connection_in_the_pool(
         make_gateway, scripted) -> None:
     """Finding 1: the client's pause_writing pauses the upstream transport (relay_source);
@@ -166,7 +165,6 @@ def post_chunked_with_trailer(trailer: str) -> bytes:
             f"3\r\nabc\r\n0\r\n{trailer}\r\n\r\n").encode()
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 2")
 async def test_trailer_fields_are_never_forwarded_as_header_fields(make_gateway, scripted) -> None:
     """Finding 2: Connection.on_header does not tell trailers from the head: trailer fields
     are appended to req.headers, which the forwarder turns into the upstream's *header*
@@ -178,7 +176,6 @@ async def test_trailer_fields_are_never_forwarded_as_header_fields(make_gateway,
         assert not any(k.lower() == "x-original-url" for k, _ in seen.headers), seen.headers
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 2")
 async def test_method_override_in_a_late_trailer_is_not_forwarded(make_gateway, scripted) -> None:
     """Finding 2, the guard bypass: on a json_keys rule the body is read *after* the guard's
     check_method and *before* the upstream head is built; a trailer sent after the 100 Continue
@@ -201,7 +198,6 @@ async def test_method_override_in_a_late_trailer_is_not_forwarded(make_gateway, 
             (seen.method, seen.headers)
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 3")
 async def test_a_huge_header_block_is_refused_with_431(make_gateway, scripted) -> None:
     """Finding 3: only each header line is bounded (max_header_bytes) and their count (100);
     a 720 KB header block is accepted, held in memory and forwarded upstream. SECURITY.md:
@@ -215,7 +211,6 @@ async def test_a_huge_header_block_is_refused_with_431(make_gateway, scripted) -
     assert scripted.seen == []
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 4")
 async def test_upgrade_request_body_is_forwarded_or_refused(make_gateway, scripted) -> None:
     """Finding 4: a POST with Connection: Upgrade and a Content-Length body reaches the
     upstream as 'Content-Length: 0' with no body (llhttp stops at the head of an upgrade);
@@ -228,7 +223,6 @@ async def test_upgrade_request_body_is_forwarded_or_refused(make_gateway, script
     assert all(s.body == b"abc" for s in scripted.seen), [(s.headers, s.body) for s in scripted.seen]
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 5")
 async def test_malformed_answer_detected_before_any_byte_left_is_a_502(make_gateway,
                                                                        scripted) -> None:
     """Finding 5: the upstream's head and its bad chunk size arrive in one read; the parse
@@ -242,7 +236,6 @@ async def test_malformed_answer_detected_before_any_byte_left_is_a_502(make_gate
     assert out.startswith(b"HTTP/1.1 502"), out[:100]
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 6")
 async def test_a_client_that_never_reads_does_not_hold_its_upstream_connection_forever(
         make_gateway, scripted) -> None:
     """Finding 6 (pool exhaustion): a client that never reads a large answer is cut after
@@ -304,7 +297,6 @@ async def _send_then_half_close(port: int, data: bytes) -> bytes:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 7")
 async def test_half_close_after_a_complete_request_still_gets_the_answer(make_gateway,
                                                                          scripted) -> None:
     """Finding 7: Connection.eof_received returns None, so the transport closes itself at the
@@ -320,7 +312,6 @@ async def test_half_close_after_a_complete_request_still_gets_the_answer(make_ga
     assert len(parse_answers(out)) == 2, out[:200]
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 8")
 async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(make_gateway,
                                                                       scripted) -> None:
     """Finding 8: one write of N pipelined wrong-password requests is parsed and queued at
@@ -356,7 +347,6 @@ async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(make_gatew
             w.transport.abort()
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 9")
 async def test_http10_request_with_transfer_encoding_closes_the_connection(make_gateway,
                                                                           scripted) -> None:
     """Finding 9: RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing
@@ -372,7 +362,6 @@ async def test_http10_request_with_transfer_encoding_closes_the_connection(make_
     assert [s.target for s in scripted.seen] in ([], ["/test/a"])
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 10")
 @pytest.mark.parametrize("hosts", [["a.test", "b.test"], [], ["a b"]])
 async def test_http11_request_without_one_valid_host_is_a_400(make_gateway, scripted,
                                                               hosts) -> None:
