@@ -32,7 +32,7 @@ _DROP = HOP_BY_HOP | frozenset(h.encode() for h in (
 _IDENTITY = b"xauthenticated"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
-BUFFER_BODY = 64 * 1024
+BUFFER_BODY = 16 * 1024
 
 
 def is_identity_lookalike(low: bytes) -> bool:
