@@ -58,3 +58,17 @@ def test_make_help_lists_every_target_the_readme_names() -> None:
                            re.MULTILINE))
     assert {"k8s-policy", "k8s-render"} <= named
     assert named <= listed, named - listed
+
+
+def test_rbac_yaml_points_to_readme_headings_that_exist() -> None:
+    """The shipped policy's comments name README sections; each must be a real heading."""
+    import re
+
+    headings = {re.sub(r"[`*]", "", line.lstrip("#").strip())
+                for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("#")}
+    comments = "\n".join(line for line in (ROOT / "rbac.yaml").read_text().splitlines()
+                         if line.lstrip().startswith("#"))
+    named = re.findall(r'README, "([^"]+)"', comments)
+    assert named, "rbac.yaml no longer names a README section"
+    assert set(named) <= headings, set(named) - headings
