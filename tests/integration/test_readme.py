@@ -72,3 +72,18 @@ def test_rbac_yaml_points_to_readme_headings_that_exist() -> None:
     named = re.findall(r'README, "([^"]+)"', comments)
     assert named, "rbac.yaml no longer names a README section"
     assert set(named) <= headings, set(named) - headings
+
+
+def test_every_serve_flag_and_its_variable_is_in_the_readme_table() -> None:
+    """`serve --help` is the truth: each flag and each [ENV_VAR] it names has a table row."""
+    import re
+
+    help_text = subprocess.run([sys.executable, "-m", "gateway", "serve", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", help_text)) - {"--help"}
+    envs = set(re.findall(r"\[(GATEWAY_[A-Z_]+)", help_text))
+    assert {"--header-timeout", "--shutdown-grace"} <= flags and "GATEWAY_POOL_SIZE" in envs
+    table = "\n".join(line for line in (ROOT / "README.md").read_text().splitlines()
+                      if line.startswith("| `--"))
+    missing = [x for x in sorted(flags | envs) if f"`{x}`" not in table]
+    assert not missing, f"not in the README's flag table: {missing}"
