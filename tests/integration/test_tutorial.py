@@ -1,13 +1,20 @@
-"""The tutorial's curl session and the role matrix, against real processes (or GATEWAY_URL)."""
+"""The README's tutorial session and the role matrix, against real processes (or GATEWAY_URL)."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
 
 import aiohttp
 import pytest
 
-from tests.helpers import PASSWORDS, basic
+from tests.helpers import PASSWORDS, ROOT, basic
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import readme_session  # noqa: E402  (scripts/ is not a package)
+
+sys.path.remove(str(ROOT / "scripts"))
 
 HULK = "Incredible Hulk 2"
 
@@ -29,41 +36,16 @@ async def call(http, method, target, user=None, password=None, json=None):
         return r.status, body, r.headers
 
 
-async def test_tutorial_session(http) -> None:
+async def test_tutorial_session(http, stack, tmp_path) -> None:
+    """The README's tutorial session (its first ``<!-- session -->`` block), command by
+    command with curl, must print what the README shows: the README is the one source."""
     await call(http, "DELETE", f"/api/inventory?name={HULK}", "manager")   # idempotent start
-
-    status, body, _ = await call(http, "GET", "/api/inventory?name=X-Men+1+(1991)", "sales")
-    assert (status, body) == (200, {"name": "X-Men 1 (1991)", "count": 5000})
-
-    new = {"name": HULK, "count": 2}
-    status, body, _ = await call(http, "POST", "/api/inventory", "sales", json=new)
-    assert status == 403 and body["status"] == 403
-
-    status, body, _ = await call(http, "POST", "/api/inventory", "manager", json=new)
-    assert (status, body) == (201, new)
-
-    status, body, _ = await call(http, "PUT", f"/api/inventory?name={HULK}", "manager",
-                                 json={"name": HULK, "count": 1})
-    assert (status, body) == (200, {"name": HULK, "count": 1})
-
-    status, body, _ = await call(http, "PUT", f"/api/inventory?name={HULK}", "warehouse",
-                                 json={"name": HULK, "count": 7})
-    assert (status, body) == (200, {"name": HULK, "count": 7})
-
-    status, _, _ = await call(http, "POST", "/api/inventory", "warehouse", json=new)
-    assert status == 403
-    status, _, _ = await call(http, "DELETE", f"/api/inventory?name={HULK}", "warehouse")
-    assert status == 403
-
-    status, body, _ = await call(http, "DELETE", f"/api/inventory?name={HULK}", "manager")
-    assert status == 200
-
-    status, body, headers = await call(http, "GET", "/api/inventory")
-    assert status == 401
-    assert headers["WWW-Authenticate"].startswith('Basic realm="inventory"')
-
-    status, body, _ = await call(http, "GET", "/api/inventory", "sales", "wrong")
-    assert status == 401 and body["status"] == 401
+    block = readme_session.parse(readme_session.README.read_text())[0]
+    assert any("X-Men" in s.command for s in block.steps), "the first session is the tutorial"
+    actual = await asyncio.to_thread(readme_session.run_block, block, tmp_path,
+                                     stack.gateway_url, stack.backend_url)
+    problems = readme_session.differences(block, actual)
+    assert not problems, "\n".join(problems)
 
 
 EXPECTED = {
