@@ -319,6 +319,8 @@ async def test_ready_says_pool_exhausted(procs: Procs) -> None:
 
 # -- 5. slow heads under a small fd limit ---------------------------------------------------------
 
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2200,
+                    reason="the client side needs ~2,100 descriptors")
 async def test_slow_heads_under_small_fd_limit(procs: Procs) -> None:
     up = procs.upstream()
     # The header timeout is long here: the connection cap and eviction must do the work.
@@ -497,7 +499,8 @@ async def test_sigterm_finishes_in_flight_and_cuts_after_grace(procs: Procs) -> 
     # Still running after the grace: cut, audited as such, and counted in the log.
     assert not isinstance(cut_result, Answer), cut_result
     out = old.output()
-    assert re.search(r"gateway stopping: 4 requests in flight", out), out[-3000:]
+    m = re.search(r"gateway stopping: (\d+) requests in flight", out)
+    assert m and int(m.group(1)) >= 4, out[-3000:]
     assert re.search(r"shutdown cut 1 requests? still in flight", out), out[-3000:]
     cuts = [r for r in audit_lines(procs.tmp / "old-audit.log") if r.get("decision") == "cut"]
     assert len(cuts) == 1 and cuts[0]["path"] == ITEMS, cuts
