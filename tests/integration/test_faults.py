@@ -194,7 +194,8 @@ BODY_TIMEOUT = 4.0
 
 
 async def trickle(addr: tuple[str, int], kind: str, stop_after: float) -> tuple[str, Any, float]:
-    """An upload that sends a few bytes every TRICKLE_EVERY seconds until it is answered.
+    """An upload that sends a few bytes every TRICKLE_EVERY seconds until it is answered
+    ("steady": 600 bytes every 0.25 s, above the minimum rate but too long in total).
     Returns (kind, Answer or the exception that ended it, seconds to the answer)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -206,12 +207,16 @@ async def trickle(addr: tuple[str, int], kind: str, stop_after: float) -> tuple[
     if kind == "chunked":
         hdrs["Transfer-Encoding"] = "chunked"
         piece = b"7\r\n{\"a\":1}\r\n"                   # one 7-byte chunk
+    elif kind == "steady":
+        hdrs["Content-Length"] = "60000"              # above the minimum rate, too long
+        piece = b"x" * 600
     elif kind == "large":
         hdrs["Content-Length"] = str(1024 * 1024)     # streamed: over the 64 KiB buffer
         piece = b"x" * 8
     else:
         hdrs["Content-Length"] = "4000"               # small: read whole before a slot
         piece = b"x" * 8
+    every = 0.25 if kind == "steady" else TRICKLE_EVERY     # 2,400 or ~5 bytes/s
     answer = asyncio.ensure_future(read_answer(reader))
     try:
         writer.write(request_bytes("POST", ITEMS, hdrs))
@@ -220,7 +225,7 @@ async def trickle(addr: tuple[str, int], kind: str, stop_after: float) -> tuple[
                 writer.write(piece)
             except (ConnectionError, RuntimeError):
                 break
-            await asyncio.wait({answer}, timeout=TRICKLE_EVERY)
+            await asyncio.wait({answer}, timeout=every)
         try:
             got: Any = await asyncio.wait_for(answer, max(0.1, stop_after - (loop.time() - t0)))
         except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
@@ -240,7 +245,8 @@ async def test_trickling_uploads_leave_room_for_others(procs: Procs) -> None:
     for who in (SALES, MANAGER):
         assert (await fetch(addr, "GET", ITEMS, who)).status == 200
 
-    kinds = ["chunked"] * 90 + ["large"] * 90 + ["small"] * 80
+    kinds = ["chunked"] * 90 + ["large"] * 90 + ["small"] * 75 + ["steady"] * 5
+    assert len(kinds) == UPLOADS
     bound = BODY_TIMEOUT + 4.0
     uploads = [asyncio.ensure_future(trickle(addr, k, bound)) for k in kinds]
     try:
@@ -260,7 +266,7 @@ async def test_trickling_uploads_leave_room_for_others(procs: Procs) -> None:
         ready = await fetch(addr, "GET", "/-/ready", timeout=3.0)
         assert ready.status == 200, ready
         still = sum(1 for u in uploads if not u.done())
-        assert still >= 80, f"only {still} uploads still trickling during the GETs"
+        assert still >= 75, f"only {still} uploads still trickling during the GETs"
 
         results = await asyncio.wait_for(asyncio.gather(*uploads), bound + 2.0)
     finally:
@@ -282,6 +288,9 @@ async def test_trickling_uploads_leave_room_for_others(procs: Procs) -> None:
         assert key in {(408, "body_too_slow"), (408, "body_timeout"),
                        (503, "upstream_pool_exhausted")}, (kind, a)
     assert set(codes["small"]) <= {(408, "body_too_slow"), (408, "body_timeout")}, codes
+    assert set(codes["steady"]) == {(408, "body_timeout")}, codes     # the total deadline
+    steady = [took for kind, _, took in results if kind == "steady"]
+    assert min(steady) > BODY_TIMEOUT - 0.5, steady
     streamed_408 = sum(n for kind in ("chunked", "large") for (status, _), n in
                        codes[kind].items() if status == 408)
     assert streamed_408 >= 4, codes
@@ -421,12 +430,10 @@ async def test_partial_head_gets_408_within_header_timeout(procs: Procs) -> None
         finally:
             writer.close()
 
-    cases = {
-        "new connection": await partial(b""),
-        "kept-alive connection": await partial(request_bytes("GET", ITEMS, SALES)),
-        "head trickled byte by byte": await partial(b"", trickle=b"X"),
-    }
-    for name, (a, took, rest) in cases.items():
+    names = ["new connection", "kept-alive connection", "head trickled byte by byte"]
+    results = await asyncio.gather(partial(b""), partial(request_bytes("GET", ITEMS, SALES)),
+                                   partial(b"", trickle=b"X"))
+    for name, (a, took, rest) in zip(names, results):
         assert a.status == 408, (name, a)
         assert a.headers["content-type"].startswith("application/json"), (name, a)
         assert a.json()["code"] == "header_timeout", (name, a)
@@ -667,6 +674,12 @@ def test_upstream_down_logged_once_per_state_change(procs: Procs) -> None:
     took = time.monotonic() - t
     assert set(statuses) <= {502, 503, 504}, sorted(set(statuses))
     assert took < 20, took
+    ready = asyncio.run(fetch(addr, "GET", "/-/ready"))
+    assert ready.status == 503 and ready.json()["code"] == "upstream_down", ready
+    # A gateway started while the upstream is down says so once at start.
+    cold = procs.gateway(up.url, name="cold")
+    wait_until(lambda: "does not answer" in cold.output(), 3)
+    assert cold.stop() == 0
 
     procs.upstream(port=port, name="upstream-again")
     wait_for_status(gw.url + ITEMS, 200, 10, headers=SALES)
