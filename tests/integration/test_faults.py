@@ -81,6 +81,8 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield ps
     finally:
         ps.stop_all()
+    for p in ps.started:                 # whatever the faults, never a traceback
+        assert "Traceback" not in p.output(), p.output()[-3000:]
 
 
 def address(p: Process) -> tuple[str, int]:
