@@ -43,6 +43,7 @@ class Procs:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.started: list[Process] = []
+        self.gateways: list[Process] = []
         self.policy = write_policy(tmp / "rbac.yaml", policy_doc())
 
     def upstream(self, port: int = 0, name: str = "upstream") -> Process:
@@ -65,6 +66,7 @@ class Procs:
                     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])", *args]
         p = Process(args, self.tmp / f"{name}.log")
         self.started.append(p)
+        self.gateways.append(p)
         p.wait_listening()
         p.wait_healthy("/-/healthz")
         return p
@@ -81,7 +83,7 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield ps
     finally:
         ps.stop_all()
-    for p in ps.started:                 # whatever the faults, never a traceback
+    for p in ps.gateways:                # whatever the faults, never a traceback
         assert "Traceback" not in p.output(), p.output()[-3000:]
 
 
