@@ -392,6 +392,7 @@ async def test_slow_heads_under_small_fd_limit(procs: Procs) -> None:
         assert ok == 40, (ok, failures, times)
         assert max(times) < 3.0, times
         assert held["max"] >= cap // 2, held     # the flood really filled the gateway
+        assert (await status_doc(addr))["connections"] <= cap
     finally:
         stop.set()
         await asyncio.wait(attackers, timeout=5.0)
