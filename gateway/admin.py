@@ -65,15 +65,15 @@ class Admin:
 
     async def ready(self) -> Answer:
         gw = self.gw
+        if gw.pool.exhausted:            # checked first: a probe would only queue for a slot
+            raise NotReady("not ready: every upstream connection is busy",
+                           code="upstream_pool_exhausted")
         now = time.monotonic()
         if now - self._probed_at > 1.0:
             self._probe_ok = await gw.probe_upstream()
             self._probed_at = now
         if not self._probe_ok:
             raise NotReady("not ready: the upstream does not answer", code="upstream_down")
-        if gw.pool.exhausted:
-            raise NotReady("not ready: every upstream connection is busy",
-                           code="upstream_pool_exhausted")
         return json_answer({"status": "ready", "policy": gw.store.policy.sha256,
                             "upstream": "ok"})
 

@@ -12,6 +12,7 @@ from .connection import BUSY, Connection
 from .request import Request
 
 Handler = Callable[[Request], Awaitable[None]]
+_QUIET = 0.5     # seconds without a request in flight before a draining server closes idle ones
 
 
 class Limits:
@@ -103,17 +104,28 @@ class Server:
         return sum(1 for c in self.connections if c.task is not None)
 
     async def shutdown(self, grace: float) -> int:
-        """Stop accepting, close idle connections, let requests in flight finish for up to
-        ``grace`` seconds (their answers say ``Connection: close``), then cut the rest.
-        Returns how many connections were cut with a request in hand."""
+        """Stop accepting; answer every request in flight, and any that arrives on an open
+        connection meanwhile, with ``Connection: close``; once nothing has been in flight for
+        ``_QUIET`` seconds (a keep-alive client's next request may be on its way) close what
+        is idle; at ``grace`` seconds cut the rest. Returns how many requests were cut."""
         for srv in self._servers:
             srv.close()
         for conn in list(self.connections):
+            conn.draining = True
+        loop = self.loop
+        deadline = loop.time() + grace
+        quiet_since = loop.time()
+        while self.connections and loop.time() < deadline:
+            tasks = [c.task for c in self.connections if c.task is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=min(0.1, max(0.0, deadline - loop.time())))
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= _QUIET:
+                break
+            else:
+                await asyncio.sleep(0.05)
+        for conn in list(self.connections):
             conn.close_if_idle()
-        deadline = self.loop.time() + grace
-        tasks = [c.task for c in self.connections if c.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=max(0.0, deadline - self.loop.time()))
         cut: list[asyncio.Task[None]] = []
         for conn in list(self.connections):
             if conn.task is not None:
