@@ -136,7 +136,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         status, n, keep = await asyncio.wait_for(
                             read_response(reader, args.method == "HEAD"), args.timeout
                         )
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         tally.timeout += 1
                         break
                     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):

@@ -26,10 +26,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -430,12 +430,12 @@ class Bench:
     # -- the whole run ------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        started = datetime.now(timezone.utc)
+        started = datetime.now(UTC)
         self.t0 = time.monotonic()
         scns = self.scenarios()
         for i, scn in enumerate(scns):
             self.run_scenario(scn, scns[i + 1 :])
-        finished = datetime.now(timezone.utc)
+        finished = datetime.now(UTC)
         medians = {s.key: {k: median(v) for k, v in s.samples.items()} for s in scns}
         return {
             "started": started.isoformat(timespec="seconds"),
@@ -659,7 +659,7 @@ def render(result: dict[str, Any], markdown: bool = False) -> str:
     left = {0, 1, 8, 9}
     rows: list[tuple[str, ...]] = []
     for skey, scn in result["scenarios"].items():
-        for ckey, cand in scn["candidates"].items():
+        for _ckey, cand in scn["candidates"].items():
             md = cand["median"]
             if md is None:
                 rows.append((skey, cand["label"], "error", "", "", "", "", "", "", ""))

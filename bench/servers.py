@@ -25,9 +25,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from bench.policies import Credentials
 from bench.procs import BenchError, Proc, free_port, http_status, start, wait_http

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .errors import GatewayError, MethodNotAllowed, NotFound, UnprocessablePolicy
 from .guard import Target

@@ -43,14 +43,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol
+from typing import Protocol
 
 from .audit import AuditLog, Metrics, now_iso
 from .auth import Authenticator, client_behind_proxies, parse_basic
-from .errors import (Forbidden, GatewayError, NotFound, TooManyRequests, Unauthenticated)
-from .http.message import JSON_TYPE, json_body
+from .errors import Forbidden, GatewayError, NotFound, TooManyRequests, Unauthenticated
 from .guard import Rejected, canonical_target, check_header_sizes, check_method
+from .http.message import JSON_TYPE, json_body
 from .policy import Decision, Policy, PolicyStore, User
 from .settings import Network, Settings
 

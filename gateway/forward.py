@@ -20,8 +20,8 @@ from typing import Any
 from .errors import PayloadTooLarge
 from .guard import Target
 from .http.message import HOP_BY_HOP, connection_tokens
-from .http.request import Request
 from .http.pool import Pool, exchange, request_head
+from .http.request import Request
 from .policy import User
 
 _DROP = HOP_BY_HOP | frozenset(h.encode() for h in (
@@ -129,7 +129,8 @@ def _remember(memo: dict[Any, bytes], key: Any, value: bytes) -> None:
 async def read_body(req: Request, limit: int) -> bytes:
     """The whole request body, refused with 413 past ``limit`` bytes."""
     assert req.body is not None
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     while True:
         chunk = await req.body.read()
         if not chunk:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 from yarl import URL
 
@@ -21,8 +21,8 @@ from .audit import AuditLog, Metrics
 from .auth import Authenticator, CredentialCache, FailureThrottle
 from .errors import GatewayError
 from .forward import Forwarder
-from .http.server import Server
 from .http.pool import Pool, exchange, request_head
+from .http.server import Server
 from .pipeline import Pipeline
 from .policy import PolicyStore, ReloadResult, watch
 from .settings import Settings
@@ -130,7 +130,7 @@ class Gateway:
         try:
             status = await asyncio.wait_for(exchange(self.pool, None, head, None, retry=True),
                                             2.0)
-        except (GatewayError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, GatewayError, OSError):
             return False
         return status < 500
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Protocol
 
 from .errors import BadRequest, HeadersTooLarge
 
@@ -49,7 +49,19 @@ class Rejected(BadRequest):
     """The guard refused the request; ``code`` names the reason class (metrics label)."""
 
 
-def check_method(method: str, headers: Mapping[str, str]) -> None:
+class HeaderLookup(Protocol):
+    """What the guard reads of headers (a ``Mapping[str, str]`` fits)."""
+
+    def get(self, key: str, /) -> str | None:
+        """The value of a header (any case), or None."""
+        ...
+
+    def __contains__(self, key: object, /) -> bool:
+        """Whether a header is present (any case)."""
+        ...
+
+
+def check_method(method: str, headers: HeaderLookup) -> None:
     """Refuse tunnelling/echo methods and every method-override header."""
     if method in REJECTED_METHODS:
         raise Rejected(f"method {method} is not allowed through the gateway", code="method")
@@ -58,7 +70,7 @@ def check_method(method: str, headers: Mapping[str, str]) -> None:
             raise Rejected(f"method-override header {name} is not allowed", code="method_override")
 
 
-def check_framing(headers: Mapping[str, str]) -> None:
+def check_framing(headers: HeaderLookup) -> None:
     """Only ``chunked`` is accepted as a transfer coding: anything else would be dropped on
     the way upstream and the upstream would read the coded bytes as the body."""
     te = headers.get("Transfer-Encoding")

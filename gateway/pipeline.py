@@ -19,12 +19,26 @@ from typing import TYPE_CHECKING
 from .admin import Admin
 from .audit import now_iso
 from .auth import client_behind_proxies, parse_basic
-from .errors import (BadRequest, Forbidden, GatewayError, PayloadTooLarge, TooManyRequests,
-                     Unauthenticated, UnprocessablePolicy)
 from .decision import Decider
+from .errors import (
+    BadRequest,
+    Forbidden,
+    GatewayError,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unauthenticated,
+    UnprocessablePolicy,
+)
 from .forward import read_body
-from .guard import (OVERRIDE_HEADERS, REJECTED_METHODS, Rejected, Target, canonical_target,
-                    check_framing, check_method)
+from .guard import (
+    OVERRIDE_HEADERS,
+    REJECTED_METHODS,
+    Rejected,
+    Target,
+    canonical_target,
+    check_framing,
+    check_method,
+)
 from .http.message import JSON_TYPE, json_body
 from .http.request import Request
 from .http.upstream import ClientGone
@@ -167,12 +181,13 @@ class Pipeline:
             self._memo.clear()
             self._memo_policy = policy
         memo_key = (user.name, req.method, target.path)
-        decision = self._memo.get(memo_key)
-        if decision is None:
-            decision = policy.decide(user.name, req.method, target.segments)
+        known = self._memo.get(memo_key)
+        if known is None:
+            known = policy.decide(user.name, req.method, target.segments)
             if len(self._memo) >= _TARGET_CACHE:
                 self._memo.clear()
-            self._memo[memo_key] = decision
+            self._memo[memo_key] = known
+        decision = known
         record["rule"] = decision.rule.id if decision.rule else None
         if not decision.allowed:
             raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")
@@ -181,7 +196,11 @@ class Pipeline:
     async def authenticate(self, req: Request, target: Target, client: str, policy: Policy,
                            header: bytes, key: bytes) -> User:
         """The uncached path: parse the credentials, check them with bcrypt."""
-        creds = parse_basic(header.decode("latin-1"), policy.realm)
+        try:
+            creds = parse_basic(header.decode("latin-1"), policy.realm)
+        except Unauthenticated:
+            self.metrics.auth_failures.labels("malformed").inc()
+            raise
         assert creds is not None
         try:
             return await self.auth.authenticate(policy, creds, client, key)

@@ -19,14 +19,15 @@ import resource
 import signal
 import ssl
 import sys
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from .errors import PolicyError
 from .gateway import Gateway
 from .http.server import Limits, Server
+from .policy import PolicyStore
 from .settings import Settings, SettingsError, tls_context
 from .supervisor import WORKER_ENV, check_port, supervise, watch_parent
-from .policy import PolicyStore
 
 log = logging.getLogger("gateway")
 

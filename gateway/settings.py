@@ -8,9 +8,10 @@ import ipaddress
 import os
 import re
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn
 
 from yarl import URL
 

@@ -10,7 +10,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .server import Connection
+    from .connection import Connection
 
 _BODY_HIGH = 256 * 1024       # buffered body bytes before the socket stops being read
 _BODY_LOW = 64 * 1024

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import re
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -91,8 +91,8 @@ class Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self.flow.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.flow.transport = self.transport
         peer = transport.get_extra_info("peername")
         self.remote = peer[0] if isinstance(peer, tuple) else None
         if transport.get_extra_info("sslcontext") is not None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator
 from http import HTTPStatus
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 JSON_TYPE = "application/json; charset=utf-8"
 RawHeaders = list[tuple[bytes, bytes]]

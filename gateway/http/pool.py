@@ -69,7 +69,7 @@ class Pool:
         self._waiters.append(fut)
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.connect_timeout)
-        except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, asyncio.CancelledError) as exc:
             if fut.done() and not fut.cancelled():
                 self._give_slot()                 # granted just as we gave up
             else:
@@ -141,8 +141,8 @@ class Pool:
             _, conn = await asyncio.wait_for(self.loop.create_connection(
                 lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl),
                 self.connect_timeout)
-        except asyncio.TimeoutError:
-            self._went_down("no connection within %gs" % self.connect_timeout)
+        except TimeoutError:
+            self._went_down(f"no connection within {self.connect_timeout:g}s")
             raise GatewayTimeout("the upstream did not accept a connection in time",
                                  code="upstream_connect_timeout") from None
         except OSError as exc:

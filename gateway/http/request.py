@@ -3,7 +3,8 @@ target, headers, body) and how it answers (a complete answer, or a relayed one i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from .body import Body
 from .message import NO_BODY_STATUS, Headers, http_date, status_line

@@ -5,7 +5,7 @@ one sweeper for every deadline, graceful shutdown. A connection's own work is in
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ..errors import GatewayError
 from .connection import BUSY, Connection

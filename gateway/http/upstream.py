@@ -22,7 +22,7 @@ idempotent requests whose body was not streamed.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -73,8 +73,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self.flow.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.flow.transport = self.transport
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.broken = True
@@ -129,7 +129,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.broken = True
             raise BadGateway("the upstream answered twice", code="upstream_malformed")
         self._headers = []
-        self._connection: list[bytes] = []
+        self._connection = []
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:

@@ -8,8 +8,8 @@ granting ``/-/status``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .model import Decision, Matcher, Policy, role_closure
 from .patterns import Pattern, compile_pattern

@@ -17,8 +17,9 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -232,7 +233,7 @@ async def trickle(addr: tuple[str, int], kind: str, stop_after: float) -> tuple[
             await asyncio.wait({answer}, timeout=every)
         try:
             got: Any = await asyncio.wait_for(answer, max(0.1, stop_after - (loop.time() - t0)))
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
             got = exc
         return kind, got, loop.time() - t0
     finally:
@@ -380,7 +381,7 @@ async def test_slow_heads_under_small_fd_limit(procs: Procs) -> None:
                 ok += a.status == 200
                 if a.status != 200:
                     failures.append(repr(a))
-            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 failures.append(repr(exc))
             times.append(round(time.monotonic() - t, 3))
         assert ok == 40, (ok, failures, times)
@@ -472,7 +473,7 @@ async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     try:
         writer.write(request_bytes("GET", target, SALES))
         return await asyncio.wait_for(read_answer(reader), 15)
-    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
         return exc
     finally:
         writer.close()
@@ -535,7 +536,7 @@ async def test_sigterm_keepalive_clients_see_no_connection_errors(procs: Procs) 
             try:
                 writer.write(request_bytes("GET", ITEMS, SALES))
                 a = await asyncio.wait_for(read_answer(reader), 5)
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
                 stats["errors"].append(repr(exc))
                 writer.close()
                 return

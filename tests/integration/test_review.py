@@ -6,8 +6,6 @@ import shutil
 import socket
 from pathlib import Path
 
-import pytest
-
 from tests.helpers import SHIPPED_POLICY, basic
 from tests.integration.conftest import start_backend, start_gateway
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import base64
 
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import PASSWORDS
 

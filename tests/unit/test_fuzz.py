@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 BY_DESIGN = {502, 503, 504}
 FUZZ = settings(max_examples=250, deadline=None,

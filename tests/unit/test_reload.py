@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import os
 import signal
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import EXTRA_USERS, TEST_ROLE
 from tests.helpers import basic, fast_hash, policy_doc, write_policy
 
 OPS = basic("ops", "imtheops")

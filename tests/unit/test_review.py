@@ -6,8 +6,8 @@ goes when the fix lands)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import httptools
 import pytest
@@ -105,7 +105,7 @@ async def roundtrip(port: int, data: bytes, timeout: float = 5.0) -> bytes:
             while chunk := await reader.read(65536):
                 out += chunk
         await asyncio.wait_for(all_(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     finally:
         writer.close()
