@@ -13,7 +13,7 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,fast]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,lint]'
 	touch $@
 
 venv: $(STAMP)  ## create .venv with the pinned dependencies
@@ -30,9 +30,12 @@ test-unit: $(STAMP)  ## fast in-process tests only
 test-integration: $(STAMP)  ## tests against real processes (or GATEWAY_URL when set)
 	$(PY) -m pytest -q tests/integration $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## byte-compile and check every policy shipped in the repo
-	$(PY) -m compileall -q gateway inventory_backend tests scripts
+lint: $(STAMP)  ## ruff (lint + format check), mypy --strict on gateway/, and check every shipped policy
+	$(VENV)/bin/ruff check gateway inventory_backend tests scripts bench
+	$(VENV)/bin/ruff format --check gateway inventory_backend tests scripts bench
+	$(VENV)/bin/mypy --strict gateway
 	$(PY) -m gateway check rbac.yaml
+	$(PY) -m gateway check deploy/kubernetes/rbac.yaml
 
 clean:  ## remove the venv, caches and the local database
 	rm -rf $(VENV) .pytest_cache .hypothesis data *.egg-info

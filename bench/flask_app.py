@@ -15,8 +15,18 @@ import requests
 from flask import Flask, Response, request
 from werkzeug.security import check_password_hash
 
-HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-       "proxy-authorization", "proxy-authenticate", "content-length", "content-encoding"}
+HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "content-length",
+    "content-encoding",
+}
 
 
 def create_app(upstream: str, user: str, pw_hash: str) -> Flask:
@@ -26,10 +36,19 @@ def create_app(upstream: str, user: str, pw_hash: str) -> Flask:
     @app.route("/<path:path>", methods=["GET", "POST", "PUT", "DELETE"])
     def proxy(path: str) -> Response:
         auth = request.authorization
-        if not auth or auth.username != user or not check_password_hash(pw_hash, auth.password or ""):
+        if (
+            not auth
+            or auth.username != user
+            or not check_password_hash(pw_hash, auth.password or "")
+        ):
             return Response("unauthorized\n", 401, {"WWW-Authenticate": 'Basic realm="bench"'})
-        resp = requests.request(request.method, f"{upstream}/{path}", params=request.args,
-                                data=request.get_data(), timeout=10)
+        resp = requests.request(
+            request.method,
+            f"{upstream}/{path}",
+            params=request.args,
+            data=request.get_data(),
+            timeout=10,
+        )
         headers = [(k, v) for k, v in resp.headers.items() if k.lower() not in HOP]
         return Response(resp.content, resp.status_code, headers)
 
@@ -46,7 +65,9 @@ def main() -> None:
     args = p.parse_args()
     with open(args.hash_file) as f:
         pw_hash = f.read().strip()
-    create_app(args.upstream.rstrip("/"), args.user, pw_hash).run(args.host, args.port, threaded=True)
+    create_app(args.upstream.rstrip("/"), args.user, pw_hash).run(
+        args.host, args.port, threaded=True
+    )
 
 
 if __name__ == "__main__":

@@ -65,23 +65,57 @@ def _wrk_env(extra: dict[str, str]) -> dict[str, str]:
 def run_load(tool: str, base_url: str, load: Load, duration: int, timeout_s: int) -> dict[str, Any]:
     """Run one client for `duration` seconds against `base_url`; return its result."""
     if tool == "wrk":
-        env = _wrk_env({
-            "BENCH_METHOD": load.method, "BENCH_PATH": load.path, "BENCH_AUTH": load.auth or "",
-            "BENCH_BODY_BYTES": str(load.body_bytes),
-        })
-        argv = ["wrk", "-t", str(min(load.threads, load.connections)), "-c", str(load.connections),
-                "-d", f"{duration}s", "--timeout", f"{timeout_s}s", "-s", str(LUA_DIR / "request.lua"),
-                base_url]
+        env = _wrk_env(
+            {
+                "BENCH_METHOD": load.method,
+                "BENCH_PATH": load.path,
+                "BENCH_AUTH": load.auth or "",
+                "BENCH_BODY_BYTES": str(load.body_bytes),
+            }
+        )
+        argv = [
+            "wrk",
+            "-t",
+            str(min(load.threads, load.connections)),
+            "-c",
+            str(load.connections),
+            "-d",
+            f"{duration}s",
+            "--timeout",
+            f"{timeout_s}s",
+            "-s",
+            str(LUA_DIR / "request.lua"),
+            base_url,
+        ]
     else:
         env = dict(os.environ)
-        argv = [sys.executable, "-m", "bench.loadgen", base_url + load.path, "-c", str(load.connections),
-                "-d", str(duration), "--method", load.method, "--body-bytes", str(load.body_bytes),
-                "--timeout", str(timeout_s)]
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            base_url + load.path,
+            "-c",
+            str(load.connections),
+            "-d",
+            str(duration),
+            "--method",
+            load.method,
+            "--body-bytes",
+            str(load.body_bytes),
+            "--timeout",
+            str(timeout_s),
+        ]
         if load.auth:
             argv += ["--auth", load.auth]
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT,
-                             timeout=duration + timeout_s + 30)
+        out = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=duration + timeout_s + 30,
+        )
     except subprocess.TimeoutExpired:
         raise BenchError(f"{argv[0]} did not finish in time") from None
     if out.returncode != 0:
@@ -99,14 +133,34 @@ class FloodClient:
 
     def __init__(self, tool: str, base_url: str, flood: Flood, duration: float) -> None:
         self.tool = "python"
-        argv = [sys.executable, "-m", "bench.loadgen", base_url + flood.path,
-                "-c", str(flood.connections), "-d", str(duration), "--rate", str(flood.rate),
-                "--wrong-password-for", flood.user, "--timeout", "10", "--announce"]
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            base_url + flood.path,
+            "-c",
+            str(flood.connections),
+            "-d",
+            str(duration),
+            "--rate",
+            str(flood.rate),
+            "--wrong-password-for",
+            flood.user,
+            "--timeout",
+            "10",
+            "--announce",
+        ]
         if flood.source:
             argv += ["--source", flood.source]
         self.argv = argv
-        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      env=dict(os.environ), cwd=ROOT)
+        self.popen = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+            cwd=ROOT,
+        )
         self.duration = duration
 
     def wait_sending(self, deadline_s: float = 15.0) -> None:
@@ -116,7 +170,9 @@ class FloodClient:
         line = self.popen.stdout.readline() if ready else ""
         if not line.startswith("BENCH_READY"):
             self.kill()
-            raise BenchError(f"flood client did not start within {deadline_s:.0f} s: {line.strip()!r}")
+            raise BenchError(
+                f"flood client did not start within {deadline_s:.0f} s: {line.strip()!r}"
+            )
 
     def result(self) -> dict[str, Any]:
         try:

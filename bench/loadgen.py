@@ -73,7 +73,9 @@ async def read_response(reader: asyncio.StreamReader, head_only: bool) -> tuple[
     return status, total + len(body), False
 
 
-def build_request(method: str, target: str, host: str, headers: dict[str, str], body: bytes) -> bytes:
+def build_request(
+    method: str, target: str, host: str, headers: dict[str, str], body: bytes
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     if body or method in ("POST", "PUT", "PATCH"):
@@ -139,7 +141,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     except TimeoutError:
                         tally.timeout += 1
                         break
-                    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                    except (
+                        OSError,
+                        asyncio.IncompleteReadError,
+                        asyncio.LimitOverrunError,
+                        ValueError,
+                    ):
                         tally.read += 1
                         break
                     if time.monotonic() > end:
@@ -172,11 +179,18 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "duration_us": int(duration * 1e6),
         "bytes": tally.bytes,
         "latency_us": {
-            "p50": pct(50), "p90": pct(90), "p99": pct(99), "p99.9": pct(99.9),
-            "min": lat[0], "max": lat[-1], "mean": round(sum(lat) / len(lat), 1),
+            "p50": pct(50),
+            "p90": pct(90),
+            "p99": pct(99),
+            "p99.9": pct(99.9),
+            "min": lat[0],
+            "max": lat[-1],
+            "mean": round(sum(lat) / len(lat), 1),
         },
         "errors": {
-            "connect": tally.connect, "read": tally.read, "write": tally.write,
+            "connect": tally.connect,
+            "read": tally.read,
+            "write": tally.write,
             "status": sum(n for s, n in tally.statuses.items() if s > 399),
             "timeout": tally.timeout,
         },
@@ -193,13 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--header", "-H", action="append", default=[])
     p.add_argument("--auth", help="Authorization header value")
     p.add_argument("--body-bytes", type=int, default=0)
-    p.add_argument("--wrong-password-for", metavar="USER",
-                   help="send USER with a unique wrong password on every request")
-    p.add_argument("--rate", type=float, default=0.0, help="requests/s over all connections (0: unpaced)")
+    p.add_argument(
+        "--wrong-password-for",
+        metavar="USER",
+        help="send USER with a unique wrong password on every request",
+    )
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="requests/s over all connections (0: unpaced)"
+    )
     p.add_argument("--source", help="local address to bind, e.g. 127.0.0.2")
     p.add_argument("--timeout", type=float, default=10.0)
-    p.add_argument("--announce", action="store_true",
-                   help="print BENCH_READY once the first response is in (the harness waits on it)")
+    p.add_argument(
+        "--announce",
+        action="store_true",
+        help="print BENCH_READY once the first response is in (the harness waits on it)",
+    )
     args = p.parse_args(argv)
     try:
         import uvloop

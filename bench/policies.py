@@ -122,7 +122,9 @@ def _rules10k(creds: Credentials, other_hash: str) -> tuple[dict[str, Any], int]
 
 def write_policies(tmp: Path, creds: Credentials) -> dict[str, Path]:
     """Write small.yaml and rules10k.yaml; return their paths by name."""
-    other = bcrypt.hashpw(secrets.token_bytes(16).hex().encode(), bcrypt.gensalt(rounds=12)).decode()
+    other = bcrypt.hashpw(
+        secrets.token_bytes(16).hex().encode(), bcrypt.gensalt(rounds=12)
+    ).decode()
     small = tmp / "small.yaml"
     small.write_text(yaml.safe_dump(_base(creds, other), sort_keys=False))
     big_doc, _ = _rules10k(creds, other)

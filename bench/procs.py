@@ -123,7 +123,9 @@ def start(
     return Proc(name, popen, log)
 
 
-def http_status(url: str, headers: Mapping[str, str] | None = None, timeout: float = 2.0) -> int | None:
+def http_status(
+    url: str, headers: Mapping[str, str] | None = None, timeout: float = 2.0
+) -> int | None:
     """Status of a GET, or None when nothing answers."""
     req = urllib.request.Request(url, headers=dict(headers or {}))
     try:
@@ -158,8 +160,10 @@ def wait_http(
         if last is not None and accept(last):
             return last
         time.sleep(0.05)
-    raise BenchError(f"{proc.name}: {url} not ready within {deadline_s:.0f} s (last status {last}); "
-                     f"log tail:\n{proc.log_tail()}")
+    raise BenchError(
+        f"{proc.name}: {url} not ready within {deadline_s:.0f} s (last status {last}); "
+        f"log tail:\n{proc.log_tail()}"
+    )
 
 
 def _stat_fields(pid: str) -> tuple[int, list[str]] | None:
@@ -214,7 +218,11 @@ def system_ticks() -> tuple[int, int]:
 
 
 def wait_quiet(
-    roots: Iterable[int], *, idle_share: float = 0.03, window_s: float = 0.2, deadline_s: float = 20.0
+    roots: Iterable[int],
+    *,
+    idle_share: float = 0.03,
+    window_s: float = 0.2,
+    deadline_s: float = 20.0,
 ) -> float:
     """Wait until the trees under `roots` use < `idle_share` of one CPU over `window_s`.
 

@@ -76,13 +76,22 @@ def summarize(raw: Path, top: int) -> str:
         # it called); samples with no gateway frame go to the leaf (the HTTP parsers in C,
         # request parsing, the event loop).
         base = max((i for i, (_, fl) in enumerate(frames) if fl.endswith(LOOP_FILES)), default=-1)
-        owner = next((f"{fn} ({fl})" for fn, fl in reversed(frames[base + 1:])
-                      if fl.startswith("gateway/")), None)
+        owner = next(
+            (
+                f"{fn} ({fl})"
+                for fn, fl in reversed(frames[base + 1 :])
+                if fl.startswith("gateway/")
+            ),
+            None,
+        )
         if owner is None:
             owner = f"[event loop / C parsers, no gateway frame] {func} ({file})"
         stage[owner] += count
-        stage_mod[owner.split("(", 1)[1].rstrip(")") if not owner.startswith("[") else
-                  "event loop + C parsers (no gateway frame)"] += count
+        stage_mod[
+            owner.split("(", 1)[1].rstrip(")")
+            if not owner.startswith("[")
+            else "event loop + C parsers (no gateway frame)"
+        ] += count
         seen_f: set[str] = set()
         seen_m: set[str] = set()
         for func, file in frames:
@@ -106,7 +115,12 @@ def summarize(raw: Path, top: int) -> str:
     # frames cover only part of the samples: read the inclusive tables from the handler down.
     out = table("by innermost gateway module (sums to 100%)", stage_mod)
     out += [""] + table("by innermost gateway function (sums to 100%)", stage)
-    out += [""] + table("self time by function", self_t) + [""] + table("inclusive time by function", incl)
+    out += (
+        [""]
+        + table("self time by function", self_t)
+        + [""]
+        + table("inclusive time by function", incl)
+    )
     out += [""] + table("inclusive time by module/package", modules)
     return "\n".join(out)
 
@@ -119,13 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples/s")
     p.add_argument("--py-spy", help="path to py-spy (default: PATH, then /tmp/pyspy/bin/py-spy)")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--post-bytes", type=int, default=0, help="profile POSTs with a body of this size")
+    p.add_argument(
+        "--post-bytes", type=int, default=0, help="profile POSTs with a body of this size"
+    )
     p.add_argument("--policy", choices=("small", "rules10k"), default="small")
     args = p.parse_args(argv)
     spy = find_py_spy(args.py_spy)
     if spy is None:
-        print("py-spy not found; install it into a throwaway venv:\n"
-              "  python3 -m venv /tmp/pyspy && /tmp/pyspy/bin/pip install py-spy", file=sys.stderr)
+        print(
+            "py-spy not found; install it into a throwaway venv:\n"
+            "  python3 -m venv /tmp/pyspy && /tmp/pyspy/bin/pip install py-spy",
+            file=sys.stderr,
+        )
         return 2
     tool = "wrk" if wrk_available() else "python"
     tmp = Path(tempfile.mkdtemp(prefix="rbac-profile-"))
@@ -136,20 +155,48 @@ def main(argv: list[str] | None = None) -> int:
     try:
         up = servers.start_upstream(tmp, workers=1)
         started.append(up)
-        gw = servers.start_gateway(tmp, "gateway", policy=files[args.policy], upstream=up.base_url,
-                                   workers=args.workers, cli=servers.GatewayCli.probe(), creds=creds,
-                                   extra_args=[])
+        gw = servers.start_gateway(
+            tmp,
+            "gateway",
+            policy=files[args.policy],
+            upstream=up.base_url,
+            workers=args.workers,
+            cli=servers.GatewayCli.probe(),
+            creds=creds,
+            extra_args=[],
+        )
         started.append(gw)
-        load = Load(policies.BENCH_PATH, creds.header(), method="POST" if args.post_bytes else "GET",
-                    body_bytes=args.post_bytes, connections=args.connections)
+        load = Load(
+            policies.BENCH_PATH,
+            creds.header(),
+            method="POST" if args.post_bytes else "GET",
+            body_bytes=args.post_bytes,
+            connections=args.connections,
+        )
         servers.prime(gw, load.path, load.auth)
         run_load(tool, gw.base_url, load, 2, 10)  # fill every worker's cache
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         RESULTS.mkdir(parents=True, exist_ok=True)
         raw = RESULTS / f"profile-{stamp}.txt"
-        spy_cmd = [spy, "record", "--format", "raw", "--rate", str(args.rate), "--duration", str(args.seconds),
-                   "--subprocesses", "--pid", str(gw.procs[0].pid), "--output", str(raw), "--nonblocking"]
-        spy_proc = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        spy_cmd = [
+            spy,
+            "record",
+            "--format",
+            "raw",
+            "--rate",
+            str(args.rate),
+            "--duration",
+            str(args.seconds),
+            "--subprocesses",
+            "--pid",
+            str(gw.procs[0].pid),
+            "--output",
+            str(raw),
+            "--nonblocking",
+        ]
+        spy_proc = subprocess.Popen(
+            spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         try:
             result = run_load(tool, gw.base_url, load, args.seconds + 2, 10)
         finally:
@@ -158,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"py-spy failed ({spy_proc.returncode}): {err.strip()[-500:]}", file=sys.stderr)
             return 1
         dur = result["duration_us"] / 1e6
-        print(f"load: {tool}, {result['requests'] / dur:,.0f} req/s, p99 {result['latency_us']['p99'] / 1000:.2f} ms "
-              f"(while sampled; py-spy costs some)\n")
+        print(
+            f"load: {tool}, {result['requests'] / dur:,.0f} req/s, p99 {result['latency_us']['p99'] / 1000:.2f} ms "
+            f"(while sampled; py-spy costs some)\n"
+        )
         print(summarize(raw, args.top))
         print(f"\ncollapsed stacks: {raw} (flamegraph.pl or speedscope.app read them)")
         return 0

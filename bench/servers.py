@@ -111,8 +111,17 @@ def _start_nginx(name: str, prefix: Path, conf: Path) -> Proc:
     assert nginx is not None
     return start(
         name,
-        [nginx, "-e", str(prefix / "logs" / "error.log"), "-p", str(prefix), "-c", str(conf),
-         "-g", "daemon off;"],
+        [
+            nginx,
+            "-e",
+            str(prefix / "logs" / "error.log"),
+            "-p",
+            str(prefix),
+            "-c",
+            str(conf),
+            "-g",
+            "daemon off;",
+        ],
         prefix / "stdout.log",
     )
 
@@ -122,13 +131,19 @@ def start_upstream(tmp: Path, *, workers: int, force_python: bool = False) -> Se
     port = free_port()
     if nginx_binary() and not force_python:
         prefix = tmp / "upstream-nginx"
-        conf = _nginx_conf(prefix, workers, f"""\
+        conf = _nginx_conf(
+            prefix,
+            workers,
+            f"""\
     server {{
         listen 127.0.0.1:{port} reuseport;
         location / {{ return 200 "ok"; }}
-    }}""")
+    }}""",
+        )
         proc = _start_nginx("upstream (nginx)", prefix, conf)
-        server = Server("upstream", f"nginx return 200 ×{workers}", f"http://127.0.0.1:{port}", [proc])
+        server = Server(
+            "upstream", f"nginx return 200 ×{workers}", f"http://127.0.0.1:{port}", [proc]
+        )
     else:
         proc = start(
             "upstream (python)",
@@ -136,9 +151,16 @@ def start_upstream(tmp: Path, *, workers: int, force_python: bool = False) -> Se
             tmp / "upstream-python.log",
             cwd=ROOT,
         )
-        server = Server("upstream", "aiohttp upstream", f"http://127.0.0.1:{port}", [proc],
-                        [("--python-upstream" if nginx_binary() else f"nginx absent ({APT_HINT})")
-                         + ": aiohttp upstream; through-gateway ratios understate the gateway's cost"])
+        server = Server(
+            "upstream",
+            "aiohttp upstream",
+            f"http://127.0.0.1:{port}",
+            [proc],
+            [
+                ("--python-upstream" if nginx_binary() else f"nginx absent ({APT_HINT})")
+                + ": aiohttp upstream; through-gateway ratios understate the gateway's cost"
+            ],
+        )
     return _ready(server, proc, "/", deadline_s=20)
 
 
@@ -157,15 +179,21 @@ class GatewayCli:
         try:
             out = subprocess.run(
                 [sys.executable, "-m", "gateway", "serve", "--help"],
-                capture_output=True, text=True, timeout=60, cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return cls(False, frozenset(), str(exc))
         if out.returncode != 0:
             tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
             return cls(False, frozenset(), " | ".join(tail) or f"exit {out.returncode}")
-        return cls(True, frozenset(re.findall(r"--[a-z][a-z-]+", out.stdout)),
-                   workers_default=_workers_default(out.stdout))
+        return cls(
+            True,
+            frozenset(re.findall(r"--[a-z][a-z-]+", out.stdout)),
+            workers_default=_workers_default(out.stdout),
+        )
 
 
 def _workers_default(help_text: str) -> int | None:
@@ -174,7 +202,7 @@ def _workers_default(help_text: str) -> int | None:
     at = flat.rfind("--workers ")  # the options section, after the usage line
     if at < 0:
         return None
-    text = re.split(r" --[a-z]", flat[at + len("--workers "):], maxsplit=1)[0]
+    text = re.split(r" --[a-z]", flat[at + len("--workers ") :], maxsplit=1)[0]
     d = re.search(r"default:? *(\d+|nproc|cpu|number of cpu|os\.cpu_count)", text, re.IGNORECASE)
     if d is None:
         return None
@@ -195,8 +223,20 @@ def start_gateway(
 ) -> Server:
     port = free_port()
     audit = tmp / f"{key}-audit.log"
-    argv = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--upstream", upstream,
-            "--host", "127.0.0.1", "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--policy",
+        str(policy),
+        "--upstream",
+        upstream,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     notes: list[str] = []
     if workers is not None and "--workers" in cli.flags:
         argv += ["--workers", str(workers)]
@@ -204,7 +244,9 @@ def start_gateway(
         argv += ["--audit-log", str(audit)]
         notes.append("audit log → file")
     else:
-        notes.append("no --audit-log flag: audit goes wherever the gateway sends it (stdout → file)")
+        notes.append(
+            "no --audit-log flag: audit goes wherever the gateway sends it (stdout → file)"
+        )
     argv += extra_args
     # Flags win over the environment, but don't let a caller's GATEWAY_* leak into the run.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -250,29 +292,46 @@ http://127.0.0.1:{port} {{
 }}
 """)
     env = dict(os.environ, HOME=str(home), XDG_DATA_HOME=str(home), XDG_CONFIG_HOME=str(home))
-    proc = start("caddy", ["caddy", "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
-                 home / "caddy.log", env=env)
+    proc = start(
+        "caddy",
+        ["caddy", "run", "--config", str(caddyfile), "--adapter", "caddyfile"],
+        home / "caddy.log",
+        env=env,
+    )
     notes = [version.split()[0], "access log → file" if access_log else "no access log"]
     label = "Caddy basicauth+reverse_proxy" + (", JSON access log" if access_log else "")
-    server = Server("caddy-log" if access_log else "caddy", label, f"http://127.0.0.1:{port}", [proc], notes)
+    server = Server(
+        "caddy-log" if access_log else "caddy", label, f"http://127.0.0.1:{port}", [proc], notes
+    )
     return _ready(server, proc, "/", deadline_s=30, ok=lambda s: s == 401)
 
 
 def start_nginx_bcrypt(tmp: Path, creds: Credentials, upstream: str) -> Server:
     if nginx_binary() is None:
         raise BenchError(f"nginx not installed ({APT_HINT})")
-    return _start_nginx_auth(tmp, "nginx-bcrypt", f"{creds.user}:{creds.bcrypt_hash}\n", upstream,
-                             "nginx auth_basic (bcrypt)+proxy_pass", "bcrypt on every request (no cache)")
+    return _start_nginx_auth(
+        tmp,
+        "nginx-bcrypt",
+        f"{creds.user}:{creds.bcrypt_hash}\n",
+        upstream,
+        "nginx auth_basic (bcrypt)+proxy_pass",
+        "bcrypt on every request (no cache)",
+    )
 
 
-def _start_nginx_auth(tmp: Path, key: str, htpasswd_line: str, upstream: str, label: str, note: str) -> Server:
+def _start_nginx_auth(
+    tmp: Path, key: str, htpasswd_line: str, upstream: str, label: str, note: str
+) -> Server:
     port = free_port()
     prefix = tmp / key
     prefix.mkdir(parents=True, exist_ok=True)
     htpasswd = prefix / "htpasswd"
     htpasswd.write_text(htpasswd_line)
     htpasswd.chmod(0o644)  # workers run as nobody when started by root
-    conf = _nginx_conf(prefix, "auto", f"""\
+    conf = _nginx_conf(
+        prefix,
+        "auto",
+        f"""\
     server {{
         # reuseport: the kernel spreads connections over both workers; without it one worker
         # may take them all and nginx would look half as fast as it is.
@@ -284,11 +343,13 @@ def _start_nginx_auth(tmp: Path, key: str, htpasswd_line: str, upstream: str, la
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}
-    }}""", f"""\
+    }}""",
+        f"""\
     upstream bench_upstream {{
         server {upstream.removeprefix("http://")};
         keepalive 64;
-    }}""")
+    }}""",
+    )
     proc = _start_nginx(key, prefix, conf)
     server = Server(key, label, f"http://127.0.0.1:{port}", [proc], [note])
     return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
@@ -303,17 +364,24 @@ def start_nginx_decide(tmp: Path, upstream: str, gateway: Server) -> Server:
     port = free_port()
     prefix = tmp / "nginx-decide"
     site = (ROOT / "deploy" / "nginx" / "rbac-gateway.conf").read_text()
-    for old, new in (("server 127.0.0.1:9000;", f"server {gateway.base_url.removeprefix('http://')};"),
-                     ("server 127.0.0.1:8081;", f"server {upstream.removeprefix('http://')};"),
-                     # reuseport: both nginx workers get connections (as for the other nginx peers)
-                     ("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port} reuseport;")):
+    for old, new in (
+        ("server 127.0.0.1:9000;", f"server {gateway.base_url.removeprefix('http://')};"),
+        ("server 127.0.0.1:8081;", f"server {upstream.removeprefix('http://')};"),
+        # reuseport: both nginx workers get connections (as for the other nginx peers)
+        ("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port} reuseport;"),
+    ):
         if site.count(old) != 1:
             raise BenchError(f"deploy/nginx/rbac-gateway.conf: expected {old!r} once")
         site = site.replace(old, new)
     conf = _nginx_conf(prefix, "auto", site)
     proc = _start_nginx("nginx-decide", prefix, conf)
-    server = Server("nginx-decide", "nginx auth_request + gateway --mode decide", f"http://127.0.0.1:{port}",
-                    [proc, *gateway.procs], ["CPU: nginx + the decision gateway", *gateway.notes])
+    server = Server(
+        "nginx-decide",
+        "nginx auth_request + gateway --mode decide",
+        f"http://127.0.0.1:{port}",
+        [proc, *gateway.procs],
+        ["CPU: nginx + the decision gateway", *gateway.notes],
+    )
     return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
 
 
@@ -329,11 +397,15 @@ def peer_python(name: str, requirements: list[str], log: Path) -> tuple[str | No
     PEERS_DIR.mkdir(parents=True, exist_ok=True)
     (PEERS_DIR / ".gitignore").write_text("*\n")
     with open(log, "ab") as out:
-        steps = [[sys.executable, "-m", "venv", "--clear", str(venv)],
-                 [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements]]
+        steps = [
+            [sys.executable, "-m", "venv", "--clear", str(venv)],
+            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", *requirements],
+        ]
         for argv in steps:
             try:
-                rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=300).returncode
+                rc = subprocess.run(
+                    argv, stdout=out, stderr=subprocess.STDOUT, timeout=300
+                ).returncode
             except (OSError, subprocess.TimeoutExpired) as exc:
                 return None, f"{argv[2]}: {exc}"
             if rc != 0:
@@ -348,15 +420,22 @@ def flask_python(log: Path) -> tuple[str | None, str]:
 
 def find_floor(explicit: Path | None = None) -> Path | None:
     """`../shared/bench/py_floor.py` seen from the checkout (or from the worktree folder)."""
-    cands = [explicit] if explicit else [ROOT.parent / "shared" / "bench" / FLOOR_NAME,
-                                         ROOT.parent.parent / "shared" / "bench" / FLOOR_NAME]
+    cands = (
+        [explicit]
+        if explicit
+        else [
+            ROOT.parent / "shared" / "bench" / FLOOR_NAME,
+            ROOT.parent.parent / "shared" / "bench" / FLOOR_NAME,
+        ]
+    )
     return next((c.resolve() for c in cands if c is not None and c.is_file()), None)
 
 
 def floor_python(log: Path) -> tuple[str | None, str, str]:
     """(python, why-not, which): this venv's Python if it imports what the floor needs."""
-    probe = subprocess.run([sys.executable, "-c", "import httptools, uvloop, bcrypt"],
-                           capture_output=True, timeout=60)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import httptools, uvloop, bcrypt"], capture_output=True, timeout=60
+    )
     if probe.returncode == 0:
         return sys.executable, "", "the project's venv"
     py, why = peer_python("floor", FLOOR_REQUIREMENTS, log)
@@ -367,16 +446,36 @@ def start_floor(tmp: Path, creds: Credentials, upstream: str, floor: Path | None
     """The yardstick: py_floor.py run where it lives, from its own folder, with its own flags."""
     script = find_floor(floor)
     if script is None:
-        raise BenchError(f"{FLOOR_NAME} not found (looked in ../shared/bench and ../../shared/bench; "
-                         "--floor PATH)")
+        raise BenchError(
+            f"{FLOOR_NAME} not found (looked in ../shared/bench and ../../shared/bench; "
+            "--floor PATH)"
+        )
     py, why, which = floor_python(tmp / "floor-venv.log")
     if py is None:
         raise BenchError(f"floor: no Python with httptools+uvloop+bcrypt: {why}")
     port = free_port()
-    proc = start("floor", [py, script.name, "--upstream", upstream, "--user", f"{creds.user}:{creds.bcrypt_hash}",
-                           "--port", str(port)], tmp / "floor.log", cwd=script.parent)
-    server = Server("floor", "Python floor (py_floor.py)", f"http://127.0.0.1:{port}", [proc],
-                    [f"{script}", f"Python: {which}"])
+    proc = start(
+        "floor",
+        [
+            py,
+            script.name,
+            "--upstream",
+            upstream,
+            "--user",
+            f"{creds.user}:{creds.bcrypt_hash}",
+            "--port",
+            str(port),
+        ],
+        tmp / "floor.log",
+        cwd=script.parent,
+    )
+    server = Server(
+        "floor",
+        "Python floor (py_floor.py)",
+        f"http://127.0.0.1:{port}",
+        [proc],
+        [f"{script}", f"Python: {which}"],
+    )
     return _ready(server, proc, "/", deadline_s=30, ok=lambda s: s == 401)
 
 
@@ -384,13 +483,21 @@ def start_nginx_plain(tmp: Path, creds: Credentials, upstream: str) -> Server:
     """nginx auth_basic with a `{PLAIN}` password (no hash) + proxy_pass with a keep-alive pool."""
     if nginx_binary() is None:
         raise BenchError(f"nginx not installed ({APT_HINT})")
-    return _start_nginx_auth(tmp, "nginx-plain", f"{creds.user}:{{PLAIN}}{creds.password}\n", upstream,
-                             "nginx auth_basic {PLAIN}+proxy_pass", "plain password compare")
+    return _start_nginx_auth(
+        tmp,
+        "nginx-plain",
+        f"{creds.user}:{{PLAIN}}{creds.password}\n",
+        upstream,
+        "nginx auth_basic {PLAIN}+proxy_pass",
+        "plain password compare",
+    )
 
 
 def start_haproxy(tmp: Path, creds: Credentials, upstream: str) -> Server:
     """HAProxy: `http_auth` on a userlist with an insecure-password (plain) user, one backend."""
-    haproxy = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    haproxy = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
     if haproxy is None:
         raise BenchError(f"haproxy not installed ({APT_HINT})")
     port = free_port()
@@ -423,8 +530,13 @@ backend upstream
 """)
     proc = start("haproxy", [haproxy, "-db", "-f", str(cfg)], home / "haproxy.log")
     version = tool_version([haproxy, "-v"]) or "haproxy"
-    server = Server("haproxy", "HAProxy http_auth+backend", f"http://127.0.0.1:{port}", [proc],
-                    [version.split(" - ")[0], "insecure-password userlist"])
+    server = Server(
+        "haproxy",
+        "HAProxy http_auth+backend",
+        f"http://127.0.0.1:{port}",
+        [proc],
+        [version.split(" - ")[0], "insecure-password userlist"],
+    )
     return _ready(server, proc, "/", deadline_s=20, ok=lambda s: s == 401)
 
 
@@ -434,20 +546,45 @@ def start_flask(tmp: Path, creds: Credentials, upstream: str) -> Server:
         raise BenchError(f"Flask peer unavailable: {why}")
     hash_file = tmp / "flask.hash"
     made = subprocess.run(
-        [py, "-c", "import sys; from werkzeug.security import generate_password_hash as g; "
-                   "print(g(sys.stdin.read(), method='pbkdf2'))"],
-        input=creds.password, capture_output=True, text=True, timeout=120,
+        [
+            py,
+            "-c",
+            "import sys; from werkzeug.security import generate_password_hash as g; "
+            "print(g(sys.stdin.read(), method='pbkdf2'))",
+        ],
+        input=creds.password,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if made.returncode != 0:
         raise BenchError(f"Flask peer: cannot hash the password: {made.stderr.strip()[-300:]}")
     hash_file.write_text(made.stdout.strip())
     method = made.stdout.split("$", 1)[0]
     port = free_port()
-    proc = start("flask", [py, str(ROOT / "bench" / "flask_app.py"), "--port", str(port), "--upstream", upstream,
-                           "--user", creds.user, "--hash-file", str(hash_file)],
-                 tmp / "flask.log")
-    server = Server("flask", "tutorial Flask app", f"http://127.0.0.1:{port}", [proc],
-                    [f"werkzeug {method} on every request, requests per call, dev server threaded"])
+    proc = start(
+        "flask",
+        [
+            py,
+            str(ROOT / "bench" / "flask_app.py"),
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+            "--user",
+            creds.user,
+            "--hash-file",
+            str(hash_file),
+        ],
+        tmp / "flask.log",
+    )
+    server = Server(
+        "flask",
+        "tutorial Flask app",
+        f"http://127.0.0.1:{port}",
+        [proc],
+        [f"werkzeug {method} on every request, requests per call, dev server threaded"],
+    )
     return _ready(server, proc, "/", deadline_s=30, ok=lambda s: s == 401)
 
 
@@ -456,8 +593,23 @@ def start_backend(tmp: Path, seed_items: int = 20) -> Server:
     port = free_port()
     db = tmp / "inventory.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
-    proc = start("backend", [sys.executable, "-m", "inventory_backend", "--db", str(db), "--host", "127.0.0.1",
-                             "--port", str(port)], tmp / "backend.log", env=env, cwd=ROOT)
+    proc = start(
+        "backend",
+        [
+            sys.executable,
+            "-m",
+            "inventory_backend",
+            "--db",
+            str(db),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        tmp / "backend.log",
+        env=env,
+        cwd=ROOT,
+    )
     server = Server("backend", "inventory backend", f"http://127.0.0.1:{port}", [proc])
     try:
         wait_http(proc, server.base_url + "/healthz", deadline_s=30)
@@ -475,14 +627,20 @@ def _seed(base_url: str, n: int) -> None:
 
     for i in range(n):
         body = json.dumps({"name": f"bench-item-{i:03d}", "count": i}).encode()
-        req = urllib.request.Request(base_url + "/api/inventory", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            base_url + "/api/inventory",
+            data=body,
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 resp.read()
         except urllib.error.HTTPError as exc:
             if exc.code != 409:
-                raise BenchError(f"backend: seeding item {i} got {exc.code}: {exc.read()[:200]!r}") from None
+                raise BenchError(
+                    f"backend: seeding item {i} got {exc.code}: {exc.read()[:200]!r}"
+                ) from None
         except OSError as exc:
             raise BenchError(f"backend: seeding failed: {exc}") from None
 
@@ -495,16 +653,26 @@ def prime(server: Server, path: str, auth: str | None, deadline_s: float = 60.0)
     headers = {"Authorization": auth} if auth else {}
     status = None
     while time.monotonic() < deadline:
-        status = http_status(server.base_url + path, headers, timeout=max(1.0, deadline - time.monotonic()))
+        status = http_status(
+            server.base_url + path, headers, timeout=max(1.0, deadline - time.monotonic())
+        )
         if status == 200:
             return
         if status is not None and status not in (502, 503, 504):
             break
-    raise BenchError(f"{server.key}: GET {path} with the bench credentials answered {status}, not 200")
+    raise BenchError(
+        f"{server.key}: GET {path} with the bench credentials answered {status}, not 200"
+    )
 
 
-def _ready(server: Server, proc: Proc, path: str, *, deadline_s: float,
-           ok: Callable[[int], bool] = lambda s: s == 200) -> Server:
+def _ready(
+    server: Server,
+    proc: Proc,
+    path: str,
+    *,
+    deadline_s: float,
+    ok: Callable[[int], bool] = lambda s: s == 200,
+) -> Server:
     """Wait until ``server`` answers on ``path``; stop it (and re-raise) if it never does."""
     try:
         wait_http(proc, server.base_url + path, ok, deadline_s=deadline_s)

@@ -32,8 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         loop_factory = None
     else:
         loop_factory = uvloop.new_event_loop
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None,
-                loop=loop_factory() if loop_factory else None)
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        access_log=None,
+        print=None,
+        loop=loop_factory() if loop_factory else None,
+    )
     return 0
 
 

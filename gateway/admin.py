@@ -1,10 +1,10 @@
 """The gateway's own endpoints under ``/-/``; who may call them is the policy's decision.
 
-    GET  /-/healthz   200 while the process serves
-    GET  /-/ready     200 when a policy is loaded, the upstream answers and the pool has room
-    POST /-/reload    reload the policy now (every worker of a supervisor reloads)
-    GET  /-/status    policy file, digest, load times, last reload error, counters
-    GET  /-/metrics   Prometheus text
+GET  /-/healthz   200 while the process serves
+GET  /-/ready     200 when a policy is loaded, the upstream answers and the pool has room
+POST /-/reload    reload the policy now (every worker of a supervisor reloads)
+GET  /-/status    policy file, digest, load times, last reload error, counters
+GET  /-/metrics   Prometheus text
 """
 
 from __future__ import annotations
@@ -66,28 +66,31 @@ class Admin:
 
     async def ready(self) -> Answer:
         gw = self.gw
-        if gw.pool.exhausted:            # checked first: a probe would only queue for a slot
-            raise NotReady("not ready: every upstream connection is busy",
-                           code="upstream_pool_exhausted")
+        if gw.pool.exhausted:  # checked first: a probe would only queue for a slot
+            raise NotReady(
+                "not ready: every upstream connection is busy", code="upstream_pool_exhausted"
+            )
         now = time.monotonic()
         if now - self._probed_at > 1.0:
             self._probe_ok = await gw.probe_upstream()
             self._probed_at = now
         if not self._probe_ok:
             raise NotReady("not ready: the upstream does not answer", code="upstream_down")
-        return json_answer({"status": "ready", "policy": gw.store.policy.sha256,
-                            "upstream": "ok"})
+        return json_answer({"status": "ready", "policy": gw.store.policy.sha256, "upstream": "ok"})
 
     async def reload(self) -> Answer:
         gw = self.gw
         result = await gw.store.reload("api")
         if result.ok and gw.on_api_reload is not None:
-            gw.on_api_reload()          # the supervisor tells the other workers
+            gw.on_api_reload()  # the supervisor tells the other workers
         if not result.ok:
-            raise UnprocessablePolicy("the new policy was refused; the old one stays in force",
-                                      list(result.errors))
-        doc: dict[str, object] = {"status": "reloaded" if result.changed else "unchanged",
-                                  "sha256": result.sha256}
+            raise UnprocessablePolicy(
+                "the new policy was refused; the old one stays in force", list(result.errors)
+            )
+        doc: dict[str, object] = {
+            "status": "reloaded" if result.changed else "unchanged",
+            "sha256": result.sha256,
+        }
         if result.changes:
             doc["changes"] = list(result.changes)
         return json_answer(doc)
@@ -97,22 +100,30 @@ class Admin:
         store, policy = gw.store, gw.store.policy
         stats = store.stats
         auth = gw.auth
-        return json_answer({
-            "version": gw.version, "pid": os.getpid(), "policy": str(store.path),
-            "sha256": policy.sha256,
-            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(store.loaded_at)),
-            "users": len(policy.users), "roles": len(policy.roles),
-            "warnings": [str(w) for w in policy.warnings],
-            "reloads": {"ok": stats.ok, "failed": stats.failed, "unchanged": stats.unchanged},
-            "last_reload_error": stats.last_error,
-            "credential_cache": {"entries": len(auth.cache), "hits": auth.cache.hits,
-                                 "misses": auth.cache.misses},
-            "bcrypt_checks": auth.bcrypt_checks,
-            "audit": gw.audit_status(),
-            "upstream": gw.upstream_status(),
-            "connections": len(gw.server.connections) if gw.server is not None else 0,
-            "worker": worker_status(),
-        })
+        return json_answer(
+            {
+                "version": gw.version,
+                "pid": os.getpid(),
+                "policy": str(store.path),
+                "sha256": policy.sha256,
+                "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(store.loaded_at)),
+                "users": len(policy.users),
+                "roles": len(policy.roles),
+                "warnings": [str(w) for w in policy.warnings],
+                "reloads": {"ok": stats.ok, "failed": stats.failed, "unchanged": stats.unchanged},
+                "last_reload_error": stats.last_error,
+                "credential_cache": {
+                    "entries": len(auth.cache),
+                    "hits": auth.cache.hits,
+                    "misses": auth.cache.misses,
+                },
+                "bcrypt_checks": auth.bcrypt_checks,
+                "audit": gw.audit_status(),
+                "upstream": gw.upstream_status(),
+                "connections": len(gw.server.connections) if gw.server is not None else 0,
+                "worker": worker_status(),
+            }
+        )
 
     async def metrics(self) -> Answer:
         m = self.gw.metrics

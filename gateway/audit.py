@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _JSON_LINE = orjson.OPT_APPEND_NEWLINE
 
 
@@ -59,9 +59,9 @@ class AuditLog:
         self._stream = stream or sys.stdout
         self._fd: int | None = None
         self._owns_fd = False
-        self._limit = 0               # bytes buffered before a write; 0 = write each line
-        self._buf = bytearray()       # whole lines only (JSON escapes newlines)
-        self._torn = False            # a fragment we could not cut off ends the file
+        self._limit = 0  # bytes buffered before a write; 0 = write each line
+        self._buf = bytearray()  # whole lines only (JSON escapes newlines)
+        self._torn = False  # a fragment we could not cut off ends the file
         self.write_errors = 0
         self.dropped_lines = 0
         self.last_error: str | None = None
@@ -73,10 +73,9 @@ class AuditLog:
         """Append to ``path`` (``-``: standard output), buffered; see :meth:`flush_every`."""
         audit = cls()
         if path == "-":
-            audit._fd, audit.name = 1, "<stdout>"   # the process's stdout, not a wrapper
+            audit._fd, audit.name = 1, "<stdout>"  # the process's stdout, not a wrapper
         else:
-            audit._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                                0o644)
+            audit._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             audit._owns_fd, audit.name = True, path
         # Block-buffered: a write() per request would cost a syscall each; the app flushes
         # every half second (flush_every) and at shutdown.
@@ -106,8 +105,9 @@ class AuditLog:
             done = self._write_all(data)
         except _PartialWrite as exc:
             done = exc.done
-            self._failed(exc.error, data.count(b"\n", done),
-                         done - (data.rfind(b"\n", 0, done) + 1))
+            self._failed(
+                exc.error, data.count(b"\n", done), done - (data.rfind(b"\n", 0, done) + 1)
+            )
             return
         self._recovered()
 
@@ -121,7 +121,7 @@ class AuditLog:
             view = memoryview(data)
             while done < len(data):
                 done += os.write(self._fd, view[done:])
-        except (OSError, ValueError) as exc:   # ValueError: a closed text stream
+        except (OSError, ValueError) as exc:  # ValueError: a closed text stream
             raise _PartialWrite(done, exc) from None
         return done
 
@@ -137,14 +137,17 @@ class AuditLog:
             self._cut(fragment)
         if not self._failing:
             self._failing = True
-            log.warning("audit log %s: cannot write (%s); dropping audit lines until it "
-                        "works again", self.name, self.last_error)
+            log.warning(
+                "audit log %s: cannot write (%s); dropping audit lines until it works again",
+                self.name,
+                self.last_error,
+            )
 
     def _cut(self, fragment: int) -> None:
         """Remove the last ``fragment`` bytes we wrote, if they still end the file."""
         assert self._fd is not None
         try:
-            end = os.lseek(self._fd, 0, os.SEEK_CUR)   # O_APPEND: just after our bytes
+            end = os.lseek(self._fd, 0, os.SEEK_CUR)  # O_APPEND: just after our bytes
             st = os.fstat(self._fd)
             if stat.S_ISREG(st.st_mode) and st.st_size == end:
                 os.ftruncate(self._fd, end - fragment)
@@ -156,8 +159,11 @@ class AuditLog:
     def _recovered(self) -> None:
         if self._failing:
             self._failing = False
-            log.info("audit log %s: writing again; %d lines were dropped", self.name,
-                     self._episode_dropped)
+            log.info(
+                "audit log %s: writing again; %d lines were dropped",
+                self.name,
+                self._episode_dropped,
+            )
             self._episode_dropped = 0
 
     def fileno(self) -> int | None:
@@ -166,8 +172,13 @@ class AuditLog:
 
     def status(self) -> dict[str, object]:
         """For ``/-/status``: write errors and dropped lines so far, the last error."""
-        return {"file": self.name, "failing": self._failing, "write_errors": self.write_errors,
-                "dropped_lines": self.dropped_lines, "last_error": self.last_error}
+        return {
+            "file": self.name,
+            "failing": self._failing,
+            "write_errors": self.write_errors,
+            "dropped_lines": self.dropped_lines,
+            "last_error": self.last_error,
+        }
 
     async def flush_every(self, seconds: float) -> None:
         """Flush periodically so that ``tail -f`` and log shippers see lines promptly."""
@@ -179,8 +190,12 @@ class AuditLog:
         """Flush and close; never raises (a failure is logged and counted)."""
         self.flush()
         if self._failing:
-            log.warning("audit log %s: closed while failing (%s); %d lines dropped in all",
-                        self.name, self.last_error, self.dropped_lines)
+            log.warning(
+                "audit log %s: closed while failing (%s); %d lines dropped in all",
+                self.name,
+                self.last_error,
+                self.dropped_lines,
+            )
         try:
             if self._owns_fd and self._fd is not None:
                 os.close(self._fd)
@@ -222,22 +237,31 @@ class Metrics:
         self.latency: dict[str, _Histogram] = {}
         self.upstream_latency = _Histogram()
         r.register(_RequestCollector(self))
-        self.rejections = Counter("gateway_guard_rejections", "Requests the guard refused",
-                                  ["reason"], registry=r)
-        self.auth_failures = Counter("gateway_auth_failures", "Failed authentications",
-                                     ["reason"], registry=r)
-        self.throttled = Counter("gateway_throttled", "Requests refused by the login throttle",
-                                 registry=r)
-        self.reloads = Counter("gateway_policy_reloads", "Policy reloads by result",
-                               ["result"], registry=r)
-        self.policy_load_seconds = Gauge("gateway_policy_load_seconds",
-                                         "Time the last successful policy load took",
-                                         registry=r)
-        self.policy_loaded_at = Gauge("gateway_policy_loaded_timestamp_seconds",
-                                      "When the policy in force was loaded", registry=r)
+        self.rejections = Counter(
+            "gateway_guard_rejections", "Requests the guard refused", ["reason"], registry=r
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures", "Failed authentications", ["reason"], registry=r
+        )
+        self.throttled = Counter(
+            "gateway_throttled", "Requests refused by the login throttle", registry=r
+        )
+        self.reloads = Counter(
+            "gateway_policy_reloads", "Policy reloads by result", ["result"], registry=r
+        )
+        self.policy_load_seconds = Gauge(
+            "gateway_policy_load_seconds", "Time the last successful policy load took", registry=r
+        )
+        self.policy_loaded_at = Gauge(
+            "gateway_policy_loaded_timestamp_seconds",
+            "When the policy in force was loaded",
+            registry=r,
+        )
         self.policy_last_reload_failed = Gauge(
-            "gateway_policy_last_reload_failed", "1 while the last reload attempt was refused",
-            registry=r)
+            "gateway_policy_last_reload_failed",
+            "1 while the last reload attempt was refused",
+            registry=r,
+        )
 
     def watch_cache(self, cache: CredentialCache, auth: Authenticator) -> None:
         """Export the credential cache's own counters at scrape time (no per-request cost)."""
@@ -247,8 +271,9 @@ class Metrics:
         """Export the audit log's write errors and dropped lines at scrape time."""
         self.registry.register(_AuditCollector(audit))
 
-    def observe(self, decision: str, status: int, seconds: float,
-                upstream_seconds: float | None = None) -> None:
+    def observe(
+        self, decision: str, status: int, seconds: float, upstream_seconds: float | None = None
+    ) -> None:
         """Count one finished request."""
         key = (decision, status)
         self.requests[key] = self.requests.get(key, 0) + 1
@@ -268,17 +293,21 @@ class _CacheCollector(Collector):
         self.cache, self.auth = cache, auth
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        lookups = CounterMetricFamily("gateway_credential_cache", "Credential cache lookups",
-                                      labels=["result"])
+        lookups = CounterMetricFamily(
+            "gateway_credential_cache", "Credential cache lookups", labels=["result"]
+        )
         lookups.add_metric(["hit"], self.cache.hits)
         lookups.add_metric(["miss"], self.cache.misses)
         yield lookups
-        yield GaugeMetricFamily("gateway_credential_cache_entries", "Cached credentials",
-                                value=len(self.cache))
-        yield CounterMetricFamily("gateway_bcrypt_checks", "Password hash checks run",
-                                  value=self.auth.bcrypt_checks)
-        yield GaugeMetricFamily("gateway_bcrypt_inflight", "Password checks in progress",
-                                value=self.auth.inflight)
+        yield GaugeMetricFamily(
+            "gateway_credential_cache_entries", "Cached credentials", value=len(self.cache)
+        )
+        yield CounterMetricFamily(
+            "gateway_bcrypt_checks", "Password hash checks run", value=self.auth.bcrypt_checks
+        )
+        yield GaugeMetricFamily(
+            "gateway_bcrypt_inflight", "Password checks in progress", value=self.auth.inflight
+        )
 
 
 class _AuditCollector(Collector):
@@ -286,12 +315,16 @@ class _AuditCollector(Collector):
         self.audit = audit
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily("gateway_audit_write_errors",
-                                  "Failed writes to the audit log (lines dropped whole)",
-                                  value=self.audit.write_errors)
-        yield CounterMetricFamily("gateway_audit_dropped_lines",
-                                  "Audit lines dropped because writing failed",
-                                  value=self.audit.dropped_lines)
+        yield CounterMetricFamily(
+            "gateway_audit_write_errors",
+            "Failed writes to the audit log (lines dropped whole)",
+            value=self.audit.write_errors,
+        )
+        yield CounterMetricFamily(
+            "gateway_audit_dropped_lines",
+            "Audit lines dropped because writing failed",
+            value=self.audit.dropped_lines,
+        )
 
 
 class _Histogram:
@@ -321,17 +354,20 @@ class _RequestCollector(Collector):
         self.m = metrics
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
-        requests = CounterMetricFamily("gateway_requests", "Requests by decision and status",
-                                       labels=["decision", "status"])
+        requests = CounterMetricFamily(
+            "gateway_requests", "Requests by decision and status", labels=["decision", "status"]
+        )
         for (decision, status), n in sorted(self.m.requests.items()):
             requests.add_metric([decision, str(status)], n)
         yield requests
-        latency = HistogramMetricFamily("gateway_request_seconds", "Total time in the gateway",
-                                        labels=["decision"])
+        latency = HistogramMetricFamily(
+            "gateway_request_seconds", "Total time in the gateway", labels=["decision"]
+        )
         for decision, hist in sorted(self.m.latency.items()):
             latency.add_metric([decision], hist.buckets(), hist.total)
         yield latency
-        up = HistogramMetricFamily("gateway_upstream_seconds",
-                                   "Time the upstream took to answer (forwarded requests)")
+        up = HistogramMetricFamily(
+            "gateway_upstream_seconds", "Time the upstream took to answer (forwarded requests)"
+        )
         up.add_metric([], self.m.upstream_latency.buckets(), self.m.upstream_latency.total)
         yield up

@@ -86,16 +86,18 @@ class CredentialCache:
 
     def key_of(self, creds: Credentials) -> bytes:
         """The key of decoded credentials (for callers without the raw header)."""
-        return self.key(b"\0".join((b"creds", creds.user.encode(),
-                                    creds.password.encode("utf-8", "surrogatepass"))))
+        return self.key(
+            b"\0".join(
+                (b"creds", creds.user.encode(), creds.password.encode("utf-8", "surrogatepass"))
+            )
+        )
 
     def lookup(self, key: bytes, policy: Policy) -> User | None:
         """The user ``key`` was verified as, if still valid under ``policy``."""
         entry = self._entries.get(key)
         if entry is not None:
             user = policy.users.get(entry[2])
-            if user is not None and user.password_hash == entry[1] and \
-                    entry[0] > time.monotonic():
+            if user is not None and user.password_hash == entry[1] and entry[0] > time.monotonic():
                 self.hits += 1
                 return user
         self.misses += 1
@@ -122,8 +124,16 @@ class CredentialCache:
 class FailureThrottle:
     """Exponential back-off on failed logins, per client address and per address+user."""
 
-    def __init__(self, *, per_user: int = 5, per_address: int = 20, base: float = 1.0,
-                 cap: float = 300.0, window: float = 900.0, max_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        per_user: int = 5,
+        per_address: int = 20,
+        base: float = 1.0,
+        cap: float = 300.0,
+        window: float = 900.0,
+        max_entries: int = 100_000,
+    ) -> None:
         self._limits = {"user": per_user, "addr": per_address}
         self._base, self._cap, self._window, self._max = base, cap, window, max_entries
         self._state: OrderedDict[tuple[str, ...], tuple[int, float, float]] = OrderedDict()
@@ -134,8 +144,9 @@ class FailureThrottle:
         for key in (("addr", address), ("user", address, user)):
             state = self._state.get(key)
             if state is not None and state[2] > now:
-                raise TooManyRequests("too many failed logins; retry later",
-                                      retry_after=int(state[2] - now) + 1)
+                raise TooManyRequests(
+                    "too many failed logins; retry later", retry_after=int(state[2] - now) + 1
+                )
 
     def failed(self, address: str, user: str) -> None:
         now = time.monotonic()
@@ -158,14 +169,22 @@ class FailureThrottle:
 class Authenticator:
     """Turns a request's credentials into a :class:`User` of the current policy."""
 
-    def __init__(self, *, max_inflight: int = 16, per_address_inflight: int = 2,
-                 threads: int | None = None, cache: CredentialCache | None = None,
-                 throttle: FailureThrottle | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_inflight: int = 16,
+        per_address_inflight: int = 2,
+        threads: int | None = None,
+        cache: CredentialCache | None = None,
+        throttle: FailureThrottle | None = None,
+    ) -> None:
         self.cache = cache or CredentialCache()
         self.throttle = throttle or FailureThrottle()
-        self._pool = ThreadPoolExecutor(max_workers=threads or _default_threads(),
-                                        thread_name_prefix="bcrypt",
-                                        initializer=_lower_priority)
+        self._pool = ThreadPoolExecutor(
+            max_workers=threads or _default_threads(),
+            thread_name_prefix="bcrypt",
+            initializer=_lower_priority,
+        )
         self._max_inflight = max_inflight
         self._inflight = 0
         self._dummies: dict[bytes, bytes] = {}
@@ -189,11 +208,12 @@ class Authenticator:
         """Make a dummy hash for every cost the policy uses (unknown users cost the same)."""
         loop = asyncio.get_running_loop()
         for u in policy.users.values():
-            prefix = u.password_hash[:7]           # b"$2b$12$"
+            prefix = u.password_hash[:7]  # b"$2b$12$"
             if prefix not in self._dummies:
                 rounds = int(prefix[4:6])
                 self._dummies[prefix] = await loop.run_in_executor(
-                    self._pool, bcrypt.hashpw, os.urandom(16), bcrypt.gensalt(rounds=rounds))
+                    self._pool, bcrypt.hashpw, os.urandom(16), bcrypt.gensalt(rounds=rounds)
+                )
         costs = [u.password_hash[:7] for u in policy.users.values()]
         # the most common cost in the policy, so unknown users look like real ones
         self._common_prefix = max(set(costs), key=costs.count) if costs else b""
@@ -204,8 +224,9 @@ class Authenticator:
         without decoding it; ``None`` when it must be checked."""
         return self.cache.lookup(key, policy)
 
-    async def authenticate(self, policy: Policy, creds: Credentials, address: str,
-                           key: bytes | None = None) -> User:
+    async def authenticate(
+        self, policy: Policy, creds: Credentials, address: str, key: bytes | None = None
+    ) -> User:
         """Return the user or raise 401 / 429 / 503; ``key`` is the cache key of the header
         the credentials came from (by default one is made from the credentials)."""
         user = policy.users.get(creds.user)
@@ -219,8 +240,9 @@ class Authenticator:
         ok = await self._verify(key, creds.password, hashed, address)
         if not ok or user is None:
             self.throttle.failed(address, creds.user)
-            raise Unauthenticated("invalid credentials", realm=policy.realm,
-                                  code="invalid_credentials")
+            raise Unauthenticated(
+                "invalid credentials", realm=policy.realm, code="invalid_credentials"
+            )
         self.throttle.succeeded(address, creds.user)
         self.cache.put(key, user)
         return user
@@ -235,8 +257,9 @@ class Authenticator:
             raise Overloaded("too many password checks in progress; retry shortly")
         mine = self._per_address.get(address, 0)
         if mine >= self._per_address_max:
-            raise TooManyRequests("too many password checks in progress from this address",
-                                  retry_after=1)
+            raise TooManyRequests(
+                "too many password checks in progress from this address", retry_after=1
+            )
         loop = asyncio.get_running_loop()
         flight = self._flights[(key, hashed)] = loop.create_future()
         self._inflight += 1
@@ -287,9 +310,11 @@ def _checkpw(password: str, hashed: bytes) -> bool:
 _FALLBACK_DUMMY = b"$2b$12$rK2xBIkQ3M1w2esyvNtmZev8Yn1Ly1qEbYUdA4vtMuDKse9tFRUBi"
 
 
-def client_behind_proxies(peer: str, forwarded: Iterable[str],
-                          trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-                          ) -> str:
+def client_behind_proxies(
+    peer: str,
+    forwarded: Iterable[str],
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+) -> str:
     """The client a request is from: the right-most address in ``X-Forwarded-For`` that is
     not a trusted proxy, walking back from the peer (the throttle keys on it)."""
     chain = [a.strip() for v in forwarded for a in v.split(",") if a.strip()]
@@ -298,7 +323,7 @@ def client_behind_proxies(peer: str, forwarded: Iterable[str],
         try:
             ip = ipaddress.ip_address(hop)
         except ValueError:
-            return peer          # a hop that is not an address: believe only the peer
+            return peer  # a hop that is not an address: believe only the peer
         if not any(ip in net for net in trusted):
             return hop
     return hop

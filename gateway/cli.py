@@ -1,5 +1,8 @@
 """The command line: ``serve``, ``check``, ``explain``, ``routes``, ``hash-password``, ``reload``.
 
+Long because each command's arguments and its exact output (which the README shows and the
+tests compare) live together; the work behind them is in ``policy/`` and ``process``.
+
 Run as ``python -m gateway`` or as the ``rbac-gateway`` console script; messages name the
 command the way it was invoked.
 """
@@ -30,8 +33,8 @@ from .settings import add_serve_arguments, settings_from_args
 from .supervisor import worker_settings
 
 DEFAULT_COST = 12
-WARN_COST = RECOMMENDED[1]   # above: a warning with the time one check takes here
-MAX_COST = 16       # above: refused unless --force (cost 20 is about a minute per login)
+WARN_COST = RECOMMENDED[1]  # above: a warning with the time one check takes here
+MAX_COST = 16  # above: refused unless --force (cost 20 is about a minute per login)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,7 +48,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run one command; the exit status is returned (0 ok, 1 refused, 2 usage, 3 denied)."""
     parser = _Parser(
         prog=prog or Path(sys.argv[0]).name,
-        description="HTTP Basic + role-based authorization gateway (rbac.yaml).")
+        description="HTTP Basic + role-based authorization gateway (rbac.yaml).",
+    )
     parser.add_argument("--version", action="version", version=f"rbac-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -53,22 +57,26 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     add_serve_arguments(serve)
 
     check = sub.add_parser("check", help="validate a policy and run its test cases")
-    check.add_argument("policy", type=Path, nargs="?",
-                       help="policy file (default: what serve would use: $GATEWAY_POLICY, "
-                            "else rbac.yaml)")
+    check.add_argument(
+        "policy",
+        type=Path,
+        nargs="?",
+        help="policy file (default: what serve would use: $GATEWAY_POLICY, else rbac.yaml)",
+    )
     check.add_argument("-q", "--quiet", action="store_true", help="print errors only")
 
     explain = sub.add_parser(
-        "explain", help="show how a request would be decided, or all a user may do",
+        "explain",
+        help="show how a request would be decided, or all a user may do",
         description="With METHOD and TARGET: how the gateway decides that request. Without: "
-                    "every (method, path pattern) the user (or anonymous) may use.")
+        "every (method, path pattern) the user (or anonymous) may use.",
+    )
     explain.add_argument("policy", type=Path)
     who = explain.add_mutually_exclusive_group()
     who.add_argument("--user", help="user name (omit for an anonymous request)")
     who.add_argument("--all-users", action="store_true", help="a decision for every user")
     explain.add_argument("method", nargs="?")
-    explain.add_argument("target", nargs="?",
-                         help="request target, e.g. '/api/inventory?name=x'")
+    explain.add_argument("target", nargs="?", help="request target, e.g. '/api/inventory?name=x'")
     explain.add_argument("--body", help="JSON body, for rules with a body constraint")
 
     rts = sub.add_parser("routes", help="the role × (method, path) matrix")
@@ -76,24 +84,41 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     rts.add_argument("--by", choices=["role", "user"], default="role")
 
     hp = sub.add_parser("hash-password", help="read a password, print its bcrypt hash")
-    hp.add_argument("--cost", type=int, default=DEFAULT_COST,
-                    help=f"bcrypt cost, 10-{WARN_COST} recommended (default {DEFAULT_COST})")
-    hp.add_argument("--force", action="store_true",
-                    help=f"accept a cost above {MAX_COST} (each login then takes seconds)")
+    hp.add_argument(
+        "--cost",
+        type=int,
+        default=DEFAULT_COST,
+        help=f"bcrypt cost, 10-{WARN_COST} recommended (default {DEFAULT_COST})",
+    )
+    hp.add_argument(
+        "--force",
+        action="store_true",
+        help=f"accept a cost above {MAX_COST} (each login then takes seconds)",
+    )
 
     rl = sub.add_parser(
-        "reload", help="ask the running gateway to reload its policy; print the result",
+        "reload",
+        help="ask the running gateway to reload its policy; print the result",
         description="POST /-/reload with the credentials in GATEWAY_ADMIN_USER and "
-                    "GATEWAY_ADMIN_PASSWORD (a user the policy allows POST /-/reload). "
-                    "Exit 0 when the policy is in force, 1 when it was refused.")
-    rl.add_argument("--url", default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
-                    help="the gateway's base URL [GATEWAY_URL] (default %(default)s)")
-    rl.add_argument("--timeout", type=float, default=30.0,
-                    help="seconds to wait for the answer (default 30)")
+        "GATEWAY_ADMIN_PASSWORD (a user the policy allows POST /-/reload). "
+        "Exit 0 when the policy is in force, 1 when it was refused.",
+    )
+    rl.add_argument(
+        "--url",
+        default=os.environ.get("GATEWAY_URL", "http://127.0.0.1:8080"),
+        help="the gateway's base URL [GATEWAY_URL] (default %(default)s)",
+    )
+    rl.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)"
+    )
 
     args, extra = parser.parse_known_args(argv)
-    if args.command == "explain" and args.method is None and extra[:2] and not any(
-            x.startswith("-") for x in extra[:2]):
+    if (
+        args.command == "explain"
+        and args.method is None
+        and extra[:2]
+        and not any(x.startswith("-") for x in extra[:2])
+    ):
         # argparse settles optional positionals before it sees the options after them
         # (`explain rbac.yaml --user sales GET /x`): take the request from what is left.
         args.method, args.target = (extra[:2] + [None])[:2]
@@ -104,13 +129,16 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         # A worker of --workers N takes its settings from its supervisor, not from argv.
         settings = worker_settings() or settings_from_args(args, serve)
         from .process import serve as run_serve  # the network stack, for this command only
+
         return run_serve(settings)
     if args.command == "check":
-        return cmd_check(args.policy or Path(os.environ.get("GATEWAY_POLICY", "rbac.yaml")),
-                         quiet=args.quiet)
+        return cmd_check(
+            args.policy or Path(os.environ.get("GATEWAY_POLICY", "rbac.yaml")), quiet=args.quiet
+        )
     if args.command == "explain":
         if (args.method is None) != (args.target is None) or (
-                args.all_users and args.method is None):
+            args.all_users and args.method is None
+        ):
             explain.error("give both METHOD and TARGET (or neither, with --user, for a summary)")
         if args.method is None:
             return cmd_summary(args.policy, args.user, prog=explain.prog)
@@ -140,9 +168,11 @@ def cmd_check(path: Path, *, quiet: bool = False) -> int:
         print(w, file=sys.stderr)
     if not quiet:
         rules = sum(len(r.allow) + len(r.deny) for r in policy.roles.values()) + len(policy.public)
-        print(f"{path}: OK (sha256 {policy.sha256[:12]}; {len(policy.roles)} roles, "
-              f"{len(policy.users)} users, {rules} rules, {len(policy.tests)} tests passed, "
-              f"{len(policy.warnings)} warnings)")
+        print(
+            f"{path}: OK (sha256 {policy.sha256[:12]}; {len(policy.roles)} roles, "
+            f"{len(policy.users)} users, {rules} rules, {len(policy.tests)} tests passed, "
+            f"{len(policy.warnings)} warnings)"
+        )
     return 0
 
 
@@ -157,7 +187,8 @@ def _body_problem(decision: Decision, body: bytes) -> str | None:
     if not isinstance(doc, dict):
         return "the body is not a JSON object"
     return f"the body's keys {{{', '.join(sorted(doc))}}} are not within " + " or ".join(
-        "{" + ", ".join(sorted(k)) + "}" for k in decision.body_keys)
+        "{" + ", ".join(sorted(k)) + "}" for k in decision.body_keys
+    )
 
 
 def _body_rule(decision: Decision) -> str:
@@ -197,30 +228,37 @@ def cmd_explain(args: argparse.Namespace, *, prog: str) -> int:
                     verdict, note = "deny", f" ({problem})"
                     reason = _body_rule(decision)
                 else:
-                    reason = f"allowed by {decision.rule.describe() if decision.rule else ''}" \
-                             " (the body fits)"
+                    reason = (
+                        f"allowed by {decision.rule.describe() if decision.rule else ''}"
+                        " (the body fits)"
+                    )
         rows.append((user or "(anonymous)", verdict, note, reason, path))
     if not args.all_users:
         user, verdict, note, reason, path = rows[0]
         print(f"request:   {args.method} {args.target}")
         print(f"canonical: {path if path is not None else '(rejected by the guard)'}")
-        print(f"user:      {user}"
-              + (f" (roles: {policy.users[args.user].roles_header})" if args.user else ""))
+        print(
+            f"user:      {user}"
+            + (f" (roles: {policy.users[args.user].roles_header})" if args.user else "")
+        )
         print(f"decision:  {verdict.upper()}{note}")
         print(f"because:   {reason}")
         return 0 if verdict == "allow" else 3
     width = max(len(r[0]) for r in rows)
     canonical = rows[0][4]
-    print(f"{args.method} {args.target}  →  canonical "
-          f"{canonical if canonical is not None else '(rejected by the guard)'}")
+    print(
+        f"{args.method} {args.target}  →  canonical "
+        f"{canonical if canonical is not None else '(rejected by the guard)'}"
+    )
     for user, verdict, note, reason, _ in rows:
         print(f"  {user:<{width}}  {verdict.upper():<5}{note}  {reason}")
     return 0
 
 
 def _unknown_user(policy: Policy, user: str, prog: str) -> int:
-    print(f"{prog}: unknown user {user!r} (known: {', '.join(sorted(policy.users))})",
-          file=sys.stderr)
+    print(
+        f"{prog}: unknown user {user!r} (known: {', '.join(sorted(policy.users))})", file=sys.stderr
+    )
     return 2
 
 
@@ -231,17 +269,23 @@ def cmd_summary(path: Path, user: str | None, *, prog: str) -> int:
         return 1
     if user is not None and user not in policy.users:
         return _unknown_user(policy, user, prog)
-    who = (f"{user} (roles: {policy.users[user].roles_header or 'none'})" if user is not None
-           else "anonymous (no credentials)")
+    who = (
+        f"{user} (roles: {policy.users[user].roles_header or 'none'})"
+        if user is not None
+        else "anonymous (no credentials)"
+    )
     allowed = [(r, d) for r in routes(policy) if (d := decide_user(policy, user, r)).allowed]
     print(f"{who} may:")
     if not allowed:
         print("  nothing")
     width = max((len(r.method) for r, _ in allowed), default=0)
     for r, d in allowed:
-        cond = (" if the JSON body's keys are within "
-                + " or ".join("{" + ", ".join(sorted(k)) + "}" for k in d.body_keys)
-                if d.body_keys else "")
+        cond = (
+            " if the JSON body's keys are within "
+            + " or ".join("{" + ", ".join(sorted(k)) + "}" for k in d.body_keys)
+            if d.body_keys
+            else ""
+        )
         below = " (and below)" if r.pattern.endswith("/**") else ""
         rule = d.rule.id if d.rule is not None else "?"
         print(f"  {r.method:<{width}}  {r.pattern}{below}{cond}   [{rule}]")
@@ -262,8 +306,11 @@ def cmd_routes(path: Path, *, by: str) -> int:
         cells = []
         segs = sample(compile_pattern(r.pattern))
         for name in cols:
-            d = (matchers[name].decide(r.method, segs) if by == "role"
-                 else policy.decide(name, r.method, segs))
+            d = (
+                matchers[name].decide(r.method, segs)
+                if by == "role"
+                else policy.decide(name, r.method, segs)
+            )
             cells.append(_mark(d, name if by == "role" else None))
         cells.append(_mark(policy.decide(None, r.method, segs), None, public=True))
         body.append([r.pattern, r.method, *cells])
@@ -271,10 +318,13 @@ def cmd_routes(path: Path, *, by: str) -> int:
     widths = [max(len(str(row[i])) for row in [head, *body]) for i in range(len(head))]
     for row in [head, *body]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
-    own = ("yes = granted by the role itself, inh = inherited, " if by == "role"
-           else "yes = granted, ")
-    print(f"\n{own}pub = open to anyone (public), body = only with an allowed JSON body, "
-          "DENY = denied by a deny rule, - = not granted")
+    own = (
+        "yes = granted by the role itself, inh = inherited, " if by == "role" else "yes = granted, "
+    )
+    print(
+        f"\n{own}pub = open to anyone (public), body = only with an allowed JSON body, "
+        "DENY = denied by a deny rule, - = not granted"
+    )
     return 0
 
 
@@ -290,18 +340,24 @@ def _mark(d: Decision, role: str | None, public: bool = False) -> str:
 
 def cmd_hash_password(cost: int, *, force: bool = False, prog: str = "hash-password") -> int:
     if not 4 <= cost <= 31:
-        print(f"{prog}: --cost must be between 4 and 31 (10-{WARN_COST} recommended)",
-              file=sys.stderr)
+        print(
+            f"{prog}: --cost must be between 4 and 31 (10-{WARN_COST} recommended)", file=sys.stderr
+        )
         return 2
     if cost > WARN_COST:
         took = _duration(check_seconds(cost))
         if cost > MAX_COST and not force:
-            print(f"{prog}: --cost {cost} makes every password check take ~{took} of CPU here; "
-                  f"refused above {MAX_COST} without --force (10-{WARN_COST} recommended)",
-                  file=sys.stderr)
+            print(
+                f"{prog}: --cost {cost} makes every password check take ~{took} of CPU here; "
+                f"refused above {MAX_COST} without --force (10-{WARN_COST} recommended)",
+                file=sys.stderr,
+            )
             return 2
-        print(f"{prog}: warning: --cost {cost} makes every password check take ~{took} of "
-              f"CPU here (10-{WARN_COST} recommended)", file=sys.stderr)
+        print(
+            f"{prog}: warning: --cost {cost} makes every password check take ~{took} of "
+            f"CPU here (10-{WARN_COST} recommended)",
+            file=sys.stderr,
+        )
     try:
         if sys.stdin.isatty():
             password = getpass.getpass("Password: ")
@@ -318,8 +374,10 @@ def cmd_hash_password(cost: int, *, force: bool = False, prog: str = "hash-passw
         print(f"{prog}: empty password refused", file=sys.stderr)
         return 1
     if len(raw) > 72:
-        print(f"{prog}: bcrypt uses at most 72 bytes of a password; choose a shorter one",
-              file=sys.stderr)
+        print(
+            f"{prog}: bcrypt uses at most 72 bytes of a password; choose a shorter one",
+            file=sys.stderr,
+        )
         return 1
     print(bcrypt.hashpw(raw, bcrypt.gensalt(rounds=cost)).decode())
     return 0
@@ -339,16 +397,20 @@ def cmd_reload(url: str, timeout: float, *, prog: str) -> int:
     user = os.environ.get("GATEWAY_ADMIN_USER")
     password = os.environ.get("GATEWAY_ADMIN_PASSWORD")
     if not user or password is None:
-        print(f"{prog}: set GATEWAY_ADMIN_USER and GATEWAY_ADMIN_PASSWORD (a user the policy "
-              "allows POST /-/reload)", file=sys.stderr)
+        print(
+            f"{prog}: set GATEWAY_ADMIN_USER and GATEWAY_ADMIN_PASSWORD (a user the policy "
+            "allows POST /-/reload)",
+            file=sys.stderr,
+        )
         return 2
     endpoint = url.rstrip("/") + "/-/reload"
     if not endpoint.startswith(("http://", "https://")):
         print(f"{prog}: --url must be http(s)://host:port, got {url!r}", file=sys.stderr)
         return 2
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    req = urllib.request.Request(endpoint, data=b"", method="POST",
-                                 headers={"Authorization": f"Basic {token}"})
+    req = urllib.request.Request(
+        endpoint, data=b"", method="POST", headers={"Authorization": f"Basic {token}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw = resp.status, resp.read()

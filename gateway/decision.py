@@ -58,15 +58,16 @@ from .settings import Network, Settings
 Answer = tuple[int, dict[str, str], bytes]
 
 # Header forms: (name of the method header, name of the target header, proxies that send it).
-FORWARDED = ("X-Forwarded-Method", "X-Forwarded-Uri")     # Caddy forward_auth, Traefik
-ORIGINAL = ("X-Original-Method", "X-Original-URI")        # nginx auth_request (deploy/nginx)
+FORWARDED = ("X-Forwarded-Method", "X-Forwarded-Uri")  # Caddy forward_auth, Traefik
+ORIGINAL = ("X-Original-Method", "X-Original-URI")  # nginx auth_request (deploy/nginx)
 IDENTITY_HEADERS = ("X-Authenticated-User", "X-Authenticated-Roles")
 # The gateway's own endpoints that keep their proxy-mode meaning in decision mode (answered by
 # the pipeline). Everything else on a decision listener is the Decider's: it never forwards.
 ADMIN_PATHS = frozenset({"/-/healthz", "/-/status", "/-/metrics", "/-/reload"})
 READY_PATH = "/-/ready"
-_METHOD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~"
-                          "abcdefghijklmnopqrstuvwxyz")
+_METHOD_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~abcdefghijklmnopqrstuvwxyz"
+)
 
 
 class Headers(Protocol):
@@ -82,10 +83,10 @@ class OriginalRequest:
     """The client's request as the front proxy describes it."""
 
     method: str
-    raw_target: str            # as the proxy will forward it: checked by the guard
+    raw_target: str  # as the proxy will forward it: checked by the guard
     host: str | None
     proto: str | None
-    form: str                  # "forwarded" (Caddy/Traefik), "original" (nginx), "prefix"
+    form: str  # "forwarded" (Caddy/Traefik), "original" (nginx), "prefix"
 
 
 class UntrustedPeer(Forbidden):
@@ -105,8 +106,9 @@ def is_trusted(peer: str | None, trusted: tuple[Network, ...]) -> bool:
     return any(ip in net for net in trusted)
 
 
-def original_request(method: str, raw_path: str, headers: Headers, peer: str | None,
-                     settings: Settings) -> OriginalRequest:
+def original_request(
+    method: str, raw_path: str, headers: Headers, peer: str | None, settings: Settings
+) -> OriginalRequest:
     """Read the original request from a check request, or raise.
 
     403 :class:`UntrustedPeer` when ``peer`` is not a trusted proxy; 404 when the target is
@@ -114,35 +116,50 @@ def original_request(method: str, raw_path: str, headers: Headers, peer: str | N
     description is incomplete, ambiguous or repeated.
     """
     if not is_trusted(peer, settings.trusted_proxies):
-        raise UntrustedPeer(f"decision requests are accepted only from --trusted-proxy "
-                            f"addresses, not from {peer or 'an unknown peer'}")
+        raise UntrustedPeer(
+            f"decision requests are accepted only from --trusted-proxy "
+            f"addresses, not from {peer or 'an unknown peer'}"
+        )
     prefix = settings.decision_prefix
     path, _, _ = raw_path.partition("?")
     if path != prefix and not path.startswith(prefix + "/"):
-        raise NotFound(f"this is a decision listener: check requests go to {prefix} "
-                       f"(or {prefix}/<original path> for Envoy ext_authz)")
-    forms = [(name, pair) for name, pair in (("forwarded", FORWARDED), ("original", ORIGINAL))
-             if pair[0] in headers or pair[1] in headers]
+        raise NotFound(
+            f"this is a decision listener: check requests go to {prefix} "
+            f"(or {prefix}/<original path> for Envoy ext_authz)"
+        )
+    forms = [
+        (name, pair)
+        for name, pair in (("forwarded", FORWARDED), ("original", ORIGINAL))
+        if pair[0] in headers or pair[1] in headers
+    ]
     if len(forms) > 1:
-        raise Rejected("both X-Forwarded-Method/-Uri and X-Original-Method/-URI were sent; "
-                       "a check request must describe the original request once",
-                       code="decision_ambiguous")
+        raise Rejected(
+            "both X-Forwarded-Method/-Uri and X-Original-Method/-URI were sent; "
+            "a check request must describe the original request once",
+            code="decision_ambiguous",
+        )
     host, proto = _single(headers, "X-Forwarded-Host"), _single(headers, "X-Forwarded-Proto")
     if forms:
         form, (method_header, target_header) = forms[0]
         if path != prefix:
-            raise Rejected(f"a check request with {target_header} goes to exactly {prefix}",
-                           code="decision_ambiguous")
+            raise Rejected(
+                f"a check request with {target_header} goes to exactly {prefix}",
+                code="decision_ambiguous",
+            )
         orig_method, target = _single(headers, method_header), _single(headers, target_header)
         if orig_method is None or target is None:
-            raise Rejected(f"a check request needs both {method_header} and {target_header}",
-                           code="decision_incomplete")
+            raise Rejected(
+                f"a check request needs both {method_header} and {target_header}",
+                code="decision_incomplete",
+            )
     else:
-        form, orig_method, target = "prefix", method, raw_path[len(prefix):]
+        form, orig_method, target = "prefix", method, raw_path[len(prefix) :]
         if not target.startswith("/"):
-            raise Rejected(f"no original request: send {FORWARDED[0]}/{FORWARDED[1]}, "
-                           f"{ORIGINAL[0]}/{ORIGINAL[1]}, or {prefix}/<original path>",
-                           code="decision_incomplete")
+            raise Rejected(
+                f"no original request: send {FORWARDED[0]}/{FORWARDED[1]}, "
+                f"{ORIGINAL[0]}/{ORIGINAL[1]}, or {prefix}/<original path>",
+                code="decision_incomplete",
+            )
     if not orig_method or not set(orig_method) <= _METHOD_CHARS:
         raise Rejected("the original method is not an HTTP method token", code="method")
     return OriginalRequest(orig_method, target, host, proto, form)
@@ -158,8 +175,14 @@ def _single(headers: Headers, name: str) -> str | None:
 class Decider:
     """Answers check requests: guard → authenticate → authorize → record, never forward."""
 
-    def __init__(self, settings: Settings, store: PolicyStore, auth: Authenticator,
-                 audit: AuditLog, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: PolicyStore,
+        auth: Authenticator,
+        audit: AuditLog,
+        metrics: Metrics,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.auth = auth
@@ -172,29 +195,44 @@ class Decider:
         (all but the gateway's own health/status/metrics/reload endpoints)."""
         return raw_path not in ADMIN_PATHS
 
-    async def decide(self, method: str, raw_path: str, headers: Headers,
-                     raw_headers: tuple[tuple[bytes, bytes], ...],
-                     peer: str | None) -> Answer:
+    async def decide(
+        self,
+        method: str,
+        raw_path: str,
+        headers: Headers,
+        raw_headers: tuple[tuple[bytes, bytes], ...],
+        peer: str | None,
+    ) -> Answer:
         """The answer to one check request; writes its audit line and metrics."""
         started = time.perf_counter()
-        client = client_behind_proxies(peer or "unknown", headers.getall("X-Forwarded-For", ()),
-                                       self.settings.trusted_proxies)
-        record: dict[str, object] = {"event": "decision", "mode": "decision",
-                                     "time": now_iso(), "client": client,
-                                     "proxy": peer, "user": None, "method": None,
-                                     "path": None, "host": None, "decision": "error",
-                                     "rule": None}
+        client = client_behind_proxies(
+            peer or "unknown", headers.getall("X-Forwarded-For", ()), self.settings.trusted_proxies
+        )
+        record: dict[str, object] = {
+            "event": "decision",
+            "mode": "decision",
+            "time": now_iso(),
+            "client": client,
+            "proxy": peer,
+            "user": None,
+            "method": None,
+            "path": None,
+            "host": None,
+            "decision": "error",
+            "rule": None,
+        }
         try:
             if raw_path == READY_PATH and method in ("GET", "HEAD"):
-                record.update(event="request", method=method, path=READY_PATH,
-                              decision="public")
+                record.update(event="request", method=method, path=READY_PATH, decision="public")
                 # No upstream to probe: ready as soon as a policy is in force (always, once
                 # the process listens: a refused policy at start means no listener).
-                answer = _json(200, {"status": "ready", "mode": "decide",
-                                     "policy": self.store.policy.sha256})
+                answer = _json(
+                    200, {"status": "ready", "mode": "decide", "policy": self.store.policy.sha256}
+                )
             else:
-                answer = await self._decide(method, raw_path, headers, raw_headers, peer,
-                                            client, record)
+                answer = await self._decide(
+                    method, raw_path, headers, raw_headers, peer, client, record
+                )
         except GatewayError as exc:
             answer = self._refusal(exc, record)
         elapsed = time.perf_counter() - started
@@ -204,9 +242,16 @@ class Decider:
         self.metrics.observe(str(record["decision"]), answer[0], elapsed)
         return answer
 
-    async def _decide(self, method: str, raw_path: str, headers: Headers,
-                      raw_headers: tuple[tuple[bytes, bytes], ...], peer: str | None,
-                      client: str, record: dict[str, object]) -> Answer:
+    async def _decide(
+        self,
+        method: str,
+        raw_path: str,
+        headers: Headers,
+        raw_headers: tuple[tuple[bytes, bytes], ...],
+        peer: str | None,
+        client: str,
+        record: dict[str, object],
+    ) -> Answer:
         check_header_sizes(raw_headers, self.settings.max_header_bytes)
         orig = original_request(method, raw_path, headers, peer, self.settings)
         record.update(method=orig.method, host=orig.host, form=orig.form)
@@ -215,30 +260,41 @@ class Decider:
         check_method(orig.method, headers)
         target = canonical_target(orig.raw_target)
         record["path"] = target.path
-        policy = self.store.policy                  # one snapshot for the whole decision
-        user, decision = await self._authorize(orig.method, target.path, target.segments,
-                                               headers, client, policy)
+        policy = self.store.policy  # one snapshot for the whole decision
+        user, decision = await self._authorize(
+            orig.method, target.path, target.segments, headers, client, policy
+        )
         record["user"] = user.name if user else None
         record["rule"] = decision.rule.id if decision.rule else None
         if decision.body_keys:
             who = user.name if user else "anonymous"
-            raise Forbidden(f"{orig.method} {target.path} is allowed for {who!r} only with a "
-                            f"JSON body whose keys are checked, and a front proxy's check "
-                            f"request carries no body: denied in decision mode",
-                            code="body_not_inspectable")
+            raise Forbidden(
+                f"{orig.method} {target.path} is allowed for {who!r} only with a "
+                f"JSON body whose keys are checked, and a front proxy's check "
+                f"request carries no body: denied in decision mode",
+                code="body_not_inspectable",
+            )
         record["decision"] = "allow"
         # Always both headers, empty for an anonymous (public) allow: a proxy that copies a
         # header the answer lacks may copy something else (Caddy 2.6 copies the unexpanded
         # placeholder), and nginx drops a header set to an empty value.
-        out = {IDENTITY_HEADERS[0]: user.name if user else "",
-               IDENTITY_HEADERS[1]: user.roles_header if user else ""}
+        out = {
+            IDENTITY_HEADERS[0]: user.name if user else "",
+            IDENTITY_HEADERS[1]: user.roles_header if user else "",
+        }
         # No body: nginx does not read an auth_request answer's body, so a body would cost
         # it the keep-alive connection to us (a new connection per check).
         return 200, out, b""
 
-    async def _authorize(self, method: str, path: str, segments: tuple[str, ...],
-                         headers: Headers, client: str,
-                         policy: Policy) -> tuple[User | None, Decision]:
+    async def _authorize(
+        self,
+        method: str,
+        path: str,
+        segments: tuple[str, ...],
+        headers: Headers,
+        client: str,
+        policy: Policy,
+    ) -> tuple[User | None, Decision]:
         creds = parse_basic(headers.get("Authorization"), policy.realm)
         if creds is None:
             decision = policy.decide(None, method, segments)
@@ -249,13 +305,21 @@ class Decider:
             user = await self.auth.authenticate(policy, creds, client)
         except Unauthenticated:
             self.metrics.auth_failures.labels("invalid_credentials").inc()
-            self.audit.write({"event": "auth_failure", "mode": "decision", "time": now_iso(),
-                              "client": client, "user": creds.user, "method": method,
-                              "path": path})
+            self.audit.write(
+                {
+                    "event": "auth_failure",
+                    "mode": "decision",
+                    "time": now_iso(),
+                    "client": client,
+                    "user": creds.user,
+                    "method": method,
+                    "path": path,
+                }
+            )
             raise
         except TooManyRequests:
             self.metrics.throttled.inc()
-            if self.settings.throttle_delay:      # the tarpit, as in proxy mode
+            if self.settings.throttle_delay:  # the tarpit, as in proxy mode
                 await asyncio.sleep(self.settings.throttle_delay)
             raise
         decision = policy.decide(user.name, method, segments)
@@ -274,8 +338,11 @@ class Decider:
         elif isinstance(exc, TooManyRequests):
             record["decision"] = "throttled"
         record["reason"] = exc.message
-        return _json(exc.status, {"error": exc.message, "status": exc.status,
-                                  "code": exc.code}, exc.headers())
+        return _json(
+            exc.status,
+            {"error": exc.message, "status": exc.status, "code": exc.code},
+            exc.headers(),
+        )
 
 
 def _json(status: int, doc: object, headers: Mapping[str, str] | None = None) -> Answer:

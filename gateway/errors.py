@@ -51,8 +51,13 @@ class BadRequest(GatewayError):
 class Unauthenticated(GatewayError):
     status, code = 401, "unauthenticated"
 
-    def __init__(self, message: str = "authentication required", *, realm: str = "gateway",
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str = "authentication required",
+        *,
+        realm: str = "gateway",
+        code: str | None = None,
+    ) -> None:
         super().__init__(message, code=code)
         self.realm = realm
 

@@ -24,11 +24,25 @@ from .http.pool import Pool, exchange, request_head
 from .http.request import Request
 from .policy import User
 
-_DROP = HOP_BY_HOP | frozenset(h.encode() for h in (
-    "authorization", "host", "forwarded", "x-forwarded-for", "x-forwarded-proto",
-    "x-forwarded-host", "x-real-ip", "content-length", "expect",
-    # other spellings of "who is this" that upstreams behind proxies are known to trust
-    "remote-user", "x-remote-user", "x-user", "x-forwarded-user"))
+_DROP = HOP_BY_HOP | frozenset(
+    h.encode()
+    for h in (
+        "authorization",
+        "host",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "content-length",
+        "expect",
+        # other spellings of "who is this" that upstreams behind proxies are known to trust
+        "remote-user",
+        "x-remote-user",
+        "x-user",
+        "x-forwarded-user",
+    )
+)
 _IDENTITY = b"xauthenticated"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
@@ -39,14 +53,16 @@ def is_identity_lookalike(low: bytes) -> bool:
     """True for a lower-cased header name that reads as an identity header once ``-``,
     ``_`` and ``.`` are dropped (``x-authenticated-user``, ``x.authenticated_user``...)."""
     return b"authenticated" in low and low.replace(b"-", b"").replace(b"_", b"").replace(
-        b".", b"").startswith(_IDENTITY)
+        b".", b""
+    ).startswith(_IDENTITY)
 
 
 class Forwarder:
     """Builds the upstream request and runs the exchange on the pool."""
 
-    def __init__(self, pool: Pool, host: str, max_body: int,
-                 buffer_body: int = BUFFER_BODY) -> None:
+    def __init__(
+        self, pool: Pool, host: str, max_body: int, buffer_body: int = BUFFER_BODY
+    ) -> None:
         self.pool = pool
         self.host = host.encode()
         self.max_body = max_body
@@ -62,27 +78,36 @@ class Forwarder:
         out = []
         for name, value in req.headers.raw:
             low = name.lower()
-            if low in _DROP or b"_" in low or (named and low in named) or \
-                    is_identity_lookalike(low):
+            if (
+                low in _DROP
+                or b"_" in low
+                or (named and low in named)
+                or is_identity_lookalike(low)
+            ):
                 continue
             out.append(b"%s: %s\r\n" % (name, value))
         if user is not None:
             known = self._identity.get(user.name)
-            if known is None or known[0] is not user:      # a reload makes new User objects
+            if known is None or known[0] is not user:  # a reload makes new User objects
                 known = self._identity[user.name] = (user, self.identity_lines(user))
             out.append(known[1])
         fwd = self._forwarded.get((client, req.scheme))
         if fwd is None:
             fwd = b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (
-                client.encode("latin-1", "replace"), req.scheme.encode())
+                client.encode("latin-1", "replace"),
+                req.scheme.encode(),
+            )
             _remember(self._forwarded, (client, req.scheme), fwd)
         out.append(fwd)
         host = req.headers.get_raw(b"host")
         if host:
             line = self._hosts.get(host)
             if line is None:
-                line = (b"X-Forwarded-Host: %s\r\n" % host
-                        if _HOST.fullmatch(host.decode("latin-1")) else b"")
+                line = (
+                    b"X-Forwarded-Host: %s\r\n" % host
+                    if _HOST.fullmatch(host.decode("latin-1"))
+                    else b""
+                )
                 _remember(self._hosts, host, line)
             out.append(line)
         return out
@@ -91,10 +116,13 @@ class Forwarder:
     def identity_lines(user: User) -> bytes:
         """The identity headers the gateway asserts for ``user``."""
         return b"X-Authenticated-User: %s\r\nX-Authenticated-Roles: %s\r\n" % (
-            user.name.encode(), user.roles_header.encode())
+            user.name.encode(),
+            user.roles_header.encode(),
+        )
 
-    async def forward(self, req: Request, target: Target, user: User | None, client: str,
-                      body: bytes | None) -> int:
+    async def forward(
+        self, req: Request, target: Target, user: User | None, client: str, body: bytes | None
+    ) -> int:
         """Forward ``req`` as ``target`` for ``user``; ``body`` when already read. Returns
         the status relayed."""
         lines = self.header_lines(req, user, client)
@@ -110,14 +138,15 @@ class Forwarder:
         if body is not None:
             lines.append(b"Content-Length: %d\r\n" % len(body))
         elif stream is not None:
-            lines.append(b"Content-Length: %d\r\n" % req.content_length
-                         if req.content_length is not None
-                         else b"Transfer-Encoding: chunked\r\n")
+            lines.append(
+                b"Content-Length: %d\r\n" % req.content_length
+                if req.content_length is not None
+                else b"Transfer-Encoding: chunked\r\n"
+            )
         elif req.content_length == 0:
             lines.append(b"Content-Length: 0\r\n")
         head = request_head(req.method.encode(), target.path_qs.encode(), self.host, lines)
-        return await exchange(self.pool, req, head, body, stream,
-                              retry=req.method in _IDEMPOTENT)
+        return await exchange(self.pool, req, head, body, stream, retry=req.method in _IDEMPOTENT)
 
 
 def _remember(memo: dict[Any, bytes], key: Any, value: bytes) -> None:
@@ -156,4 +185,3 @@ class _Limited:
         if self._left < 0:
             raise PayloadTooLarge("request body over the limit")
         return chunk
-

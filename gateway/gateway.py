@@ -33,15 +33,17 @@ log = logging.getLogger(__name__)
 class Gateway:
     """One gateway: everything a request needs, built from :class:`Settings`."""
 
-    def __init__(self, settings: Settings, *, store: PolicyStore | None = None,
-                 audit: AuditLog | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, store: PolicyStore | None = None, audit: AuditLog | None = None
+    ) -> None:
         self.settings = settings
         self.version = __version__
         self.store = store or PolicyStore.open(settings.policy)
         self.auth = Authenticator(
             max_inflight=settings.max_bcrypt_inflight,
             cache=CredentialCache(ttl=settings.cache_ttl, max_entries=settings.cache_size),
-            throttle=FailureThrottle())
+            throttle=FailureThrottle(),
+        )
         self.audit = audit or self.open_audit(settings)
         self.metrics = Metrics()
         self.metrics.watch_cache(self.auth.cache, self.auth)
@@ -55,7 +57,7 @@ class Gateway:
         self.upstream_tls = url.scheme == "https"
         self.upstream_authority = url.raw_authority
         self.pipeline = Pipeline(self)
-        self.server: Server | None = None       # set by whoever serves this gateway
+        self.server: Server | None = None  # set by whoever serves this gateway
         self.on_api_reload: Callable[[], None] | None = None
         self._pool: Pool | None = None
         self._forwarder: Forwarder | None = None
@@ -83,9 +85,14 @@ class Gateway:
         """Open what needs a running event loop: the pool, the flush and watch tasks."""
         s = self.settings
         await self.auth.prepare(self.store.policy)
-        self._pool = Pool(self.upstream_host, self.upstream_port, tls=self.upstream_tls,
-                          size=s.pool_size, connect_timeout=s.connect_timeout,
-                          read_timeout=s.upstream_timeout)
+        self._pool = Pool(
+            self.upstream_host,
+            self.upstream_port,
+            tls=self.upstream_tls,
+            size=s.pool_size,
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.upstream_timeout,
+        )
         self._forwarder = Forwarder(self._pool, self.upstream_authority, s.max_body)
         self._tasks.append(asyncio.create_task(self.audit.flush_every(0.5)))
         if s.watch:
@@ -95,8 +102,13 @@ class Gateway:
         for w in self.store.policy.warnings:
             log.warning("%s", w)
         policy = self.store.policy
-        log.info("policy %s loaded (sha256 %s, %d users, %d roles)", self.store.path,
-                 policy.sha256[:12], len(policy.users), len(policy.roles))
+        log.info(
+            "policy %s loaded (sha256 %s, %d users, %d roles)",
+            self.store.path,
+            policy.sha256[:12],
+            len(policy.users),
+            len(policy.roles),
+        )
 
     def _on_sighup(self) -> None:
         task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))
@@ -125,11 +137,14 @@ class Gateway:
 
     async def probe_upstream(self) -> bool:
         """True when the upstream answers its health path below 500, through the pool."""
-        head = request_head(b"GET", self.settings.upstream_health.encode(),
-                            self.upstream_authority.encode(), [b"Content-Length: 0\r\n"])
+        head = request_head(
+            b"GET",
+            self.settings.upstream_health.encode(),
+            self.upstream_authority.encode(),
+            [b"Content-Length: 0\r\n"],
+        )
         try:
-            status = await asyncio.wait_for(exchange(self.pool, None, head, None, retry=True),
-                                            2.0)
+            status = await asyncio.wait_for(exchange(self.pool, None, head, None, retry=True), 2.0)
         except (TimeoutError, GatewayError, OSError):
             return False
         return status < 500
@@ -141,8 +156,13 @@ class Gateway:
         pool = self._pool
         if pool is None:
             return {}
-        return {"url": self.settings.upstream, "down": bool(pool.down_since),
-                "busy": len(pool.busy), "size": pool.size, "exhausted": pool.exhausted}
+        return {
+            "url": self.settings.upstream,
+            "down": bool(pool.down_since),
+            "busy": len(pool.busy),
+            "size": pool.size,
+            "exhausted": pool.exhausted,
+        }
 
     def _count_reload(self, result: ReloadResult) -> None:
         m = self.metrics

@@ -35,9 +35,9 @@ _FORBIDDEN_DECODED = {0x2F: "encoded '/'", 0x5C: "encoded '\\'", 0x25: "encoded 
 class Target:
     """The guard's verdict on an acceptable request target."""
 
-    path: str                  # canonical, percent-encoded: decided on, logged, forwarded
+    path: str  # canonical, percent-encoded: decided on, logged, forwarded
     segments: tuple[str, ...]  # decoded segments of ``path``, what patterns match against
-    query: str                 # raw query string without '?', '' when absent
+    query: str  # raw query string without '?', '' when absent
 
     @property
     def path_qs(self) -> str:
@@ -75,8 +75,10 @@ def check_framing(headers: HeaderLookup) -> None:
     the way upstream and the upstream would read the coded bytes as the body."""
     te = headers.get("Transfer-Encoding")
     if te is not None and te.strip().lower() != "chunked":
-        raise Rejected(f"transfer coding {te.strip()[:40]!r} is not accepted (only chunked)",
-                       code="transfer_coding")
+        raise Rejected(
+            f"transfer coding {te.strip()[:40]!r} is not accepted (only chunked)",
+            code="transfer_coding",
+        )
 
 
 def check_header_sizes(raw_headers: tuple[tuple[bytes, bytes], ...], limit: int) -> None:
@@ -92,8 +94,11 @@ def canonical_target(raw: str) -> Target:
     if not raw.startswith("/"):
         if raw == "*":
             raise Rejected("asterisk-form request target is not allowed", code="target_form")
-        raise Rejected("only origin-form request targets ('/path') are allowed "
-                       "(absolute- and authority-form are refused)", code="target_form")
+        raise Rejected(
+            "only origin-form request targets ('/path') are allowed "
+            "(absolute- and authority-form are refused)",
+            code="target_form",
+        )
     if "#" in raw:
         raise Rejected("a fragment ('#') is not allowed in the request target", code="fragment")
     path, sep, query = raw.partition("?")
@@ -116,14 +121,15 @@ def _decode_segments(path: str) -> tuple[str, ...]:
     last = len(raw_segments) - 1
     for i, seg in enumerate(raw_segments):
         if seg == "":
-            if i == last:      # a single trailing slash is kept: '/a/' is not '/a'
+            if i == last:  # a single trailing slash is kept: '/a/' is not '/a'
                 out.append("")
                 continue
             raise Rejected("empty path segment ('//') is not allowed", code="empty_segment")
         decoded = _decode_segment(seg)
         if decoded in (".", ".."):
-            raise Rejected("dot-segments ('.', '..' in any spelling) are not allowed",
-                           code="dot_segment")
+            raise Rejected(
+                "dot-segments ('.', '..' in any spelling) are not allowed", code="dot_segment"
+            )
         out.append(decoded)
     return tuple(out)
 
@@ -134,13 +140,14 @@ def _decode_segment(seg: str) -> str:
     while i < n:
         ch = seg[i]
         if ch == "%":
-            hexpair = seg[i + 1:i + 3]
+            hexpair = seg[i + 1 : i + 3]
             if len(hexpair) != 2 or not all(c in _HEX for c in hexpair):
                 raise Rejected("invalid percent escape in path", code="bad_escape")
             byte = int(hexpair, 16)
             if byte in _FORBIDDEN_DECODED:
-                raise Rejected(f"{_FORBIDDEN_DECODED[byte]} in path is not allowed",
-                               code="encoded_separator")
+                raise Rejected(
+                    f"{_FORBIDDEN_DECODED[byte]} in path is not allowed", code="encoded_separator"
+                )
             if byte < 0x20 or byte == 0x7F:
                 raise Rejected("encoded control character in path", code="control_char")
             buf.append(byte)
@@ -153,15 +160,15 @@ def _decode_segment(seg: str) -> str:
         if ch not in _PCHAR:
             if ord(ch) < 0x20 or ord(ch) == 0x7F:
                 raise Rejected("control character in path", code="control_char")
-            raise Rejected(f"character {ch!r} must be percent-encoded in a path",
-                           code="bad_char")
+            raise Rejected(f"character {ch!r} must be percent-encoded in a path", code="bad_char")
         buf.append(ord(ch))
         i += 1
     try:
         return buf.decode("utf-8")
     except UnicodeDecodeError:
-        raise Rejected("path is not valid UTF-8 once decoded (or uses an overlong form)",
-                       code="bad_utf8") from None
+        raise Rejected(
+            "path is not valid UTF-8 once decoded (or uses an overlong form)", code="bad_utf8"
+        ) from None
 
 
 def _encode(segment: str) -> str:

@@ -75,8 +75,11 @@ class Pipeline:
         # Decisions are pure functions of (policy, user, method, path): remembered per policy.
         self._memo: dict[tuple[str, str, str], Decision] = {}
         self._memo_policy: Policy | None = None
-        self.decider = (Decider(self.settings, self.store, self.auth, self.audit, self.metrics)
-                        if self.settings.mode == "decide" else None)
+        self.decider = (
+            Decider(self.settings, self.store, self.auth, self.audit, self.metrics)
+            if self.settings.mode == "decide"
+            else None
+        )
 
     async def handle(self, req: Request) -> None:
         """Answer one request and record it."""
@@ -84,9 +87,16 @@ class Pipeline:
             await self.decide(req)
             return
         started = _perf()
-        record: dict[str, object] = {"event": "request", "time": now_iso(), "client": None,
-                                     "user": None, "method": req.method, "path": None,
-                                     "decision": "error", "rule": None}
+        record: dict[str, object] = {
+            "event": "request",
+            "time": now_iso(),
+            "client": None,
+            "user": None,
+            "method": req.method,
+            "path": None,
+            "decision": "error",
+            "rule": None,
+        }
         upstream_ms = None
         status = 500
         try:
@@ -99,7 +109,7 @@ class Pipeline:
             if target is None:
                 target = self.canonical(req.target)
             record["path"] = target.path
-            policy = self.store.policy          # one snapshot for the whole request
+            policy = self.store.policy  # one snapshot for the whole request
             user, decision = await self.authorize(req, target, client, policy, record)
             inspected = None
             if decision.body_keys:
@@ -116,7 +126,7 @@ class Pipeline:
             status = exc.status
             await self.answer_error(req, exc, record)
         except (ClientGone, ConnectionError):
-            status = 499                     # nginx's "client closed request"
+            status = 499  # nginx's "client closed request"
             record["decision"] = "client_gone"
             req.abort()
         except asyncio.CancelledError:
@@ -134,18 +144,23 @@ class Pipeline:
             record["upstream_ms"] = upstream_ms
             record["total_ms"] = round(elapsed * 1000, 3)
             self.audit.write(record)
-            self.metrics.observe(str(record["decision"]), status, elapsed,
-                                 upstream_ms / 1000 if upstream_ms is not None else None)
+            self.metrics.observe(
+                str(record["decision"]),
+                status,
+                elapsed,
+                upstream_ms / 1000 if upstream_ms is not None else None,
+            )
 
     async def decide(self, req: Request) -> None:
         """Decision mode: answer a front proxy's check request (recorded by the decider);
         nothing is forwarded."""
         status, headers, body = await self.decider.decide(  # type: ignore[union-attr]
-            req.method, req.target, req.headers, tuple(req.headers.raw), req.remote)
+            req.method, req.target, req.headers, tuple(req.headers.raw), req.remote
+        )
         try:
             await req.respond(status, headers, body)
         except ConnectionError:
-            req.abort()                      # the front proxy is gone
+            req.abort()  # the front proxy is gone
 
     def canonical(self, raw: str) -> Target:
         """The guard's verdict on a raw target; accepted ones are remembered (targets repeat,
@@ -162,8 +177,9 @@ class Pipeline:
             return peer
         return client_behind_proxies(peer, req.headers.getall("X-Forwarded-For"), self.trusted)
 
-    async def authorize(self, req: Request, target: Target, client: str, policy: Policy,
-                        record: dict[str, object]) -> tuple[User | None, Decision]:
+    async def authorize(
+        self, req: Request, target: Target, client: str, policy: Policy, record: dict[str, object]
+    ) -> tuple[User | None, Decision]:
         """Authenticate (when credentials are sent or needed) and decide."""
         realm = policy.realm
         header = req.headers.get_raw(b"authorization")
@@ -177,7 +193,7 @@ class Pipeline:
         if user is None:
             user = await self.authenticate(req, target, client, policy, header, key)
         record["user"] = user.name
-        if policy is not self._memo_policy:          # a reload: decisions start afresh
+        if policy is not self._memo_policy:  # a reload: decisions start afresh
             self._memo.clear()
             self._memo_policy = policy
         memo_key = (user.name, req.method, target.path)
@@ -193,8 +209,9 @@ class Pipeline:
             raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")
         return user, decision
 
-    async def authenticate(self, req: Request, target: Target, client: str, policy: Policy,
-                           header: bytes, key: bytes) -> User:
+    async def authenticate(
+        self, req: Request, target: Target, client: str, policy: Policy, header: bytes, key: bytes
+    ) -> User:
         """The uncached path: parse the credentials, check them with bcrypt."""
         try:
             creds = parse_basic(header.decode("latin-1"), policy.realm)
@@ -206,9 +223,16 @@ class Pipeline:
             return await self.auth.authenticate(policy, creds, client, key)
         except Unauthenticated:
             self.metrics.auth_failures.labels("invalid_credentials").inc()
-            self.audit.write({"event": "auth_failure", "time": now_iso(), "client": client,
-                              "user": creds.user, "method": req.method,
-                              "path": target.path})
+            self.audit.write(
+                {
+                    "event": "auth_failure",
+                    "time": now_iso(),
+                    "client": client,
+                    "user": creds.user,
+                    "method": req.method,
+                    "path": target.path,
+                }
+            )
             raise
         except TooManyRequests:
             self.metrics.throttled.inc()
@@ -229,12 +253,14 @@ class Pipeline:
         if not decision.allows_body(body):
             who = user.name if user else "anonymous"
             allowed = " or ".join("{" + ", ".join(sorted(k)) + "}" for k in decision.body_keys)
-            raise Forbidden(f"user {who!r} may only send a JSON object with keys within "
-                            f"{allowed} here")
+            raise Forbidden(
+                f"user {who!r} may only send a JSON object with keys within {allowed} here"
+            )
         return body
 
-    async def answer_error(self, req: Request, exc: GatewayError,
-                           record: dict[str, object]) -> None:
+    async def answer_error(
+        self, req: Request, exc: GatewayError, record: dict[str, object]
+    ) -> None:
         if isinstance(exc, Rejected):
             record["decision"] = "reject"
             self.metrics.rejections.labels(exc.code).inc()
@@ -247,14 +273,15 @@ class Pipeline:
         elif isinstance(exc, BadRequest) and record["decision"] == "error":
             record["decision"] = "reject"
         record["reason"] = exc.message
-        if req.started:    # the answer is under way: all that is left is to cut it short
+        if req.started:  # the answer is under way: all that is left is to cut it short
             req.abort()
             return
         doc: dict[str, object] = {"error": exc.message, "status": exc.status, "code": exc.code}
         if isinstance(exc, UnprocessablePolicy):
             doc["errors"] = exc.errors
         try:
-            await req.respond(exc.status, {"Content-Type": JSON_TYPE, **exc.headers()},
-                              json_body(doc))
+            await req.respond(
+                exc.status, {"Content-Type": JSON_TYPE, **exc.headers()}, json_body(doc)
+            )
         except ConnectionError:
-            pass                           # the client is gone already
+            pass  # the client is gone already

@@ -31,12 +31,15 @@ from .supervisor import WORKER_ENV, check_port, supervise, watch_parent
 
 log = logging.getLogger("gateway")
 
-_FD_RESERVE = 64       # descriptors kept for files, the listener, DNS, bcrypt threads
+_FD_RESERVE = 64  # descriptors kept for files, the listener, DNS, bcrypt threads
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
 
 
 def raise_fd_limit() -> int:
@@ -61,13 +64,15 @@ def connection_cap(settings: Settings, fd_limit: int) -> int:
 
 
 def limits_of(settings: Settings, fd_limit: int) -> Limits:
-    return Limits(max_header_bytes=settings.max_header_bytes,
-                  header_timeout=settings.header_timeout,
-                  keepalive_timeout=settings.keepalive_timeout,
-                  body_timeout=settings.body_timeout,
-                  min_rate=settings.min_upload_rate,
-                  send_timeout=settings.upstream_timeout,
-                  max_connections=connection_cap(settings, fd_limit))
+    return Limits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout=settings.header_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        body_timeout=settings.body_timeout,
+        min_rate=settings.min_upload_rate,
+        send_timeout=settings.upstream_timeout,
+        max_connections=connection_cap(settings, fd_limit),
+    )
 
 
 def serve(settings: Settings) -> int:
@@ -103,8 +108,7 @@ def serve(settings: Settings) -> int:
     try:
         run(_main(settings, store, ssl_ctx, audit_open))
     except _ListenError as exc:
-        print(f"gateway: cannot listen on {settings.host}:{settings.port}: {exc}",
-              file=sys.stderr)
+        print(f"gateway: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -117,6 +121,7 @@ def is_worker() -> bool:
 def run(coro: Coroutine[Any, Any, None]) -> None:
     """Run ``coro`` on uvloop."""
     import uvloop
+
     uvloop.run(coro)
 
 
@@ -124,14 +129,16 @@ class _ListenError(Exception):
     pass
 
 
-async def _main(settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext | None,
-                audit: Any) -> None:
+async def _main(
+    settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext | None, audit: Any
+) -> None:
     fd_limit = raise_fd_limit()
     gw = Gateway(settings, store=store, audit=audit)
     await gw.start()
     limits = limits_of(settings, fd_limit)
-    server = Server(gw.pipeline.handle, limits,
-                    on_refusal=lambda e: gw.metrics.rejections.labels(e.code).inc())
+    server = Server(
+        gw.pipeline.handle, limits, on_refusal=lambda e: gw.metrics.rejections.labels(e.code).inc()
+    )
     gw.server = server
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -140,32 +147,49 @@ async def _main(settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext 
     _join_supervisor(gw, loop, stop.set)
     try:
         try:
-            host, port = await server.listen(settings.host, settings.port, ssl=ssl_ctx,
-                                             reuse_port=is_worker() or settings.reuse_port)
+            host, port = await server.listen(
+                settings.host,
+                settings.port,
+                ssl=ssl_ctx,
+                reuse_port=is_worker() or settings.reuse_port,
+            )
         except OSError as exc:
             raise _ListenError(exc.strerror or str(exc)) from None
         scheme = "https" if ssl_ctx else "http"
         # One line whatever the log level: scripts and tests read the port from it.
         print(f"gateway listening on {scheme}://{host}:{port}", file=sys.stderr, flush=True)
-        log.info("upstream %s, policy %s, pid %d, up to %d connections", settings.upstream,
-                 settings.policy, os.getpid(), limits.max_connections)
+        log.info(
+            "upstream %s, policy %s, pid %d, up to %d connections",
+            settings.upstream,
+            settings.policy,
+            os.getpid(),
+            limits.max_connections,
+        )
         if not await gw.probe_upstream():
-            log.warning("upstream %s does not answer %s yet; /-/ready says 503 until it does",
-                        settings.upstream, settings.upstream_health)
+            log.warning(
+                "upstream %s does not answer %s yet; /-/ready says 503 until it does",
+                settings.upstream,
+                settings.upstream_health,
+            )
         await stop.wait()
         busy = server.busy()
-        log.info("gateway stopping: %d requests in flight, up to %gs to finish", busy,
-                 settings.shutdown_grace)
+        log.info(
+            "gateway stopping: %d requests in flight, up to %gs to finish",
+            busy,
+            settings.shutdown_grace,
+        )
         cut = await server.shutdown(settings.shutdown_grace)
         if cut:
-            log.warning("shutdown cut %d requests still in flight after %gs", cut,
-                        settings.shutdown_grace)
+            log.warning(
+                "shutdown cut %d requests still in flight after %gs", cut, settings.shutdown_grace
+            )
     finally:
         await gw.close()
 
 
-def _join_supervisor(gw: Gateway, loop: asyncio.AbstractEventLoop,
-                     stop: Callable[[], None]) -> None:
+def _join_supervisor(
+    gw: Gateway, loop: asyncio.AbstractEventLoop, stop: Callable[[], None]
+) -> None:
     """In a worker: API reloads tell the supervisor (which tells every worker), and the
     worker stops when its supervisor is gone."""
     supervisor = os.environ.get(WORKER_ENV)

@@ -1,4 +1,8 @@
-"""Command-line flags and environment variables → :class:`Settings`. Flags win."""
+"""Command-line flags and environment variables → :class:`Settings`. Flags win.
+
+This module is long because it is the one table of every ``serve`` flag: its environment
+variable, default, help text and validation side by side, so none can drift from the others.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
-    reuse_port: bool = False        # share host:port with another process (SO_REUSEPORT)
+    reuse_port: bool = False  # share host:port with another process (SO_REUSEPORT)
     watch: bool = True
     watch_interval: float = 1.0
     audit_log: str = "-"
@@ -41,7 +45,7 @@ class Settings:
     cache_ttl: float = 300.0
     cache_size: int = 10_000
     max_bcrypt_inflight: int = 16
-    throttle_delay: float = 1.0     # a 429 for failed logins is answered after this delay
+    throttle_delay: float = 1.0  # a 429 for failed logins is answered after this delay
     trusted_proxies: tuple[Network, ...] = field(default_factory=tuple)
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -52,11 +56,11 @@ class Settings:
     keepalive_timeout: float = 75.0
     body_timeout: float = 60.0
     min_upload_rate: int = 1024
-    max_connections: int = 0          # 0: derived from the file-descriptor limit
+    max_connections: int = 0  # 0: derived from the file-descriptor limit
     pool_size: int = 256
-    shutdown_grace: float = 35.0      # more than the upstream timeout: answers in flight finish
+    shutdown_grace: float = 35.0  # more than the upstream timeout: answers in flight finish
     # decision mode (gateway/decision.py)
-    mode: str = "proxy"               # "decide": answer front proxies' check requests
+    mode: str = "proxy"  # "decide": answer front proxies' check requests
     decision_prefix: str = "/-/decide"
 
 
@@ -90,15 +94,18 @@ def _number(text: str) -> float:
     return value
 
 
-def _at_least(kind: Callable[[str], Any], low: float, high: float | None = None
-              ) -> Callable[[str], Any]:
+def _at_least(
+    kind: Callable[[str], Any], low: float, high: float | None = None
+) -> Callable[[str], Any]:
     """``kind`` with a lower (and optional upper) bound, refused in one wording."""
+
     def parse(text: str) -> Any:
         value = kind(text)
         if value < low or (high is not None and value > high):
             want = f"{low}..{high}" if high is not None else f"at least {low}"
             raise SettingsError(f"must be {want}, got {text!r}")
         return value
+
     return parse
 
 
@@ -126,8 +133,9 @@ def _upstream(text: str) -> str:
 
 def _networks(text: str) -> tuple[Network, ...]:
     try:
-        return tuple(ipaddress.ip_network(p.strip(), strict=False)
-                     for p in text.split(",") if p.strip())
+        return tuple(
+            ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip()
+        )
     except ValueError as exc:
         raise SettingsError(f"bad CIDR in trusted proxies: {exc}") from None
 
@@ -172,9 +180,10 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:   # an OSError too: catch it first
-        raise SettingsError(f"{cert} / {key}: not a matching PEM certificate and private key "
-                            f"({exc.reason or exc})") from None
+    except ssl.SSLError as exc:  # an OSError too: catch it first
+        raise SettingsError(
+            f"{cert} / {key}: not a matching PEM certificate and private key ({exc.reason or exc})"
+        ) from None
     except OSError as exc:
         raise SettingsError(f"{exc.filename or cert}: {exc.strerror}") from None
     return ctx
@@ -185,76 +194,172 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     shows beside the flag."""
     d = Settings()
 
-    def add(flag: str, env: str | None = None, default: Any = None, help: str = "",
-            **kw: Any) -> None:
+    def add(
+        flag: str, env: str | None = None, default: Any = None, help: str = "", **kw: Any
+    ) -> None:
         if env is not None:
             ENV_OF[flag.lstrip("-").replace("-", "_")] = env
             default = _env(env, default)
             help = f"{help} [{env}]" if help else f"[{env}]"
         p.add_argument(flag, default=default, help=help, **kw)
 
-    add("--policy", "GATEWAY_POLICY", d.policy, type=Path,
-        help="policy file (default rbac.yaml)")
-    add("--upstream", "GATEWAY_UPSTREAM", d.upstream,
-        help="upstream base URL (default %(default)s)")
+    add("--policy", "GATEWAY_POLICY", d.policy, type=Path, help="policy file (default rbac.yaml)")
+    add(
+        "--upstream", "GATEWAY_UPSTREAM", d.upstream, help="upstream base URL (default %(default)s)"
+    )
     add("--host", "GATEWAY_HOST", d.host, help="listen address (default %(default)s)")
     add("--port", "GATEWAY_PORT", d.port, help="listen port, 0 for any free one (default 8080)")
-    add("--workers", "GATEWAY_WORKERS", d.workers,
-        help="worker processes sharing the port (default 1)")
-    add("--reuse-port", dest="reuse_port", action="store_true", default=None,
+    add(
+        "--workers",
+        "GATEWAY_WORKERS",
+        d.workers,
+        help="worker processes sharing the port (default 1)",
+    )
+    add(
+        "--reuse-port",
+        dest="reuse_port",
+        action="store_true",
+        default=None,
         help="share host:port with another process on purpose (SO_REUSEPORT); without it a "
-             "port in use is refused [GATEWAY_REUSE_PORT=true]")
-    add("--watch", dest="watch", action="store_true",
-        help="reload when the policy file changes (the default) [GATEWAY_WATCH=true]")
-    add("--no-watch", dest="watch", action="store_false",
+        "port in use is refused [GATEWAY_REUSE_PORT=true]",
+    )
+    add(
+        "--watch",
+        dest="watch",
+        action="store_true",
+        help="reload when the policy file changes (the default) [GATEWAY_WATCH=true]",
+    )
+    add(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
         help="do not watch the policy file; reload on SIGHUP or POST /-/reload only "
-             "[GATEWAY_WATCH=false]")
-    add("--watch-interval", "GATEWAY_WATCH_INTERVAL", d.watch_interval,
-        help="seconds between policy file checks, above 0 (default 1)")
-    add("--audit-log", "GATEWAY_AUDIT_LOG", d.audit_log,
-        help="audit log file, '-' for stdout, 'off' for none (default -)")
-    add("--upstream-timeout", "GATEWAY_UPSTREAM_TIMEOUT", d.upstream_timeout,
-        help="seconds to wait for upstream data before 504, above 0 (default 30)")
-    add("--connect-timeout", "GATEWAY_CONNECT_TIMEOUT", d.connect_timeout,
-        help="seconds to wait for an upstream connection, above 0 (default 5)")
-    add("--upstream-health", "GATEWAY_UPSTREAM_HEALTH", d.upstream_health,
-        help="upstream path probed by /-/ready (default /healthz)")
-    add("--max-body", "GATEWAY_MAX_BODY", d.max_body,
-        help="largest request body in bytes (default 10 MiB)")
-    add("--throttle-delay", "GATEWAY_THROTTLE_DELAY", d.throttle_delay,
-        help="seconds a client in login back-off waits for its 429 (default 1)")
-    add("--trusted-proxy", "GATEWAY_TRUSTED_PROXIES", "",
-        help="comma-separated CIDRs whose X-Forwarded-For is believed")
+        "[GATEWAY_WATCH=false]",
+    )
+    add(
+        "--watch-interval",
+        "GATEWAY_WATCH_INTERVAL",
+        d.watch_interval,
+        help="seconds between policy file checks, above 0 (default 1)",
+    )
+    add(
+        "--audit-log",
+        "GATEWAY_AUDIT_LOG",
+        d.audit_log,
+        help="audit log file, '-' for stdout, 'off' for none (default -)",
+    )
+    add(
+        "--upstream-timeout",
+        "GATEWAY_UPSTREAM_TIMEOUT",
+        d.upstream_timeout,
+        help="seconds to wait for upstream data before 504, above 0 (default 30)",
+    )
+    add(
+        "--connect-timeout",
+        "GATEWAY_CONNECT_TIMEOUT",
+        d.connect_timeout,
+        help="seconds to wait for an upstream connection, above 0 (default 5)",
+    )
+    add(
+        "--upstream-health",
+        "GATEWAY_UPSTREAM_HEALTH",
+        d.upstream_health,
+        help="upstream path probed by /-/ready (default /healthz)",
+    )
+    add(
+        "--max-body",
+        "GATEWAY_MAX_BODY",
+        d.max_body,
+        help="largest request body in bytes (default 10 MiB)",
+    )
+    add(
+        "--throttle-delay",
+        "GATEWAY_THROTTLE_DELAY",
+        d.throttle_delay,
+        help="seconds a client in login back-off waits for its 429 (default 1)",
+    )
+    add(
+        "--trusted-proxy",
+        "GATEWAY_TRUSTED_PROXIES",
+        "",
+        help="comma-separated CIDRs whose X-Forwarded-For is believed",
+    )
     add("--tls-cert", "GATEWAY_TLS_CERT", None, help="PEM certificate for TLS")
     add("--tls-key", "GATEWAY_TLS_KEY", None, help="PEM private key for TLS")
-    add("--header-timeout", "GATEWAY_HEADER_TIMEOUT", d.header_timeout,
-        help="seconds a client has to send a request head, else 408 (default 10)")
-    add("--keepalive-timeout", "GATEWAY_KEEPALIVE_TIMEOUT", d.keepalive_timeout,
-        help="seconds an idle keep-alive connection is kept open (default 75)")
-    add("--body-timeout", "GATEWAY_BODY_TIMEOUT", d.body_timeout,
-        help="seconds a whole request body may take, else 408 (default 60)")
-    add("--min-upload-rate", "GATEWAY_MIN_UPLOAD_RATE", d.min_upload_rate,
+    add(
+        "--header-timeout",
+        "GATEWAY_HEADER_TIMEOUT",
+        d.header_timeout,
+        help="seconds a client has to send a request head, else 408 (default 10)",
+    )
+    add(
+        "--keepalive-timeout",
+        "GATEWAY_KEEPALIVE_TIMEOUT",
+        d.keepalive_timeout,
+        help="seconds an idle keep-alive connection is kept open (default 75)",
+    )
+    add(
+        "--body-timeout",
+        "GATEWAY_BODY_TIMEOUT",
+        d.body_timeout,
+        help="seconds a whole request body may take, else 408 (default 60)",
+    )
+    add(
+        "--min-upload-rate",
+        "GATEWAY_MIN_UPLOAD_RATE",
+        d.min_upload_rate,
         help="bytes/s a request body must average after its first 2 s, else 408; 0 disables"
-             " (default 1024)")
-    add("--max-connections", "GATEWAY_MAX_CONNECTIONS", d.max_connections,
+        " (default 1024)",
+    )
+    add(
+        "--max-connections",
+        "GATEWAY_MAX_CONNECTIONS",
+        d.max_connections,
         help="client connections per process; at the cap the longest-idle connection or the"
-             " slowest head is closed (default 0: from the open-file limit)")
-    add("--pool-size", "GATEWAY_POOL_SIZE", d.pool_size,
-        help="upstream connections per process (default 256); uploads may hold half")
-    add("--shutdown-grace", "GATEWAY_SHUTDOWN_GRACE", d.shutdown_grace,
-        help="seconds requests in flight get to finish on SIGTERM (default 35)")
-    add("--server", "GATEWAY_SERVER", "httptools",
-        help="removed: the gateway has one HTTP server (see docs/SECURITY.md)")
-    add("--mode", "GATEWAY_MODE", d.mode, choices=["proxy", "decide"],
+        " slowest head is closed (default 0: from the open-file limit)",
+    )
+    add(
+        "--pool-size",
+        "GATEWAY_POOL_SIZE",
+        d.pool_size,
+        help="upstream connections per process (default 256); uploads may hold half",
+    )
+    add(
+        "--shutdown-grace",
+        "GATEWAY_SHUTDOWN_GRACE",
+        d.shutdown_grace,
+        help="seconds requests in flight get to finish on SIGTERM (default 35)",
+    )
+    add(
+        "--server",
+        "GATEWAY_SERVER",
+        "httptools",
+        help="removed: the gateway has one HTTP server (see docs/SECURITY.md)",
+    )
+    add(
+        "--mode",
+        "GATEWAY_MODE",
+        d.mode,
+        choices=["proxy", "decide"],
         help="proxy: authorize and forward (default); decide: answer the check requests of a"
-             " front proxy (nginx auth_request, Caddy forward_auth, Traefik, Envoy), never"
-             " forward")
-    add("--decision-prefix", "GATEWAY_DECISION_PREFIX", d.decision_prefix,
+        " front proxy (nginx auth_request, Caddy forward_auth, Traefik, Envoy), never"
+        " forward",
+    )
+    add(
+        "--decision-prefix",
+        "GATEWAY_DECISION_PREFIX",
+        d.decision_prefix,
         help="path of the check requests in decision mode; Envoy appends the original path"
-             " to it (default /-/decide)")
-    add("--log-level", "GATEWAY_LOG_LEVEL", d.log_level,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
-        help="least severe log level written to stderr (default INFO)")
+        " to it (default /-/decide)",
+    )
+    add(
+        "--log-level",
+        "GATEWAY_LOG_LEVEL",
+        d.log_level,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="least severe log level written to stderr (default INFO)",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
@@ -284,15 +389,28 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     port = conv("port", _at_least(_integer, 0, 65535), args.port)
     workers = conv("workers", _at_least(_integer, 1), args.workers)
     if args.server not in ("httptools", "fast"):
-        fail("server", f"{args.server}: the aiohttp server mode was removed (it decoded "
-                       "compressed request bodies: docs/SECURITY.md); omit --server")
+        fail(
+            "server",
+            f"{args.server}: the aiohttp server mode was removed (it decoded "
+            "compressed request bodies: docs/SECURITY.md); omit --server",
+        )
     if args.mode == "decide" and not str(args.trusted_proxy).strip(", "):
-        fail("mode", "--mode decide needs --trusted-proxy: the proxies whose check requests "
-                     "are believed")
+        fail(
+            "mode",
+            "--mode decide needs --trusted-proxy: the proxies whose check requests are believed",
+        )
     if not _DECISION_PREFIX.fullmatch(args.decision_prefix) or args.decision_prefix in (
-            "/-/healthz", "/-/ready", "/-/status", "/-/metrics", "/-/reload"):
-        fail("decision_prefix", f"a path like /-/decide (no trailing '/', no '.' segments, "
-                                f"not a gateway endpoint): {args.decision_prefix!r}")
+        "/-/healthz",
+        "/-/ready",
+        "/-/status",
+        "/-/metrics",
+        "/-/reload",
+    ):
+        fail(
+            "decision_prefix",
+            f"a path like /-/decide (no trailing '/', no '.' segments, "
+            f"not a gateway endpoint): {args.decision_prefix!r}",
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
         fail("tls_cert", "--tls-cert and --tls-key go together")
     if args.tls_cert:
@@ -303,8 +421,13 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         except SettingsError as exc:
             fail("tls_cert", str(exc))
     return Settings(
-        policy=Path(args.policy), upstream=conv("upstream", _upstream, args.upstream),
-        host=args.host, port=port, workers=workers, reuse_port=reuse_port, watch=watch,
+        policy=Path(args.policy),
+        upstream=conv("upstream", _upstream, args.upstream),
+        host=args.host,
+        port=port,
+        workers=workers,
+        reuse_port=reuse_port,
+        watch=watch,
         watch_interval=conv("watch_interval", _above_zero, args.watch_interval),
         audit_log=conv("audit_log", _audit_log, args.audit_log),
         upstream_timeout=conv("upstream_timeout", _above_zero, args.upstream_timeout),
@@ -313,7 +436,9 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         max_body=conv("max_body", _positive(_integer), args.max_body),
         throttle_delay=conv("throttle_delay", _positive(_number), args.throttle_delay),
         trusted_proxies=conv("trusted_proxy", _networks, args.trusted_proxy),
-        tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        log_level=args.log_level,
         header_timeout=conv("header_timeout", _above_zero, args.header_timeout),
         keepalive_timeout=conv("keepalive_timeout", _above_zero, args.keepalive_timeout),
         body_timeout=conv("body_timeout", _above_zero, args.body_timeout),
@@ -321,7 +446,9 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         max_connections=conv("max_connections", _positive(_integer), args.max_connections),
         pool_size=conv("pool_size", _at_least(_integer, 1), args.pool_size),
         shutdown_grace=conv("shutdown_grace", _positive(_number), args.shutdown_grace),
-        mode=args.mode, decision_prefix=args.decision_prefix)
+        mode=args.mode,
+        decision_prefix=args.decision_prefix,
+    )
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:

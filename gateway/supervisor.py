@@ -63,13 +63,14 @@ RESTARTS_ENV = "GATEWAY_WORKER_RESTARTS"
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
-BACKOFF_RESET_AFTER = 10.0   # a worker that lived this long was healthy: next delay is 0.1 s
-STOP_GRACE = 40.0            # > the workers' own drain (upstream timeout 30 s + margin)
+BACKOFF_RESET_AFTER = 10.0  # a worker that lived this long was healthy: next delay is 0.1 s
+STOP_GRACE = 40.0  # > the workers' own drain (upstream timeout 30 s + margin)
 
 _PR_SET_PDEATHSIG = 1
 
 
 # -- the port ------------------------------------------------------------------------------
+
 
 def check_port(settings: Settings) -> str | None:
     """None when ``settings.host:port`` is free (or sharing was asked for); else the refusal.
@@ -88,13 +89,16 @@ def check_port(settings: Settings) -> str | None:
             probe.bind((settings.host, settings.port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return (f"gateway: {settings.host}:{settings.port} is already in use (another "
-                        "gateway?); refusing to start (--reuse-port to share it on purpose)")
+                return (
+                    f"gateway: {settings.host}:{settings.port} is already in use (another "
+                    "gateway?); refusing to start (--reuse-port to share it on purpose)"
+                )
             return f"gateway: cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
     return None
 
 
 # -- settings handed to workers ------------------------------------------------------------
+
 
 def encode_settings(settings: Settings) -> str:
     """Settings as JSON for a worker's environment (Paths and networks as strings)."""
@@ -128,6 +132,7 @@ def decode_settings(text: str) -> Settings:
 
 # -- the worker's side ---------------------------------------------------------------------
 
+
 def worker_settings() -> Settings | None:
     """In a worker: arm the parent-death signal and return the supervisor's Settings.
 
@@ -139,16 +144,15 @@ def worker_settings() -> Settings | None:
     if text is None or supervisor is None:
         return None
     _die_with_parent()
-    if os.getppid() != int(supervisor):   # it died before the death signal was armed
-        print("gateway worker: supervisor gone before the worker started; exiting",
-              file=sys.stderr)
+    if os.getppid() != int(supervisor):  # it died before the death signal was armed
+        print("gateway worker: supervisor gone before the worker started; exiting", file=sys.stderr)
         sys.exit(1)
     return decode_settings(text)
 
 
 def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
-        return   # the pipe watched by watch_parent() is the only mechanism there
+        return  # the pipe watched by watch_parent() is the only mechanism there
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
@@ -177,7 +181,7 @@ def watch_parent(loop: asyncio.AbstractEventLoop, on_gone: Callable[[], object])
             return
         except OSError:
             data = b""
-        if not data:   # the supervisor never writes: only EOF (its death) wakes us
+        if not data:  # the supervisor never writes: only EOF (its death) wakes us
             loop.remove_reader(fd)
             log.warning("supervisor %s is gone; stopping", os.environ.get(WORKER_ENV))
             on_gone()
@@ -190,12 +194,15 @@ def worker_status() -> dict[str, int] | None:
     """For ``/-/status`` in a worker: supervisor pid, slot, restarts done before it started."""
     if WORKER_ENV not in os.environ:
         return None
-    return {"supervisor": int(os.environ[WORKER_ENV]),
-            "slot": int(os.environ.get(SLOT_ENV, "0")),
-            "restarts": int(os.environ.get(RESTARTS_ENV, "0"))}
+    return {
+        "supervisor": int(os.environ[WORKER_ENV]),
+        "slot": int(os.environ.get(SLOT_ENV, "0")),
+        "restarts": int(os.environ.get(RESTARTS_ENV, "0")),
+    }
 
 
 # -- the supervisor ------------------------------------------------------------------------
+
 
 def supervise(settings: Settings, grace: float = STOP_GRACE) -> int:
     """Start ``settings.workers`` workers on one port and look after them until stopped."""
@@ -212,13 +219,16 @@ def supervise(settings: Settings, grace: float = STOP_GRACE) -> int:
         holder.bind((settings.host, settings.port))
     except OSError as exc:
         holder.close()
-        print(f"gateway: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
-              file=sys.stderr)
+        print(
+            f"gateway: cannot listen on {settings.host}:{settings.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 1
     port = holder.getsockname()[1]
     try:
-        return Supervisor(dataclasses.replace(settings, port=port, workers=1),
-                          settings.workers, grace).run()
+        return Supervisor(
+            dataclasses.replace(settings, port=port, workers=1), settings.workers, grace
+        ).run()
     finally:
         holder.close()
 
@@ -231,10 +241,10 @@ class Supervisor:
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * count
         self.started = [0.0] * count
         self.delay = [BACKOFF_FIRST] * count
-        self.due: dict[int, float] = {}           # slot -> when to restart it
+        self.due: dict[int, float] = {}  # slot -> when to restart it
         self.restarts = 0
         self.grace = grace
-        self.stopping: float | None = None        # deadline for the workers to exit
+        self.stopping: float | None = None  # deadline for the workers to exit
         self._signals: list[int] = []
         self._death_r, self._death_w = os.pipe()  # workers inherit the read end only
 
@@ -248,8 +258,13 @@ class Supervisor:
         try:
             for slot in range(len(self.procs)):
                 self._start(slot)
-            log.info("gateway supervisor %d: %d workers on %s:%d", os.getpid(),
-                     len(self.procs), self.worker_settings.host, self.worker_settings.port)
+            log.info(
+                "gateway supervisor %d: %d workers on %s:%d",
+                os.getpid(),
+                len(self.procs),
+                self.worker_settings.host,
+                self.worker_settings.port,
+            )
             while not (self.stopping is not None and self._all_gone()):
                 self._step()
                 timeout = self._timeout()
@@ -266,8 +281,7 @@ class Supervisor:
                 signal.signal(s, h)
             for fd in (wake_r, wake_w, self._death_r, self._death_w):
                 os.close(fd)
-        log.info("gateway supervisor %d stopped (%d worker restarts)", os.getpid(),
-                 self.restarts)
+        log.info("gateway supervisor %d stopped (%d worker restarts)", os.getpid(), self.restarts)
         return 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -288,8 +302,12 @@ class Supervisor:
                     del self.due[slot]
                     self.restarts += 1
                     self._start(slot)
-                    log.info("worker slot %d restarted as pid %d (restart #%d)", slot,
-                             self._pid(slot), self.restarts)
+                    log.info(
+                        "worker slot %d restarted as pid %d (restart #%d)",
+                        slot,
+                        self._pid(slot),
+                        self.restarts,
+                    )
         elif now >= self.stopping:
             self._kill_all("did not stop within the grace period")
 
@@ -299,16 +317,22 @@ class Supervisor:
             return max(0.0, min(self.stopping - now, 0.5))
         if self.due:
             return max(0.0, min(self.due.values()) - now)
-        return None   # SIGCHLD wakes us
+        return None  # SIGCHLD wakes us
 
     def _start(self, slot: int) -> None:
         env = dict(os.environ)
-        env.update({WORKER_ENV: str(os.getpid()),
-                    SETTINGS_ENV: encode_settings(self.worker_settings),
-                    PARENT_FD_ENV: str(self._death_r), SLOT_ENV: str(slot),
-                    RESTARTS_ENV: str(self.restarts)})
-        self.procs[slot] = subprocess.Popen([sys.executable, "-m", "gateway", "serve"],
-                                            env=env, pass_fds=(self._death_r,))
+        env.update(
+            {
+                WORKER_ENV: str(os.getpid()),
+                SETTINGS_ENV: encode_settings(self.worker_settings),
+                PARENT_FD_ENV: str(self._death_r),
+                SLOT_ENV: str(slot),
+                RESTARTS_ENV: str(self.restarts),
+            }
+        )
+        self.procs[slot] = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve"], env=env, pass_fds=(self._death_r,)
+        )
         self.started[slot] = time.monotonic()
 
     def _pid(self, slot: int) -> int:
@@ -321,7 +345,7 @@ class Supervisor:
                 continue
             self.procs[slot] = None
             code = p.returncode
-            how = (f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             if self.stopping is not None:
                 log.info("worker %d (slot %d) stopped: %s", p.pid, slot, how)
                 continue
@@ -331,15 +355,25 @@ class Supervisor:
             delay = self.delay[slot]
             self.delay[slot] = min(delay * 2, BACKOFF_MAX)
             self.due[slot] = time.monotonic() + delay
-            log.warning("worker %d (slot %d) died after %.1f s: %s; restarting in %.1f s",
-                        p.pid, slot, lived, how, delay)
+            log.warning(
+                "worker %d (slot %d) died after %.1f s: %s; restarting in %.1f s",
+                p.pid,
+                slot,
+                lived,
+                how,
+                delay,
+            )
 
     def _stop(self, signum: int) -> None:
-        if self.stopping is not None:   # asked twice: do not wait any longer
+        if self.stopping is not None:  # asked twice: do not wait any longer
             self._kill_all(f"{signal.Signals(signum).name} received again")
             return
-        log.info("gateway supervisor %d: %s, stopping %d workers", os.getpid(),
-                 signal.Signals(signum).name, sum(p is not None for p in self.procs))
+        log.info(
+            "gateway supervisor %d: %s, stopping %d workers",
+            os.getpid(),
+            signal.Signals(signum).name,
+            sum(p is not None for p in self.procs),
+        )
         self.stopping = time.monotonic() + self.grace
         self.due.clear()
         self._send_all(signal.SIGTERM)

@@ -47,9 +47,7 @@ def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> argpar
     parser = argparse.ArgumentParser(
         prog=f"python -m {PROG}", description="Inventory REST service over SQLite."
     )
-    parser.add_argument(
-        "--db", type=Path, help="SQLite file (env INVENTORY_DB; data/inventory.db)"
-    )
+    parser.add_argument("--db", type=Path, help="SQLite file (env INVENTORY_DB; data/inventory.db)")
     parser.add_argument("--host", help="address to listen on (env INVENTORY_HOST; 127.0.0.1)")
     parser.add_argument(
         "--port", type=_port, help="TCP port, 0 for any free one (env INVENTORY_PORT; 8081)"
@@ -101,9 +99,7 @@ async def _serve(db: Path, host: str, port: int) -> None:
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(
-        create_app(db), handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT
-    )
+    runner = web.AppRunner(create_app(db), handle_signals=False, shutdown_timeout=_SHUTDOWN_TIMEOUT)
     try:
         await runner.setup()  # opens the database
         try:

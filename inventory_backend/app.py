@@ -79,9 +79,7 @@ def create_app(
     return app
 
 
-def _database(
-    path: Path, busy_timeout: float
-) -> Callable[[web.Application], AsyncIterator[None]]:
+def _database(path: Path, busy_timeout: float) -> Callable[[web.Application], AsyncIterator[None]]:
     async def database(app: web.Application) -> AsyncIterator[None]:
         inventory = await Inventory.open(path, busy_timeout=busy_timeout)
         app[INVENTORY] = inventory
@@ -110,9 +108,7 @@ async def _get_items(request: web.Request) -> web.Response:
             _query_param(request, "limit"), _query_param(request, "offset")
         )
         items, total = await inventory.page(limit, offset)
-        return web.json_response(
-            {"items": items, "limit": limit, "offset": offset, "total": total}
-        )
+        return web.json_response({"items": items, "limit": limit, "offset": offset, "total": total})
     record = await inventory.get(name)
     if record is None:
         raise NotFound(f"no item named {name!r}")

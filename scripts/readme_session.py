@@ -45,8 +45,10 @@ GATEWAY_PORT, BACKEND_PORT = "8080", "8081"
 COMMAND_TIMEOUT = 20.0
 
 _NORMALISE = [
-    (re.compile(r"Date: [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT"),
-     "Date: <date>"),
+    (
+        re.compile(r"Date: [A-Z][a-z]{2}, \d\d [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d GMT"),
+        "Date: <date>",
+    ),
     (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z"), "<time>"),
     (re.compile(r"\b[0-9a-f]{64}\b"), "<sha256>"),
     (re.compile(r"\b[0-9a-f]{12}\b"), "<sha12>"),
@@ -58,13 +60,13 @@ _NORMALISE = [
 @dataclass
 class Step:
     command: str
-    output: str          # expected (from the README) or actual
+    output: str  # expected (from the README) or actual
 
 
 @dataclass
 class Block:
-    start: int           # index of the opening fence line in the README's lines
-    end: int             # index of the closing fence line
+    start: int  # index of the opening fence line in the README's lines
+    end: int  # index of the closing fence line
     steps: list[Step]
 
 
@@ -91,7 +93,7 @@ def parse(readme: str) -> list[Block]:
             while end < len(lines) and lines[end].rstrip() != "```":
                 end += 1
             steps: list[Step] = []
-            for line in lines[start + 1:end]:
+            for line in lines[start + 1 : end]:
                 if line.startswith("$ "):
                     steps.append(Step(line[2:], ""))
                 elif steps:
@@ -104,31 +106,42 @@ def parse(readme: str) -> list[Block]:
     return blocks
 
 
-def run_step(command: str, cwd: Path, gateway: str, backend: str | None,
-             env: dict[str, str]) -> str:
+def run_step(
+    command: str, cwd: Path, gateway: str, backend: str | None, env: dict[str, str]
+) -> str:
     """Run one README command against ``gateway`` (http://host:port); its output with the
     ports put back as the README writes them."""
     g_host = gateway.split("://", 1)[1]
     cmd = command.replace(f"127.0.0.1:{GATEWAY_PORT}", g_host)
     if backend:
         cmd = cmd.replace(f"127.0.0.1:{BACKEND_PORT}", backend.split("://", 1)[1])
-    proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, env=env, timeout=COMMAND_TIMEOUT)
+    proc = subprocess.run(
+        ["bash", "-c", cmd],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        timeout=COMMAND_TIMEOUT,
+    )
     out = proc.stdout.decode("utf-8", "replace").replace("\r\n", "\n")
     out = out.replace(g_host, f"127.0.0.1:{GATEWAY_PORT}")
     if backend:
         out = out.replace(backend.split("://", 1)[1], f"127.0.0.1:{BACKEND_PORT}")
     if out and not out.endswith("\n"):
-        out += "\n"        # a body without a newline: the README puts the next $ below it
+        out += "\n"  # a body without a newline: the README puts the next $ below it
     return out
 
 
-def run_block(block: Block, cwd: Path, gateway: str, backend: str | None = None,
-              env: dict[str, str] | None = None) -> list[Step]:
+def run_block(
+    block: Block,
+    cwd: Path,
+    gateway: str,
+    backend: str | None = None,
+    env: dict[str, str] | None = None,
+) -> list[Step]:
     # PYTHONUNBUFFERED: stdout and stderr interleave as on a terminal
     env = {**os.environ, "GATEWAY_URL": gateway, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return [Step(s.command, run_step(s.command, cwd, gateway, backend, env))
-            for s in block.steps]
+    return [Step(s.command, run_step(s.command, cwd, gateway, backend, env)) for s in block.steps]
 
 
 def differences(block: Block, actual: list[Step], where: str = "README.md") -> list[str]:
@@ -137,8 +150,9 @@ def differences(block: Block, actual: list[Step], where: str = "README.md") -> l
     for want, got in zip(block.steps, actual):
         a, b = normalise(want.output), normalise(got.output)
         if a != b:
-            diff = "\n".join(difflib.unified_diff(a.split("\n"), b.split("\n"),
-                                                  "README", "actual", lineterm=""))
+            diff = "\n".join(
+                difflib.unified_diff(a.split("\n"), b.split("\n"), "README", "actual", lineterm="")
+            )
             problems.append(f"{where}:{block.start + 1}: $ {want.command}\n{diff}")
     return problems
 
@@ -154,8 +168,9 @@ class Service:
     def __init__(self, args: list[str], log: Path, cwd: Path) -> None:
         self.log = log
         self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=self._fh,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, *args], cwd=cwd, stdout=self._fh, stderr=subprocess.STDOUT
+        )
         self.url = ""
 
     def wait(self, health: str, timeout: float = 30.0) -> None:
@@ -203,14 +218,31 @@ def scratch_checkout(tmp: Path) -> Path:
 def run_all(readme: str, tmp: Path) -> tuple[list[Block], list[list[Step]], str]:
     """Start the stack, run every session; the blocks, their outputs and the gateway log."""
     work = scratch_checkout(tmp)
-    backend = Service(["-m", "inventory_backend", "--port", "0", "--db",
-                       str(tmp / "inventory.db")], tmp / "backend.log", ROOT)
+    backend = Service(
+        ["-m", "inventory_backend", "--port", "0", "--db", str(tmp / "inventory.db")],
+        tmp / "backend.log",
+        ROOT,
+    )
     gateway = None
     try:
         backend.wait("/healthz")
-        gateway = Service(["-m", "gateway", "serve", "--port", "0", "--upstream", backend.url,
-                           "--policy", "rbac.yaml", "--watch-interval", "600"],
-                          tmp / "gateway.log", work)      # audit lines on stdout, as make run
+        gateway = Service(
+            [
+                "-m",
+                "gateway",
+                "serve",
+                "--port",
+                "0",
+                "--upstream",
+                backend.url,
+                "--policy",
+                "rbac.yaml",
+                "--watch-interval",
+                "600",
+            ],
+            tmp / "gateway.log",
+            work,
+        )  # audit lines on stdout, as make run
         gateway.wait("/-/healthz")
         blocks = parse(readme)
         outputs = [run_block(b, work, gateway.url, backend.url) for b in blocks]
@@ -228,17 +260,23 @@ def rewrite(readme: str, blocks: list[Block], outputs: list[list[Step]]) -> str:
         for s in steps:
             body.append(f"$ {s.command}")
             body.extend(s.output.rstrip("\n").split("\n") if s.output.strip() else [])
-        lines[block.start + 1:block.end] = body
+        lines[block.start + 1 : block.end] = body
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--update", action="store_true",
-                    help="rewrite the README's session blocks with the real output")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="rewrite the README's session blocks with the real output",
+    )
     ap.add_argument("--readme", type=Path, default=README)
-    ap.add_argument("--show-log", action="store_true",
-                    help="print the gateway's output (server log and audit lines) at the end")
+    ap.add_argument(
+        "--show-log",
+        action="store_true",
+        help="print the gateway's output (server log and audit lines) at the end",
+    )
     args = ap.parse_args(argv)
     readme = args.readme.read_text()
     with tempfile.TemporaryDirectory(prefix="readme-session-") as tmp:
@@ -256,12 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
-        print(f"{len(problems)} README commands print something else now; fix the README or "
-              f"run {Path(__file__).relative_to(ROOT)} --update and review the diff",
-              file=sys.stderr)
+        print(
+            f"{len(problems)} README commands print something else now; fix the README or "
+            f"run {Path(__file__).relative_to(ROOT)} --update and review the diff",
+            file=sys.stderr,
+        )
         return 1
-    print(f"{args.readme.name}: {sum(len(b.steps) for b in blocks)} commands in "
-          f"{len(blocks)} sessions match")
+    print(
+        f"{args.readme.name}: {sum(len(b.steps) for b in blocks)} commands in "
+        f"{len(blocks)} sessions match"
+    )
     return 0
 
 

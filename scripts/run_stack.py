@@ -42,22 +42,31 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         services = [
-            (["-m", "inventory_backend", "--port", backend_port],
-             f"http://127.0.0.1:{backend_port}/healthz", "the inventory backend"),
-            (["-m", "gateway", "serve", "--port", gateway_port],
-             f"http://127.0.0.1:{gateway_port}/-/healthz", "the gateway"),
+            (
+                ["-m", "inventory_backend", "--port", backend_port],
+                f"http://127.0.0.1:{backend_port}/healthz",
+                "the inventory backend",
+            ),
+            (
+                ["-m", "gateway", "serve", "--port", gateway_port],
+                f"http://127.0.0.1:{gateway_port}/-/healthz",
+                "the gateway",
+            ),
         ]
         for args, health, name in services:
-            proc = subprocess.Popen([sys.executable, *args], env=env,
-                                    preexec_fn=_default_sigint)
+            proc = subprocess.Popen([sys.executable, *args], env=env, preexec_fn=_default_sigint)
             procs.append(proc)
             if not wait_healthy(health, proc, time.monotonic() + 20):
                 print(f"run: {name} did not start (see its messages above)", file=sys.stderr)
                 return 1
-        print(f"\nrbac-gateway on http://127.0.0.1:{gateway_port} -> inventory backend on "
-              f"http://127.0.0.1:{backend_port}. Ctrl-C stops both.\n"
-              f"  curl -u sales:imsales 'http://127.0.0.1:{gateway_port}/api/inventory"
-              "?name=X-Men+1+(1991)'\n", file=sys.stderr, flush=True)
+        print(
+            f"\nrbac-gateway on http://127.0.0.1:{gateway_port} -> inventory backend on "
+            f"http://127.0.0.1:{backend_port}. Ctrl-C stops both.\n"
+            f"  curl -u sales:imsales 'http://127.0.0.1:{gateway_port}/api/inventory"
+            "?name=X-Men+1+(1991)'\n",
+            file=sys.stderr,
+            flush=True,
+        )
         signal.signal(signal.SIGTERM, lambda *_: _stop(procs))
         signal.signal(signal.SIGINT, lambda *_: _stop(procs))
         while all(p.poll() is None for p in procs):

@@ -23,16 +23,18 @@ from gateway.settings import Settings
 from tests.helpers import policy_doc, write_policy
 
 
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
-                                  ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """In-process tests run on uvloop, the loop the gateway runs on."""
     return {"uvloop": uvloop.new_event_loop}
 
 
-TEST_ROLE = {"description": "test-only: everything under /test",
-             "allow": [{"methods": ["*"], "paths": ["/test/**"]}]}
-EXTRA_USERS = {"tester": ("testerpw", ["tester"]),
-               "colon": ("pa:ss:word", ["sales"])}
+TEST_ROLE = {
+    "description": "test-only: everything under /test",
+    "allow": [{"methods": ["*"], "paths": ["/test/**"]}],
+}
+EXTRA_USERS = {"tester": ("testerpw", ["tester"]), "colon": ("pa:ss:word", ["sales"])}
 
 
 @dataclass
@@ -59,7 +61,7 @@ def make_upstream_app(up: Upstream) -> web.Application:
     async def echo(request: web.Request) -> web.StreamResponse:
         path = request.raw_path
         if path.startswith("/test/slow"):
-            await asyncio.sleep(5)   # simulates a slow upstream (not synchronization)
+            await asyncio.sleep(5)  # simulates a slow upstream (not synchronization)
         if path.startswith("/test/upload"):
             # Count what arrives before the client finished sending: proves streaming.
             total = 0
@@ -69,8 +71,11 @@ def make_upstream_app(up: Upstream) -> web.Application:
                 if first:
                     first = False
                     up.events.setdefault("upload_started", asyncio.Event()).set()
-            up.seen.append(Seen(request.method, path, dict(request.headers),
-                                list(request.headers.items()), b""))
+            up.seen.append(
+                Seen(
+                    request.method, path, dict(request.headers), list(request.headers.items()), b""
+                )
+            )
             return web.json_response({"received": total})
         if path.startswith("/test/download"):
             resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
@@ -82,13 +87,18 @@ def make_upstream_app(up: Upstream) -> web.Application:
             await resp.write_eof()
             return resp
         body = await request.read()
-        up.seen.append(Seen(request.method, path, dict(request.headers),
-                            list(request.headers.items()), body))
+        up.seen.append(
+            Seen(request.method, path, dict(request.headers), list(request.headers.items()), body)
+        )
         return web.json_response(
             {"method": request.method, "path": path, "body_len": len(body)},
-            headers={"Connection": "keep-alive, X-Upstream-Secret",
-                     "X-Upstream-Secret": "hop", "Keep-Alive": "timeout=5",
-                     "X-Upstream": "yes"})
+            headers={
+                "Connection": "keep-alive, X-Upstream-Secret",
+                "X-Upstream-Secret": "hop",
+                "Keep-Alive": "timeout=5",
+                "X-Upstream": "yes",
+            },
+        )
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("*", "/{tail:.*}", echo)
@@ -104,15 +114,21 @@ async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upst
 
 @pytest.fixture
 def policy_path(tmp_path: Path) -> Path:
-    return write_policy(tmp_path / "rbac.yaml",
-                        policy_doc(EXTRA_USERS, {"tester": TEST_ROLE}))
+    return write_policy(tmp_path / "rbac.yaml", policy_doc(EXTRA_USERS, {"tester": TEST_ROLE}))
 
 
 @pytest.fixture
 def settings(policy_path: Path, upstream: Upstream) -> Settings:
-    return Settings(policy=policy_path, upstream=upstream.url, watch=False,
-                    audit_log="off", handle_signals=False, upstream_timeout=1.0,
-                    connect_timeout=1.0, throttle_delay=0.0)
+    return Settings(
+        policy=policy_path,
+        upstream=upstream.url,
+        watch=False,
+        audit_log="off",
+        handle_signals=False,
+        upstream_timeout=1.0,
+        connect_timeout=1.0,
+        throttle_delay=0.0,
+    )
 
 
 class GatewayClient:
@@ -125,11 +141,10 @@ class GatewayClient:
         self.server = server
         self.host = host
         self.port = port
-        self.session = ClientSession(base_url=f"http://{host}:{port}",
-                                     auto_decompress=False)
+        self.session = ClientSession(base_url=f"http://{host}:{port}", auto_decompress=False)
 
     def make_url(self, path: str) -> URL:
-        return URL(f"http://{self.host}:{self.port}") .join(URL(path))
+        return URL(f"http://{self.host}:{self.port}").join(URL(path))
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         return self.session.request(method, path, **kwargs)
@@ -158,21 +173,27 @@ class GatewayClient:
         await self.gw.close()
 
 
-async def start_gateway(settings: Settings, *, audit: AuditLog | None = None,
-                        **overrides: Any) -> GatewayClient:
+async def start_gateway(
+    settings: Settings, *, audit: AuditLog | None = None, **overrides: Any
+) -> GatewayClient:
     """Build, start and serve a gateway in this event loop."""
     s = replace(settings, **overrides)
     gw = Gateway(s, audit=audit)
     await gw.start()
-    server = Server(gw.pipeline.handle, limits_of(s, raise_fd_limit()),
-                    on_refusal=lambda e: gw.metrics.rejections.labels(e.code).inc())
+    server = Server(
+        gw.pipeline.handle,
+        limits_of(s, raise_fd_limit()),
+        on_refusal=lambda e: gw.metrics.rejections.labels(e.code).inc(),
+    )
     gw.server = server
     host, port = await server.listen("127.0.0.1", 0)
     return GatewayClient(gw, server, host, port)
 
 
 @pytest.fixture
-async def make_gateway(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[GatewayClient]]]:
+async def make_gateway(
+    settings: Settings,
+) -> AsyncIterator[Callable[..., Awaitable[GatewayClient]]]:
     made: list[GatewayClient] = []
 
     async def make(*, audit: AuditLog | None = None, **overrides: Any) -> GatewayClient:
@@ -248,9 +269,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
 
 
 @pytest.fixture
-async def make_raw_gateway(settings: Settings, upstream: Upstream,
-                           make_gateway: Callable[..., Awaitable[GatewayClient]]
-                           ) -> Callable[..., Awaitable[RawGateway]]:
+async def make_raw_gateway(
+    settings: Settings, upstream: Upstream, make_gateway: Callable[..., Awaitable[GatewayClient]]
+) -> Callable[..., Awaitable[RawGateway]]:
     async def make(**overrides: Any) -> RawGateway:
         return RawGateway(await make_gateway(**overrides), upstream)
 
@@ -262,8 +283,13 @@ async def raw_gateway(make_raw_gateway) -> RawGateway:
     return await make_raw_gateway()
 
 
-def raw_get(target: str, headers: dict[str, str] | None = None, method: str = "GET",
-            body: bytes = b"", version: str = "HTTP/1.1") -> bytes:
+def raw_get(
+    target: str,
+    headers: dict[str, str] | None = None,
+    method: str = "GET",
+    body: bytes = b"",
+    version: str = "HTTP/1.1",
+) -> bytes:
     lines = [f"{method} {target} {version}", "Host: gateway.test"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if body:

@@ -30,8 +30,9 @@ PASSWORDS = {
 }
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0,
-                     interval: float = 0.01) -> None:
+async def eventually(
+    condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01
+) -> None:
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds.
     The one way tests wait for something that happens in the background."""
     loop = asyncio.get_running_loop()
@@ -42,8 +43,7 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0,
         await asyncio.sleep(interval)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0,
-               interval: float = 0.02) -> None:
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> None:
     """:func:`eventually` for code outside an event loop (integration tests)."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -61,8 +61,10 @@ def fast_hash(password: str) -> str:
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
 
 
-def policy_doc(extra_users: dict[str, tuple[str, list[str]]] | None = None,
-                    extra_roles: dict[str, Any] | None = None) -> dict[str, Any]:
+def policy_doc(
+    extra_users: dict[str, tuple[str, list[str]]] | None = None,
+    extra_roles: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The shipped policy with cost-4 hashes of the same passwords (fast tests), plus extras."""
     doc = yaml.safe_load(SHIPPED_POLICY.read_text())
     for name, password in PASSWORDS.items():
@@ -88,13 +90,18 @@ _LISTENING = re.compile(r"listening on (https?://[\d.]+:\d+)")
 class Process:
     """A real server process started by a test; stopped by PID in ``stop``."""
 
-    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None,
-                 cwd: Path = ROOT) -> None:
+    def __init__(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
         self.log = log
         self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, *args], stdout=self._fh,
-                                     stderr=subprocess.STDOUT, cwd=cwd,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=self._fh,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+        )
         self.url = ""
 
     @property
@@ -133,8 +140,9 @@ class Process:
         return self.proc.returncode
 
 
-def wait_for_status(url: str, status: int, timeout: float = 30.0,
-                    headers: dict[str, str] | None = None) -> None:
+def wait_for_status(
+    url: str, status: int, timeout: float = 30.0, headers: dict[str, str] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .connection import Connection
 
-_BODY_HIGH = 256 * 1024       # buffered body bytes before the socket stops being read
+_BODY_HIGH = 256 * 1024  # buffered body bytes before the socket stops being read
 _BODY_LOW = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -24,8 +24,18 @@ class Body:
     :class:`~gateway.errors.RequestTimeout` for one that came too slowly, and
     :class:`ConnectionResetError` when the client went away before its end."""
 
-    __slots__ = ("_conn", "_chunks", "_buffered", "_eof", "_exc", "_waiter", "received",
-                 "started_at", "_continue", "_paused")
+    __slots__ = (
+        "_conn",
+        "_chunks",
+        "_buffered",
+        "_eof",
+        "_exc",
+        "_waiter",
+        "received",
+        "started_at",
+        "_continue",
+        "_paused",
+    )
 
     def __init__(self, conn: Connection, expect_continue: bool, now: float) -> None:
         self._conn = conn

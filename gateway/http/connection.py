@@ -1,5 +1,8 @@
 """One client connection of the gateway's HTTP/1.1 server, on httptools (llhttp).
 
+Long because the parser callbacks, the pipelined-request queue, flow control and the deadline
+states are one state machine; split up, its invariants would be spread over several files.
+
 llhttp refuses what could be framed two ways (``Content-Length`` with ``Transfer-Encoding``,
 duplicate lengths, bad chunk sizes, obs-fold, bare LF, NUL and control characters); this layer
 adds the limits llhttp leaves to its user (header line size and count) and the deadlines:
@@ -39,11 +42,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_PIPELINE_PAUSE = 16          # queued requests before the socket stops being read
+_PIPELINE_PAUSE = 16  # queued requests before the socket stops being read
 _MAX_HEADERS = 100
 _AUTH_FIELD_LIMIT = 128 * 1024  # an oversize credential is a bad credential (401), up to this
-_MAX_HEAD_BYTES = 32 * 1024     # the whole header block (an oversize Authorization aside)
-_PIPELINE_MAX = 64              # queued requests past which a connection is refused
+_MAX_HEAD_BYTES = 32 * 1024  # the whole header block (an oversize Authorization aside)
+_PIPELINE_MAX = 64  # queued requests past which a connection is refused
 # RFC 9110 Host: reg-name or IP literal, optional port (a repeated Host joins with ", ": refused)
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -77,7 +80,7 @@ class Connection(asyncio.Protocol):
         self.draining = False
         self.state = _HEAD
         self.since = self.loop.time()
-        self.reading_paused = 0   # reasons the socket is not read (bit set)
+        self.reading_paused = 0  # reasons the socket is not read (bit set)
         self.relay_source: asyncio.Transport | None = None  # paused with our writes
         # the request being parsed
         self._url = b""
@@ -86,7 +89,7 @@ class Connection(asyncio.Protocol):
         self._body: Body | None = None
         self._error: GatewayError | None = None
         self._in_head = False
-        self.client_done = False       # the client half-closed (sent EOF)
+        self.client_done = False  # the client half-closed (sent EOF)
         self._host_ok: bytes | None = None  # the last Host value found valid here
 
     # -- asyncio.Protocol
@@ -105,7 +108,7 @@ class Connection(asyncio.Protocol):
         self.flow.connection_lost()
         relay = self.relay_source
         if relay is not None and not relay.is_closing():
-            relay.resume_reading()     # the relay must see that its client is gone
+            relay.resume_reading()  # the relay must see that its client is gone
         gone = ConnectionResetError("client disconnected")
         if self._body is not None:
             self._body.fail(gone)
@@ -129,7 +132,7 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.closing = True      # answer what was asked (Upgrade is not proxied), then close
+            self.closing = True  # answer what was asked (Upgrade is not proxied), then close
         except httptools.HttpParserError as exc:
             self._refuse(self._error or BadRequest(_parser_message(exc), code="framing"))
 
@@ -160,33 +163,43 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
-            return          # a chunked body's trailer: never a header of the request
+            return  # a chunked body's trailer: never a header of the request
         size = len(name) + len(value)
         h = self._headers
         if size > self.limits.max_header_bytes and (
-                size > _AUTH_FIELD_LIMIT or name.lower() != b"authorization"):
+            size > _AUTH_FIELD_LIMIT or name.lower() != b"authorization"
+        ):
             self._error = HeadersTooLarge(
                 f"header {name[:64].decode('latin-1')} is over {self.limits.max_header_bytes}"
-                " bytes", code="headers_too_large")
+                " bytes",
+                code="headers_too_large",
+            )
             raise self._error
         if len(h.raw) >= _MAX_HEADERS:
-            self._error = HeadersTooLarge(f"more than {_MAX_HEADERS} header lines",
-                                          code="headers_too_large")
+            self._error = HeadersTooLarge(
+                f"more than {_MAX_HEADERS} header lines", code="headers_too_large"
+            )
             raise self._error
-        if size <= self.limits.max_header_bytes:      # an oversize credential is not counted
+        if size <= self.limits.max_header_bytes:  # an oversize credential is not counted
             self._head_bytes += size
             if self._head_bytes > _MAX_HEAD_BYTES:
-                self._error = HeadersTooLarge(f"request header block over {_MAX_HEAD_BYTES} bytes",
-                                              code="headers_too_large")
+                self._error = HeadersTooLarge(
+                    f"request header block over {_MAX_HEAD_BYTES} bytes", code="headers_too_large"
+                )
                 raise self._error
         h.add(name, value)
 
     def on_headers_complete(self) -> None:
         p = self.parser
         headers = self._headers
-        req = Request(self, p.get_method().decode("ascii", "replace"),
-                      self._url.decode("latin-1"), headers,
-                      p.get_http_version() == "1.1", p.should_keep_alive())
+        req = Request(
+            self,
+            p.get_method().decode("ascii", "replace"),
+            self._url.decode("latin-1"),
+            headers,
+            p.get_http_version() == "1.1",
+            p.should_keep_alive(),
+        )
         length = headers.get_raw(b"content-length")
         now = self.loop.time()
         if length is not None:
@@ -197,22 +210,27 @@ class Connection(asyncio.Protocol):
             req.chunked = True
             req.body = Body(self, _expects_continue(headers, req.http11), now)
             if not req.http11:
-                req.keep_alive = False    # RFC 9112 6.1: close after a chunked 1.0 request
+                req.keep_alive = False  # RFC 9112 6.1: close after a chunked 1.0 request
         if len(self.queue) >= _PIPELINE_MAX:
-            self._error = BadRequest(f"more than {_PIPELINE_MAX} pipelined requests",
-                                     code="pipeline_depth")
+            self._error = BadRequest(
+                f"more than {_PIPELINE_MAX} pipelined requests", code="pipeline_depth"
+            )
             raise self._error
         if req.body is not None and headers.get_raw(b"upgrade") is not None:
             # llhttp stops at the head of an upgrade: its body would be lost, not forwarded.
-            self._error = BadRequest("a protocol upgrade with a request body is not accepted",
-                                     code="upgrade_body")
+            self._error = BadRequest(
+                "a protocol upgrade with a request body is not accepted", code="upgrade_body"
+            )
             raise self._error
         if req.http11:
             host = headers.get_raw(b"host")
-            if host is None or (host != self._host_ok and (
-                    not _HOST.fullmatch(host) or len(headers.getall_raw(b"host")) != 1)):
-                self._error = BadRequest("an HTTP/1.1 request needs exactly one valid Host "
-                                         "header", code="host")
+            if host is None or (
+                host != self._host_ok
+                and (not _HOST.fullmatch(host) or len(headers.getall_raw(b"host")) != 1)
+            ):
+                self._error = BadRequest(
+                    "an HTTP/1.1 request needs exactly one valid Host header", code="host"
+                )
                 raise self._error
             self._host_ok = host
         self._body = req.body
@@ -244,8 +262,12 @@ class Connection(asyncio.Protocol):
     def resume_reading(self, reason: int = 1) -> None:
         was = self.reading_paused
         self.reading_paused &= ~reason
-        if was and not self.reading_paused and self.transport is not None \
-                and not self.transport.is_closing():
+        if (
+            was
+            and not self.reading_paused
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
             self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
@@ -303,8 +325,7 @@ class Connection(asyncio.Protocol):
         """The byte stream can no longer be trusted: answer what came before, then this."""
         self.closing = True
         if self._body is not None:
-            self._body.fail(BadRequest(f"malformed request body: {error.message}",
-                                       code="framing"))
+            self._body.fail(BadRequest(f"malformed request body: {error.message}", code="framing"))
             self._body = None
         self.queue.append(_ParseFailure(error))
         if self.task is None:
@@ -345,17 +366,18 @@ class Connection(asyncio.Protocol):
         try:
             await self.flow.drain()
         except ConnectionError:
-            pass                       # gone already: closing is all that is left
+            pass  # gone already: closing is all that is left
 
     def _answer_failure(self, error: GatewayError) -> None:
         log.info("refused malformed request from %s: %s", self.remote, error.message)
         self.server.on_refusal(error)
         body = error_body(error.status, error.code, error.message)
         try:
-            self.write(b"%sContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n"
-                       b"Connection: close\r\n\r\n%s" % (
-                           status_line(error.status), JSON_TYPE.encode(), len(body),
-                           http_date(), body))
+            self.write(
+                b"%sContent-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n"
+                b"Connection: close\r\n\r\n%s"
+                % (status_line(error.status), JSON_TYPE.encode(), len(body), http_date(), body)
+            )
         except ConnectionError:
             pass
 
@@ -369,8 +391,11 @@ class Connection(asyncio.Protocol):
         if self.state == _HEAD:
             if now - self.since > lim.header_timeout:
                 if self.task is None and not self.queue:
-                    self._refuse(RequestTimeout("the request head did not arrive in time",
-                                                code="header_timeout"))
+                    self._refuse(
+                        RequestTimeout(
+                            "the request head did not arrive in time", code="header_timeout"
+                        )
+                    )
                 else:
                     self.abort()
             return
@@ -382,14 +407,20 @@ class Connection(asyncio.Protocol):
         if body is not None and not body.ended:
             elapsed = now - body.started_at
             if elapsed > lim.body_timeout:
-                body.fail(RequestTimeout(
-                    f"the request body did not arrive within {lim.body_timeout:g} s",
-                    code="body_timeout"))
+                body.fail(
+                    RequestTimeout(
+                        f"the request body did not arrive within {lim.body_timeout:g} s",
+                        code="body_timeout",
+                    )
+                )
                 self.closing = True
             elif elapsed > 2.0 and body.received < lim.min_rate * (elapsed - 1.0):
-                body.fail(RequestTimeout(
-                    f"the request body arrived slower than {lim.min_rate} bytes/s",
-                    code="body_too_slow"))
+                body.fail(
+                    RequestTimeout(
+                        f"the request body arrived slower than {lim.min_rate} bytes/s",
+                        code="body_too_slow",
+                    )
+                )
                 self.closing = True
         paused = self.flow.paused_since
         if paused and now - paused > lim.send_timeout:

@@ -13,7 +13,7 @@ class FlowControl:
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.paused_since = 0.0        # loop time of the pause; 0 while writing is allowed
+        self.paused_since = 0.0  # loop time of the pause; 0 while writing is allowed
         self._waiter: asyncio.Future[None] | None = None
         self._lost = False
 
@@ -28,11 +28,11 @@ class FlowControl:
 
     def connection_lost(self) -> None:
         self._lost = True
-        self.paused_since = 0.0        # nothing to wait for any more
+        self.paused_since = 0.0  # nothing to wait for any more
         w = self._waiter
         if w is not None and not w.done():
             w.set_exception(ConnectionResetError("connection lost"))
-            w.exception()   # retrieved: the waiter re-raises it
+            w.exception()  # retrieved: the waiter re-raises it
 
     async def drain(self) -> None:
         """Return once the peer has room again (at once when it has)."""

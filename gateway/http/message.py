@@ -14,13 +14,25 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
 STATUS_LINES: dict[int, bytes] = {
-    code: b"HTTP/1.1 %d %s\r\n" % (code, phrase) for code, phrase in REASONS.items()}
+    code: b"HTTP/1.1 %d %s\r\n" % (code, phrase) for code, phrase in REASONS.items()
+}
 NO_BODY_STATUS = frozenset({204, 304})
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and the ones only the connection itself may carry.
-HOP_BY_HOP = frozenset(h.encode() for h in (
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-    "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"))
+HOP_BY_HOP = frozenset(
+    h.encode()
+    for h in (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
 
 
 def status_line(status: int, reason: bytes | None = None) -> bytes:

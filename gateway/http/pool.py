@@ -28,8 +28,16 @@ class Pool:
     half of them, so trickling uploads cannot take every slot from everyone else. A request
     that waits longer than ``connect_timeout`` for a slot gets 503."""
 
-    def __init__(self, host: str, port: int, *, tls: bool = False, size: int = 256,
-                 connect_timeout: float = 5.0, read_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: bool = False,
+        size: int = 256,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.host, self.port = host, port
         self.ssl = ssl.create_default_context() if tls else None
@@ -42,8 +50,8 @@ class Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[tuple[UpstreamConnection, float]] = []
         self.busy: set[UpstreamConnection] = set()
-        self.down_since = 0.0          # wall time the upstream stopped answering; 0 if up
-        self.failures = 0              # connection failures in the current episode
+        self.down_since = 0.0  # wall time the upstream stopped answering; 0 if up
+        self.failures = 0  # connection failures in the current episode
         self._sweeper = self.loop.create_task(self._sweep())
 
     @property
@@ -71,21 +79,23 @@ class Pool:
             await asyncio.wait_for(asyncio.shield(fut), self.connect_timeout)
         except (TimeoutError, asyncio.CancelledError) as exc:
             if fut.done() and not fut.cancelled():
-                self._give_slot()                 # granted just as we gave up
+                self._give_slot()  # granted just as we gave up
             else:
                 fut.cancel()
                 if fut in self._waiters:
                     self._waiters.remove(fut)
             if isinstance(exc, asyncio.TimeoutError):
-                raise Overloaded("every upstream connection is busy; retry shortly",
-                                 code="upstream_pool_exhausted") from None
+                raise Overloaded(
+                    "every upstream connection is busy; retry shortly",
+                    code="upstream_pool_exhausted",
+                ) from None
             raise
 
     def _give_slot(self) -> None:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
-                fut.set_result(None)              # the slot passes straight to a waiter
+                fut.set_result(None)  # the slot passes straight to a waiter
                 return
         self._free += 1
 
@@ -97,8 +107,12 @@ class Pool:
         while self._idle:
             conn, since = self._idle.pop()
             t = conn.transport
-            if not conn.broken and now - since < _IDLE_SECONDS and t is not None \
-                    and not t.is_closing():
+            if (
+                not conn.broken
+                and now - since < _IDLE_SECONDS
+                and t is not None
+                and not t.is_closing()
+            ):
                 self._free -= 1
                 self.busy.add(conn)
                 return conn
@@ -109,8 +123,9 @@ class Pool:
         """A connection and whether it was reused from the pool."""
         if streaming:
             if self.streaming >= self.streaming_limit:
-                raise Overloaded("too many uploads in progress; retry shortly",
-                                 code="upstream_pool_exhausted")
+                raise Overloaded(
+                    "too many uploads in progress; retry shortly", code="upstream_pool_exhausted"
+                )
             self.streaming += 1
         try:
             await self._take_slot()
@@ -121,8 +136,12 @@ class Pool:
         now = time.monotonic()
         while self._idle:
             conn, since = self._idle.pop()
-            if not conn.broken and now - since < _IDLE_SECONDS and conn.transport is not None \
-                    and not conn.transport.is_closing():
+            if (
+                not conn.broken
+                and now - since < _IDLE_SECONDS
+                and conn.transport is not None
+                and not conn.transport.is_closing()
+            ):
                 self.busy.add(conn)
                 return conn, True
             conn.close()
@@ -138,19 +157,28 @@ class Pool:
 
     async def _connect(self) -> UpstreamConnection:
         try:
-            _, conn = await asyncio.wait_for(self.loop.create_connection(
-                lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl),
-                self.connect_timeout)
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl
+                ),
+                self.connect_timeout,
+            )
         except TimeoutError:
             self._went_down(f"no connection within {self.connect_timeout:g}s")
-            raise GatewayTimeout("the upstream did not accept a connection in time",
-                                 code="upstream_connect_timeout") from None
+            raise GatewayTimeout(
+                "the upstream did not accept a connection in time", code="upstream_connect_timeout"
+            ) from None
         except OSError as exc:
             self._went_down(exc.strerror or exc.__class__.__name__)
             raise BadGateway("the upstream could not be reached") from None
         if self.down_since:
-            log.info("upstream %s:%d answers again (down %.1fs, %d failed attempts)",
-                     self.host, self.port, time.time() - self.down_since, self.failures)
+            log.info(
+                "upstream %s:%d answers again (down %.1fs, %d failed attempts)",
+                self.host,
+                self.port,
+                time.time() - self.down_since,
+                self.failures,
+            )
             self.down_since, self.failures = 0.0, 0
         return conn
 
@@ -158,8 +186,12 @@ class Pool:
         self.failures += 1
         if not self.down_since:
             self.down_since = time.time()
-            log.warning("upstream %s:%d unreachable: %s (logged once until it answers again)",
-                        self.host, self.port, why)
+            log.warning(
+                "upstream %s:%d unreachable: %s (logged once until it answers again)",
+                self.host,
+                self.port,
+                why,
+            )
 
     def release(self, conn: UpstreamConnection, streaming: bool = False) -> None:
         self.busy.discard(conn)
@@ -169,7 +201,7 @@ class Pool:
             conn.reset()
             t = conn.transport
             if t is not None and not t.is_reading():
-                t.resume_reading()     # paused for a slow client: ready for the next one
+                t.resume_reading()  # paused for a slow client: ready for the next one
             self._idle.append((conn, time.monotonic()))
         else:
             conn.reset()
@@ -185,7 +217,7 @@ class Pool:
             for conn in list(self.busy):
                 sink = conn.sink
                 if sink is not None and sink.conn.flow.paused_since:
-                    continue               # waiting for our client, not for the upstream
+                    continue  # waiting for our client, not for the upstream
                 if conn.active and conn.active < deadline and not conn.complete:
                     conn.timed_out()
 
@@ -201,8 +233,15 @@ def request_head(method: bytes, target: bytes, host: bytes, lines: list[bytes]) 
     return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (method, target, host, b"".join(lines))
 
 
-async def exchange(pool: Pool, req: Request | None, head: bytes, body: bytes | None,
-                   stream: Any = None, *, retry: bool = False) -> int:
+async def exchange(
+    pool: Pool,
+    req: Request | None,
+    head: bytes,
+    body: bytes | None,
+    stream: Any = None,
+    *,
+    retry: bool = False,
+) -> int:
     """Send one request (``head`` + ``body``, or the client's body streamed from ``stream``,
     a :class:`~gateway.http.server.Body` whose framing ``head`` announced) and relay its answer
     into ``req``. Returns the status. Raises :class:`GatewayError` before any byte of the
@@ -226,8 +265,7 @@ async def exchange(pool: Pool, req: Request | None, head: bytes, body: bytes | N
         except Stale:
             if attempt == 0 and reused and retry and not streaming:
                 continue
-            raise BadGateway("the upstream closed the connection",
-                             code="upstream_broke") from None
+            raise BadGateway("the upstream closed the connection", code="upstream_broke") from None
         except BaseException:
             conn.broken = True
             raise
@@ -247,17 +285,17 @@ async def _send_body(conn: UpstreamConnection, body: Any, head: bytes) -> None:
         while True:
             chunk = await body.read()
             if conn.complete or conn.broken:
-                conn.broken = True        # answered (or failed) before the body was sent
+                conn.broken = True  # answered (or failed) before the body was sent
                 return
             if not chunk:
                 break
             transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-            conn.active = conn.loop.time()         # an upload in progress is not a stall
+            conn.active = conn.loop.time()  # an upload in progress is not a stall
             if transport.get_write_buffer_size() > _HIGH_WATER:
                 await conn.flow.drain()
         if chunked:
             transport.write(b"0\r\n\r\n")
         conn.active = conn.loop.time()
     except BaseException:
-        conn.abort()                               # a half-sent body must never be reused
+        conn.abort()  # a half-sent body must never be reused
         raise

@@ -17,12 +17,32 @@ class Request:
     """One request and its answer. The pipeline answers with :meth:`respond`, or a forwarder
     writes a relayed answer through :meth:`send` (head first, then body pieces)."""
 
-    __slots__ = ("conn", "method", "target", "headers", "http11", "keep_alive", "body",
-                 "content_length", "chunked", "started", "remote", "scheme", "head_only",
-                 "status")
+    __slots__ = (
+        "conn",
+        "method",
+        "target",
+        "headers",
+        "http11",
+        "keep_alive",
+        "body",
+        "content_length",
+        "chunked",
+        "started",
+        "remote",
+        "scheme",
+        "head_only",
+        "status",
+    )
 
-    def __init__(self, conn: Connection, method: str, target: str, headers: Headers,
-                 http11: bool, keep_alive: bool) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        method: str,
+        target: str,
+        headers: Headers,
+        http11: bool,
+        keep_alive: bool,
+    ) -> None:
         self.conn = conn
         self.method = method
         self.target = target
@@ -32,7 +52,7 @@ class Request:
         self.body: Body | None = None
         self.content_length: int | None = None
         self.chunked = False
-        self.started = False       # a byte of the answer was written
+        self.started = False  # a byte of the answer was written
         self.remote = conn.remote
         self.scheme = conn.scheme
         self.head_only = method == "HEAD"
@@ -45,7 +65,7 @@ class Request:
     def connection_header(self) -> bytes:
         """The ``Connection`` line of the answer (also says close while draining)."""
         if self.conn.draining or (self.body is not None and not self.body.ended):
-            self.keep_alive = False      # an unread body: the connection closes after this
+            self.keep_alive = False  # an unread body: the connection closes after this
         if not self.keep_alive:
             return b"Connection: close\r\n"
         return b"" if self.http11 else b"Connection: keep-alive\r\n"

@@ -12,19 +12,33 @@ from .connection import BUSY, Connection
 from .request import Request
 
 Handler = Callable[[Request], Awaitable[None]]
-_QUIET = 0.5     # seconds without a request in flight before a draining server closes idle ones
+_QUIET = 0.5  # seconds without a request in flight before a draining server closes idle ones
 
 
 class Limits:
     """Sizes and deadlines of one server; plain attributes, fixed at start."""
 
-    __slots__ = ("max_header_bytes", "header_timeout", "keepalive_timeout", "body_timeout",
-                 "min_rate", "send_timeout", "max_connections")
+    __slots__ = (
+        "max_header_bytes",
+        "header_timeout",
+        "keepalive_timeout",
+        "body_timeout",
+        "min_rate",
+        "send_timeout",
+        "max_connections",
+    )
 
-    def __init__(self, *, max_header_bytes: int = 8190, header_timeout: float = 10.0,
-                 keepalive_timeout: float = 75.0, body_timeout: float = 60.0,
-                 min_rate: int = 1024, send_timeout: float = 30.0,
-                 max_connections: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        max_header_bytes: int = 8190,
+        header_timeout: float = 10.0,
+        keepalive_timeout: float = 75.0,
+        body_timeout: float = 60.0,
+        min_rate: int = 1024,
+        send_timeout: float = 30.0,
+        max_connections: int = 10_000,
+    ) -> None:
         self.max_header_bytes = max_header_bytes
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
@@ -37,8 +51,12 @@ class Limits:
 class Server:
     """Protocol factory, connection registry, sweeper and graceful shutdown."""
 
-    def __init__(self, handler: Handler, limits: Limits,
-                 on_refusal: Callable[[GatewayError], None] = lambda e: None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limits: Limits,
+        on_refusal: Callable[[GatewayError], None] = lambda e: None,
+    ) -> None:
         self.handler = handler
         self.limits = limits
         self.on_refusal = on_refusal
@@ -72,17 +90,33 @@ class Server:
         self.connections.discard(victim)
         return True
 
-    async def listen(self, host: str, port: int, *, ssl: object = None,
-                     sock: object = None, reuse_port: bool = False,
-                     backlog: int = 1024) -> tuple[str, int]:
+    async def listen(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl: object = None,
+        sock: object = None,
+        reuse_port: bool = False,
+        backlog: int = 1024,
+    ) -> tuple[str, int]:
         """Start listening; returns the bound address."""
         if sock is not None:
-            srv = await self.loop.create_server(self, sock=sock, ssl=ssl,  # type: ignore
-                                                backlog=backlog)
+            srv = await self.loop.create_server(
+                self,
+                sock=sock,
+                ssl=ssl,  # type: ignore
+                backlog=backlog,
+            )
         else:
-            srv = await self.loop.create_server(self, host, port, ssl=ssl,  # type: ignore
-                                                reuse_port=reuse_port or None,
-                                                backlog=backlog)
+            srv = await self.loop.create_server(
+                self,
+                host,
+                port,
+                ssl=ssl,  # type: ignore
+                reuse_port=reuse_port or None,
+                backlog=backlog,
+            )
         self._servers.append(srv)
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep())
@@ -91,8 +125,9 @@ class Server:
 
     async def _sweep(self) -> None:
         lim = self.limits
-        interval = max(0.05, min(1.0, lim.header_timeout / 4, lim.keepalive_timeout / 4,
-                                 lim.send_timeout / 4))
+        interval = max(
+            0.05, min(1.0, lim.header_timeout / 4, lim.keepalive_timeout / 4, lim.send_timeout / 4)
+        )
         while True:
             await asyncio.sleep(interval)
             now = self.loop.time()
@@ -133,7 +168,7 @@ class Server:
                 conn.task.cancel()
             conn.abort()
         if cut:
-            await asyncio.wait(cut, timeout=1.0)   # their audit lines are written
+            await asyncio.wait(cut, timeout=1.0)  # their audit lines are written
         if self._sweeper is not None:
             self._sweeper.cancel()
         for srv in self._servers:

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from .pool import Pool
 _SKIP_RESPONSE = HOP_BY_HOP | {b"content-length"}
 _NONE: frozenset[bytes] = frozenset()
-_STANDARD = {(code, phrase): line for code, phrase in REASONS.items()
-             for line in (status_line(code),)}
+_STANDARD = {
+    (code, phrase): line for code, phrase in REASONS.items() for line in (status_line(code),)
+}
 
 
 class Stale(Exception):
@@ -58,7 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.sink: Request | None = None
         self.done: asyncio.Future[int] | None = None
-        self.active = 0.0            # loop time data last moved; 0 while idle
+        self.active = 0.0  # loop time data last moved; 0 while idle
         self.broken = False
         self.complete = False
         self.received_any = False
@@ -88,8 +89,9 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.received_any:
             self._fail(Stale())
         elif not self.complete:
-            self._fail(BadGateway("the upstream closed the connection mid-answer",
-                                  code="upstream_broke"))
+            self._fail(
+                BadGateway("the upstream closed the connection mid-answer", code="upstream_broke")
+            )
 
     def pause_writing(self) -> None:
         self.flow.pause(self.loop.time())
@@ -110,15 +112,22 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.broken = True
-            self._fail(BadGateway("the upstream switched protocols, which is not proxied",
-                                  code="upstream_protocol"))
+            self._fail(
+                BadGateway(
+                    "the upstream switched protocols, which is not proxied",
+                    code="upstream_protocol",
+                )
+            )
         except httptools.HttpParserError as exc:
             self.broken = True
             if not self.complete and self.sink is not None and not self.sink.started:
-                self._out.clear()          # nothing sent yet: the client gets a clean 502
+                self._out.clear()  # nothing sent yet: the client gets a clean 502
             cause = exc.__context__
-            self._fail(cause if isinstance(cause, GatewayError) else BadGateway(
-                "the upstream sent a malformed answer", code="upstream_malformed"))
+            self._fail(
+                cause
+                if isinstance(cause, GatewayError)
+                else BadGateway("the upstream sent a malformed answer", code="upstream_malformed")
+            )
             self.abort()
         self._flush()
 
@@ -144,13 +153,15 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
-                raise BadGateway("the upstream switched protocols, which is not proxied",
-                                 code="upstream_protocol")
-            self._interim = True                   # 1xx answers are not relayed
+                raise BadGateway(
+                    "the upstream switched protocols, which is not proxied",
+                    code="upstream_protocol",
+                )
+            self._interim = True  # 1xx answers are not relayed
             return
         self._status = status
         sink = self.sink
-        if sink is None:                           # a probe: only the status matters
+        if sink is None:  # a probe: only the status matters
             return
         named = connection_tokens(b",".join(self._connection)) if self._connection else _NONE
         reason = self._reason
@@ -165,8 +176,10 @@ class UpstreamConnection(asyncio.Protocol):
                 elif low == b"transfer-encoding":
                     if value.strip().lower() != b"chunked":
                         # re-framing would drop the other coding (gzip): the bytes would lie
-                        raise BadGateway("the upstream used a transfer coding other than "
-                                         "chunked", code="upstream_malformed")
+                        raise BadGateway(
+                            "the upstream used a transfer coding other than chunked",
+                            code="upstream_malformed",
+                        )
                     chunked_in = True
                 continue
             out.append(b"%s: %s\r\n" % (name, value))
@@ -180,7 +193,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._chunked_out = True
                 out.append(b"Transfer-Encoding: chunked\r\n")
             else:
-                sink.keep_alive = False            # HTTP/1.0: the body ends with the close
+                sink.keep_alive = False  # HTTP/1.0: the body ends with the close
             self._until_eof = length is None and not chunked_in
         out.append(sink.connection_header())
         out.append(b"\r\n")
@@ -242,7 +255,7 @@ class UpstreamConnection(asyncio.Protocol):
         done = self.done
         if done is not None and not done.done():
             done.set_exception(exc)
-            done.exception()                        # retrieved: the awaiter re-raises it
+            done.exception()  # retrieved: the awaiter re-raises it
 
     def start(self, sink: Request | None) -> asyncio.Future[int]:
         """Get ready for the answer to the next request, relayed into ``sink``."""

@@ -8,7 +8,7 @@ import time
 import bcrypt
 
 BCRYPT_HASH = re.compile(r"^\$2[aby]?\$(\d\d)\$[./A-Za-z0-9]{53}$")
-RECOMMENDED = (10, 13)   # lint warns outside it; hash-password warns above it
+RECOMMENDED = (10, 13)  # lint warns outside it; hash-password warns above it
 
 
 def bcrypt_cost(password_hash: bytes | str) -> int:

@@ -31,8 +31,9 @@ def routes(*policies: Policy) -> list[Route]:
     """Every (pattern, method) some rule of these policies names, sorted."""
     out: set[Route] = set()
     for policy in policies:
-        rules = [*policy.public] + [r for role in policy.roles.values()
-                                    for r in (*role.allow, *role.deny)]
+        rules = [*policy.public] + [
+            r for role in policy.roles.values() for r in (*role.allow, *role.deny)
+        ]
         for rule in rules:
             for p in rule.patterns:
                 for m in rule.methods:
@@ -72,8 +73,9 @@ def verdict(decision: Decision) -> str:
     return "allow"
 
 
-def user_grants(policy: Policy, user: str | None,
-                rows: Iterable[Route] | None = None) -> dict[Route, Decision]:
+def user_grants(
+    policy: Policy, user: str | None, rows: Iterable[Route] | None = None
+) -> dict[Route, Decision]:
     """The decision for ``user`` on every row (by default every row of ``policy``)."""
     return {r: decide_user(policy, user, r) for r in (routes(policy) if rows is None else rows)}
 
@@ -115,4 +117,3 @@ def describe_changes(old: Policy, new: Policy) -> list[str]:
         if name is not None and old.users[name].password_hash != new.users[name].password_hash:
             out.append(f"user {name}: password changed (cached credentials dropped)")
     return out
-

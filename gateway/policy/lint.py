@@ -37,8 +37,11 @@ def lint(policy: Policy, lines: dict[str, int]) -> list[Problem]:
             ms = check_seconds(cost) * 1000
             side = "below" if cost < low else "above"
             key = f"users.{names[0]}.password_hash"
-            warn(key, f"bcrypt cost {cost} is {side} {low}-{high} for "
-                      f"{', '.join(sorted(names))}: one check costs ~{ms:.1f} ms of CPU here")
+            warn(
+                key,
+                f"bcrypt cost {cost} is {side} {low}-{high} for "
+                f"{', '.join(sorted(names))}: one check costs ~{ms:.1f} ms of CPU here",
+            )
     return out
 
 
@@ -55,13 +58,24 @@ def _gateway_paths(policy: Policy) -> list[tuple[str, str]]:
     for rule in rules:
         for p in rule.patterns:
             if p.segments[:1] != ("-",):
-                continue               # catch-alls like /** are not meant for /- paths
-            if p.matches(("-",)) or p.matches(_PROBE_OTHER) or (
-                    len(p.segments) > 1 and p.segments[1] is not None
-                    and p.segments[1] not in GATEWAY_ENDPOINTS):
-                out.append((rule.id, f"{p.text} grants paths under /- that are not gateway "
-                                     f"endpoints ({', '.join('/-/' + e for e in GATEWAY_ENDPOINTS)}"
-                                     f"); the gateway owns /- and never forwards them (404)"))
+                continue  # catch-alls like /** are not meant for /- paths
+            if (
+                p.matches(("-",))
+                or p.matches(_PROBE_OTHER)
+                or (
+                    len(p.segments) > 1
+                    and p.segments[1] is not None
+                    and p.segments[1] not in GATEWAY_ENDPOINTS
+                )
+            ):
+                out.append(
+                    (
+                        rule.id,
+                        f"{p.text} grants paths under /- that are not gateway "
+                        f"endpoints ({', '.join('/-/' + e for e in GATEWAY_ENDPOINTS)}"
+                        f"); the gateway owns /- and never forwards them (404)",
+                    )
+                )
     return out
 
 
@@ -70,8 +84,10 @@ def _shadowed(policy: Policy) -> list[tuple[str, str]]:
     found: dict[str, str] = {}
     for own in policy.roles:
         closure = role_closure(policy, own)
-        rules = sorted((r for name in closure for r in policy.roles[name].allow
-                        if r.body_keys is None), key=lambda r: r.order)
+        rules = sorted(
+            (r for name in closure for r in policy.roles[name].allow if r.body_keys is None),
+            key=lambda r: r.order,
+        )
         index: dict[str, PathIndex[tuple[Rule, Pattern]]] = {}
         for rule in rules:
             if rule.role == own and rule.id not in found:

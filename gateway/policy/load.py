@@ -1,5 +1,7 @@
 """rbac.yaml → a validated, compiled, immutable :class:`~gateway.policy.model.Policy`.
 
+Long because it validates every key of the policy format, each with its own FILE:LINE message.
+
 Loading reads the file, parses it (keeping line numbers), validates every key, compiles the
 path patterns into per-method indexes, runs the policy's own ``tests`` cases and lints it. Any
 problem raises :class:`~gateway.errors.PolicyError` listing ``FILE:LINE: key.path: message``
@@ -37,8 +39,9 @@ def load_policy(path: str | Path) -> Policy:
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise PolicyError([Problem(source, None, "", f"cannot read policy: {exc.strerror}")]) \
-            from None
+        raise PolicyError(
+            [Problem(source, None, "", f"cannot read policy: {exc.strerror}")]
+        ) from None
     return parse_policy(raw, source=source, base_dir=Path(path).parent)
 
 
@@ -105,8 +108,13 @@ class _Builder:
         if self.problems:
             raise PolicyError(self.problems)
         user_objs = {
-            name: User(name, pw, tuple(rs), frozenset(x for r in rs for x in effective[r]),
-                       ",".join(sorted({x for r in rs for x in effective[r]})))
+            name: User(
+                name,
+                pw,
+                tuple(rs),
+                frozenset(x for r in rs for x in effective[r]),
+                ",".join(sorted({x for r in rs for x in effective[r]})),
+            )
             for name, (pw, rs) in users.items()
         }
         by_roles: dict[frozenset[str], Matcher] = {}
@@ -114,18 +122,28 @@ class _Builder:
         for u in user_objs.values():
             m = by_roles.get(u.effective_roles)
             if m is None:
-                rules = [r for name in u.effective_roles for r in roles[name].allow
-                         + roles[name].deny] + list(public)
+                rules = [
+                    r for name in u.effective_roles for r in roles[name].allow + roles[name].deny
+                ] + list(public)
                 m = by_roles[u.effective_roles] = Matcher(u.effective_roles, rules)
             matchers[u.name] = m
         tests = self.tests(data.get("tests", []), user_objs)
         if self.problems:
             raise PolicyError(self.problems)
         policy = Policy(
-            source=self.source, sha256=digest([raw, *contents]), version=1, realm=realm,
-            roles=MappingProxyType(roles), users=MappingProxyType(user_objs),
-            public=public, tests=tests, files=(self.source, *files), warnings=(),
-            _matchers=MappingProxyType(matchers), _public=Matcher(frozenset(), public))
+            source=self.source,
+            sha256=digest([raw, *contents]),
+            version=1,
+            realm=realm,
+            roles=MappingProxyType(roles),
+            users=MappingProxyType(user_objs),
+            public=public,
+            tests=tests,
+            files=(self.source, *files),
+            warnings=(),
+            _matchers=MappingProxyType(matchers),
+            _public=Matcher(frozenset(), public),
+        )
         self.run_tests(policy)
         if self.problems:
             raise PolicyError(self.problems)
@@ -191,8 +209,10 @@ class _Builder:
             methods, ok = [], False
         for j, m in enumerate(methods):
             if m != ANY and (not isinstance(m, str) or not _METHOD.match(m)):
-                self.err(f"{key}.methods[{j}]",
-                         f"bad method {m!r}: use upper-case names like GET, or \"*\"")
+                self.err(
+                    f"{key}.methods[{j}]",
+                    f'bad method {m!r}: use upper-case names like GET, or "*"',
+                )
                 ok = False
         paths = spec.get("paths")
         patterns: list[Pattern] = []
@@ -213,8 +233,16 @@ class _Builder:
         if not ok:
             return None
         self.order += 1
-        return Rule(key, role, effect, self.order, frozenset(methods), tuple(patterns),
-                    body_keys, self.lines.get(key))
+        return Rule(
+            key,
+            role,
+            effect,
+            self.order,
+            frozenset(methods),
+            tuple(patterns),
+            body_keys,
+            self.lines.get(key),
+        )
 
     def body(self, spec: Any, key: str, effect: str) -> frozenset[str] | None:
         if effect != "allow":
@@ -236,7 +264,7 @@ class _Builder:
             if name in done:
                 return done[name]
             if name in trail:
-                cycle = " -> ".join(trail[trail.index(name):] + (name,))
+                cycle = " -> ".join(trail[trail.index(name) :] + (name,))
                 self.err(f"roles.{trail[-1]}.inherits", f"inheritance cycle: {cycle}")
                 return frozenset()
             acc = {name}
@@ -274,17 +302,23 @@ class _Builder:
             if not sep or not _NAME.match(name):
                 self.problems.append(Problem(str(path), n, "", "expected 'user:bcrypt-hash'"))
             elif not BCRYPT_HASH.match(hashed):
-                self.problems.append(Problem(str(path), n, name,
-                                             "only bcrypt entries ($2y$/$2b$) are accepted "
-                                             "(htpasswd -B)"))
+                self.problems.append(
+                    Problem(
+                        str(path),
+                        n,
+                        name,
+                        "only bcrypt entries ($2y$/$2b$) are accepted (htpasswd -B)",
+                    )
+                )
             elif name in out:
                 self.problems.append(Problem(str(path), n, name, f"duplicate user ({where})"))
             else:
                 out[name] = hashed.encode()
         return out, [str(path)], [raw]
 
-    def users(self, obj: Any, roles: dict[str, Role],
-              file_hashes: dict[str, bytes]) -> dict[str, tuple[bytes, list[str]]]:
+    def users(
+        self, obj: Any, roles: dict[str, Role], file_hashes: dict[str, bytes]
+    ) -> dict[str, tuple[bytes, list[str]]]:
         if obj is None:
             obj = {}
         if not isinstance(obj, dict):
@@ -300,8 +334,11 @@ class _Builder:
                 self.err(key, "a user must be a mapping {password_hash, roles}")
                 continue
             if "password" in spec:
-                self.err(f"{key}.password", "plaintext passwords are refused: store a bcrypt "
-                         "password_hash (python -m gateway hash-password)")
+                self.err(
+                    f"{key}.password",
+                    "plaintext passwords are refused: store a bcrypt "
+                    "password_hash (python -m gateway hash-password)",
+                )
                 continue
             self.keys(spec, _USER_KEYS, key)
             pw = spec.get("password_hash")
@@ -311,8 +348,11 @@ class _Builder:
                     continue
                 hashed = file_hashes[name]
             elif not isinstance(pw, str) or not BCRYPT_HASH.match(pw):
-                self.err(f"{key}.password_hash", "not a bcrypt hash ($2b$NN$ + 53 characters); "
-                         "plaintext passwords are refused: use python -m gateway hash-password")
+                self.err(
+                    f"{key}.password_hash",
+                    "not a bcrypt hash ($2b$NN$ + 53 characters); "
+                    "plaintext passwords are refused: use python -m gateway hash-password",
+                )
                 continue
             else:
                 hashed = pw.encode()
@@ -364,8 +404,17 @@ class _Builder:
             if body is not None:
                 body_bytes = (body if isinstance(body, str) else json.dumps(body)).encode()
             if not bad:
-                out.append(TestCase(user, str(method), str(target), str(expect), body_bytes, key,
-                                    self.lines.get(key)))
+                out.append(
+                    TestCase(
+                        user,
+                        str(method),
+                        str(target),
+                        str(expect),
+                        body_bytes,
+                        key,
+                        self.lines.get(key),
+                    )
+                )
         return tuple(out)
 
     def run_tests(self, policy: Policy) -> None:
@@ -373,4 +422,3 @@ class _Builder:
             verdict = run_case(policy, case)
             if verdict is not None:
                 self.err(case.id, verdict)
-

@@ -24,10 +24,10 @@ class Rule:
     """One compiled ``allow``/``deny`` entry; ``id`` is its key path in the file."""
 
     id: str
-    role: str | None          # None for public rules
-    effect: str               # "allow" or "deny"
-    order: int                # position in the file: the first matching rule is reported
-    methods: frozenset[str]   # upper-case names, or {"*"}
+    role: str | None  # None for public rules
+    effect: str  # "allow" or "deny"
+    order: int  # position in the file: the first matching rule is reported
+    methods: frozenset[str]  # upper-case names, or {"*"}
     patterns: tuple[Pattern, ...]
     body_keys: frozenset[str] | None
     line: int | None
@@ -57,7 +57,7 @@ class Decision:
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
-            return False            # not JSON, or nested past the parser's depth: refused
+            return False  # not JSON, or nested past the parser's depth: refused
         if not isinstance(doc, dict):
             return False
         keys = doc.keys()
@@ -77,9 +77,9 @@ class Role:
 class User:
     name: str
     password_hash: bytes
-    roles: tuple[str, ...]            # as listed
-    effective_roles: frozenset[str]   # with everything inherited
-    roles_header: str                 # value of X-Authenticated-Roles
+    roles: tuple[str, ...]  # as listed
+    effective_roles: frozenset[str]  # with everything inherited
+    roles_header: str  # value of X-Authenticated-Roles
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +108,15 @@ class Matcher:
         for method in named:
             idx: PathIndex[Rule] = PathIndex()
             for r in rules:
-                if ANY in r.methods or method in r.methods or (
-                        method == "HEAD" and "GET" in r.methods):
+                if (
+                    ANY in r.methods
+                    or method in r.methods
+                    or (method == "HEAD" and "GET" in r.methods)
+                ):
                     for p in r.patterns:
                         idx.add(p, r)
             self._by_method[method] = idx
-        self._decisions: dict[int, Decision] = {}   # by rule.order: unique per policy
+        self._decisions: dict[int, Decision] = {}  # by rule.order: unique per policy
         self._any: PathIndex[Rule] = PathIndex()
         for r in rules:
             if ANY in r.methods:
@@ -128,7 +131,7 @@ class Matcher:
             who = ", ".join(sorted(self.roles)) or "anonymous"
             return Decision(False, None, f"no rule for [{who}] allows {method} on this path")
         if len(hits) == 1 and hits[0].effect == "allow" and hits[0].body_keys is None:
-            return self._decision(hits[0])            # the common case, decided once per rule
+            return self._decision(hits[0])  # the common case, decided once per rule
         denies = [r for r in hits if r.effect == "deny"]
         if denies:
             return self._decision(min(denies, key=_order))
@@ -140,14 +143,14 @@ class Matcher:
         rule = conditional[0]
         return Decision(True, rule, f"allowed by {rule.describe()} if the body fits", keys)
 
-
     def _decision(self, rule: Rule) -> Decision:
         """The (immutable) decision a plain allow or a deny rule gives, built once."""
         d = self._decisions.get(rule.order)
         if d is None:
             verb = "allowed" if rule.effect == "allow" else "denied"
-            d = self._decisions[rule.order] = Decision(rule.effect == "allow", rule,
-                                                 f"{verb} by {rule.describe()}")
+            d = self._decisions[rule.order] = Decision(
+                rule.effect == "allow", rule, f"{verb} by {rule.describe()}"
+            )
         return d
 
 
@@ -179,8 +182,9 @@ class Policy:
             return Decision(False, None, f"unknown user {user!r}")
         return matcher.decide(method, segments)
 
-    def decide_request(self, user: str | None, method: str, target: str,
-                       headers: Mapping[str, str] | None = None) -> tuple[Decision, str | None]:
+    def decide_request(
+        self, user: str | None, method: str, target: str, headers: Mapping[str, str] | None = None
+    ) -> tuple[Decision, str | None]:
         """Run the guard and the decision on a raw target, as the gateway does.
 
         Returns the decision and the canonical path (``None`` when the guard refused it).
@@ -227,8 +231,10 @@ def run_case(policy: Policy, case: TestCase) -> str | None:
     if got == case.expect:
         return None
     who = case.user or "anonymous"
-    return (f"test failed: {who} {case.method} {case.target} expected {case.expect}, "
-            f"got {got} ({decision.reason})")
+    return (
+        f"test failed: {who} {case.method} {case.target} expected {case.expect}, "
+        f"got {got} ({decision.reason})"
+    )
 
 
 def digest(contents: Sequence[bytes]) -> str:

@@ -102,8 +102,12 @@ class PolicyStore:
                 errors = tuple(str(p) for p in exc.problems)
                 self.stats.failed += 1
                 self.stats.last_error = "\n".join(errors)
-                log.warning("policy reload (%s) refused, keeping %s: %s", trigger,
-                            self._policy.sha256[:12], "; ".join(errors))
+                log.warning(
+                    "policy reload (%s) refused, keeping %s: %s",
+                    trigger,
+                    self._policy.sha256[:12],
+                    "; ".join(errors),
+                )
                 result = ReloadResult(False, False, self._policy.sha256, errors, trigger)
                 self._remember(result)
                 return result
@@ -116,8 +120,12 @@ class PolicyStore:
             if new.sha256 == old.sha256:
                 self.stats.unchanged += 1
                 if recovered:
-                    log.info("policy reload (%s): the file is back to the policy in force (%s); "
-                             "the earlier refusal is cleared", trigger, new.sha256[:12])
+                    log.info(
+                        "policy reload (%s): the file is back to the policy in force (%s); "
+                        "the earlier refusal is cleared",
+                        trigger,
+                        new.sha256[:12],
+                    )
                 result = ReloadResult(True, False, new.sha256, (), trigger, recovered=recovered)
                 self._remember(result)
                 return result

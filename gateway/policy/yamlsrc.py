@@ -38,26 +38,41 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
     return data, lines
 
 
-def _convert(loader: yaml.SafeLoader, node: yaml.Node, path: str, lines: dict[str, int],
-             problems: list[Problem], source: str) -> Any:
+def _convert(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    path: str,
+    lines: dict[str, int],
+    problems: list[Problem],
+    source: str,
+) -> Any:
     lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)) or key is None:
-                problems.append(Problem(source, key_node.start_mark.line + 1, path,
-                                        "mapping keys must be plain scalars"))
+                problems.append(
+                    Problem(
+                        source,
+                        key_node.start_mark.line + 1,
+                        path,
+                        "mapping keys must be plain scalars",
+                    )
+                )
                 continue
             child = f"{path}.{key}" if path else str(key)
             if key in out:
-                problems.append(Problem(source, key_node.start_mark.line + 1, child,
-                                        "duplicate key"))
+                problems.append(
+                    Problem(source, key_node.start_mark.line + 1, child, "duplicate key")
+                )
                 continue
             lines[child] = key_node.start_mark.line + 1
             out[key] = _convert(loader, value_node, child, lines, problems, source)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(loader, item, f"{path}[{i}]", lines, problems, source)
-                for i, item in enumerate(node.value)]
+        return [
+            _convert(loader, item, f"{path}[{i}]", lines, problems, source)
+            for i, item in enumerate(node.value)
+        ]
     return loader.construct_object(node, deep=True)

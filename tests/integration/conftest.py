@@ -22,8 +22,8 @@ from tests.helpers import SHIPPED_POLICY, Process
 @dataclass
 class Stack:
     gateway_url: str
-    backend_url: str | None = None          # None: not reachable from the tests (compose)
-    policy_path: Path | None = None         # the policy file the gateway reads, when local
+    backend_url: str | None = None  # None: not reachable from the tests (compose)
+    policy_path: Path | None = None  # the policy file the gateway reads, when local
     gateway: Process | None = None
     backend: Process | None = None
 
@@ -33,17 +33,32 @@ class Stack:
 
 
 def start_backend(tmp: Path) -> Process:
-    p = Process(["-m", "inventory_backend", "--port", "0", "--db", str(tmp / "inv.db")],
-                tmp / "backend.log")
+    p = Process(
+        ["-m", "inventory_backend", "--port", "0", "--db", str(tmp / "inv.db")], tmp / "backend.log"
+    )
     p.wait_listening()
     p.wait_healthy("/healthz")
     return p
 
 
 def start_gateway(tmp: Path, upstream: str, policy: Path, *extra: str) -> Process:
-    p = Process(["-m", "gateway", "serve", "--port", "0", "--upstream", upstream,
-                 "--policy", str(policy), "--audit-log", str(tmp / "audit.log"), *extra],
-                tmp / "gateway.log")
+    p = Process(
+        [
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            "0",
+            "--upstream",
+            upstream,
+            "--policy",
+            str(policy),
+            "--audit-log",
+            str(tmp / "audit.log"),
+            *extra,
+        ],
+        tmp / "gateway.log",
+    )
     p.wait_listening()
     p.wait_healthy("/-/healthz")
     return p

@@ -43,7 +43,7 @@ def available(kind: str, timeout: float = 300.0) -> bool:
             return True
         if time.monotonic() > deadline or not _installing():
             return False
-        time.sleep(1.0)   # polling for a package install to finish, with a deadline
+        time.sleep(1.0)  # polling for a package install to finish, with a deadline
 
 
 def free_port() -> int:
@@ -81,36 +81,52 @@ class FrontProxy:
             site = NGINX_SITE.read_text()
             site = _replace_once(site, "server 127.0.0.1:9000;", f"server {gw};", NGINX_SITE)
             site = _replace_once(site, "server 127.0.0.1:8081;", f"server {up};", NGINX_SITE)
-            site = _replace_once(site, "listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port};",
-                                 NGINX_SITE)
+            site = _replace_once(
+                site, "listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port};", NGINX_SITE
+            )
             (tmp / "site.conf").write_text(site)
             (tmp / "logs").mkdir(exist_ok=True)
-            temp = " ".join(f"{k}_temp_path {tmp / k};"
-                            for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+            temp = " ".join(
+                f"{k}_temp_path {tmp / k};"
+                for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+            )
             (tmp / "nginx.conf").write_text(
                 f"pid {tmp / 'nginx.pid'};\nerror_log {tmp / 'logs' / 'error.log'} info;\n"
                 f"events {{ worker_connections 1024; }}\n"
                 f"http {{\n  access_log {tmp / 'logs' / 'access.log'};\n  {temp}\n"
-                f"  include {tmp / 'site.conf'};\n}}\n")
-            args = [str(NGINX), "-p", str(tmp), "-c", str(tmp / "nginx.conf"),
-                    "-g", "daemon off; worker_processes 1;"]
+                f"  include {tmp / 'site.conf'};\n}}\n"
+            )
+            args = [
+                str(NGINX),
+                "-p",
+                str(tmp),
+                "-c",
+                str(tmp / "nginx.conf"),
+                "-g",
+                "daemon off; worker_processes 1;",
+            ]
             env = dict(os.environ)
         else:
             conf = CADDYFILE.read_text()
-            conf = _replace_once(conf, "forward_auth 127.0.0.1:9000", f"forward_auth {gw}",
-                                 CADDYFILE)
-            conf = _replace_once(conf, "reverse_proxy 127.0.0.1:8081", f"reverse_proxy {up}",
-                                 CADDYFILE)
-            conf = _replace_once(conf, "http://127.0.0.1:8080 {",
-                                 f"http://127.0.0.1:{port} {{", CADDYFILE)
+            conf = _replace_once(
+                conf, "forward_auth 127.0.0.1:9000", f"forward_auth {gw}", CADDYFILE
+            )
+            conf = _replace_once(
+                conf, "reverse_proxy 127.0.0.1:8081", f"reverse_proxy {up}", CADDYFILE
+            )
+            conf = _replace_once(
+                conf, "http://127.0.0.1:8080 {", f"http://127.0.0.1:{port} {{", CADDYFILE
+            )
             (tmp / "Caddyfile").write_text(conf)
-            args = [str(CADDY), "run", "--config", str(tmp / "Caddyfile"),
-                    "--adapter", "caddyfile"]
-            env = {**os.environ, "HOME": str(tmp), "XDG_DATA_HOME": str(tmp / "data"),
-                   "XDG_CONFIG_HOME": str(tmp / "config")}
+            args = [str(CADDY), "run", "--config", str(tmp / "Caddyfile"), "--adapter", "caddyfile"]
+            env = {
+                **os.environ,
+                "HOME": str(tmp),
+                "XDG_DATA_HOME": str(tmp / "data"),
+                "XDG_CONFIG_HOME": str(tmp / "config"),
+            }
         with open(log, "wb") as fh:
-            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                    cwd=tmp)
+            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=tmp)
         front = cls(kind, f"http://127.0.0.1:{port}", proc, log)
         front.wait_listening(port)
         return front
@@ -119,13 +135,15 @@ class FrontProxy:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited {self.proc.returncode}:\n"
-                                   f"{self.log.read_text(errors='replace')}")
+                raise RuntimeError(
+                    f"{self.kind} exited {self.proc.returncode}:\n"
+                    f"{self.log.read_text(errors='replace')}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
                     return
             except OSError:
-                time.sleep(0.05)   # polling for the listener, with a deadline
+                time.sleep(0.05)  # polling for the listener, with a deadline
         self.stop()
         raise TimeoutError(f"{self.kind} did not listen on {port}")
 

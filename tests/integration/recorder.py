@@ -21,9 +21,12 @@ def make_app(log_path: str) -> web.Application:
 
     async def record(request: web.Request) -> web.Response:
         body = await request.read()
-        line = {"method": request.method, "target": request.raw_path,
-                "headers": [[k, v] for k, v in request.headers.items()],
-                "body_len": len(body)}
+        line = {
+            "method": request.method,
+            "target": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_len": len(body),
+        }
         log.write(json.dumps(line) + "\n")
         log.flush()
         return web.json_response({"recorded": True})

@@ -19,9 +19,10 @@ async def answer(request: web.Request) -> web.Response:
     body = await request.read()
     delay = request.query.get("delay")
     if delay:
-        await asyncio.sleep(float(delay))      # the slowness under test, not synchronization
-    return web.json_response({"method": request.method, "path": request.path,
-                              "body_len": len(body)})
+        await asyncio.sleep(float(delay))  # the slowness under test, not synchronization
+    return web.json_response(
+        {"method": request.method, "path": request.path, "body_len": len(body)}
+    )
 
 
 async def main(port: int) -> None:
@@ -32,8 +33,7 @@ async def main(port: int) -> None:
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
     await site.start()
     bound = runner.addresses[0]
-    print(f"slowupstream listening on http://{bound[0]}:{bound[1]}", file=sys.stderr,
-          flush=True)
+    print(f"slowupstream listening on http://{bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

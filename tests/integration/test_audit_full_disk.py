@@ -19,8 +19,9 @@ import pytest
 from tests.helpers import SHIPPED_POLICY, Process, basic
 from tests.integration.conftest import start_backend
 
-pytestmark = pytest.mark.skipif(bool(os.environ.get("GATEWAY_URL")),
-                                reason="starts its own processes")
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("GATEWAY_URL")), reason="starts its own processes"
+)
 
 OPS = basic("ops", "imtheops")
 MANAGER = basic("manager", "imthemanager")
@@ -31,8 +32,11 @@ SALES = basic("sales", "imsales")
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     disk = tmp_path / "disk"
     disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
     try:
@@ -54,8 +58,13 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def call(conn: http.client.HTTPConnection, method: str, path: str, headers: dict[str, str],
-         body: bytes | None = None) -> tuple[int, bytes]:
+def call(
+    conn: http.client.HTTPConnection,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes | None = None,
+) -> tuple[int, bytes]:
     conn.request(method, path, body=body, headers=headers)
     resp = conn.getresponse()
     return resp.status, resp.read()
@@ -88,9 +97,13 @@ def load(url: str, tag: str, per_thread: int, threads: int = 4) -> list[str]:
             for i in range(per_thread):
                 name = f"{tag}-{t}-{i}"
                 try:
-                    status, body = call(conn, "POST", "/api/inventory",
-                                        {**MANAGER, "Content-Type": "application/json"},
-                                        json.dumps({"name": name, "quantity": i}).encode())
+                    status, body = call(
+                        conn,
+                        "POST",
+                        "/api/inventory",
+                        {**MANAGER, "Content-Type": "application/json"},
+                        json.dumps({"name": name, "quantity": i}).encode(),
+                    )
                     if status != 201:
                         problems.append(f"POST {name}: {status} {body[:100]!r}")
                     status, body = call(conn, "GET", f"/api/inventory?name={name}", SALES)
@@ -112,11 +125,27 @@ def load(url: str, tag: str, per_thread: int, threads: int = 4) -> list[str]:
 
 
 def test_a_full_audit_disk_fails_no_request_and_writing_resumes(
-        tmp_path: Path, tiny_disk: Path) -> None:
+    tmp_path: Path, tiny_disk: Path
+) -> None:
     audit = tiny_disk / "audit.log"
     backend = start_backend(tmp_path)
-    gw = Process(["-m", "gateway", "serve", "--port", "0", "--upstream", backend.url,
-                  "--policy", str(SHIPPED_POLICY), "--audit-log", str(audit), "--no-watch"], tmp_path / "gateway.log")
+    gw = Process(
+        [
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            "0",
+            "--upstream",
+            backend.url,
+            "--policy",
+            str(SHIPPED_POLICY),
+            "--audit-log",
+            str(audit),
+            "--no-watch",
+        ],
+        tmp_path / "gateway.log",
+    )
     try:
         url = gw.wait_listening()
         gw.wait_healthy("/-/healthz")
@@ -126,7 +155,7 @@ def test_a_full_audit_disk_fails_no_request_and_writing_resumes(
         deadline = time.monotonic() + 10
         while metric(url, "gateway_audit_write_errors_total") == 0:
             assert time.monotonic() < deadline, "no audit write error counted"
-            time.sleep(0.05)   # polling the metric, with a deadline
+            time.sleep(0.05)  # polling the metric, with a deadline
         assert metric(url, "gateway_audit_dropped_lines_total") >= 1
         # No request is missing from the metrics either.
         assert metric(url, r'gateway_requests_total\{decision="allow",status="201"\}') == 600
@@ -137,24 +166,28 @@ def test_a_full_audit_disk_fails_no_request_and_writing_resumes(
         state = json.loads(body)["audit"]
         assert state["write_errors"] >= 1 and state["last_error"].startswith("ENOSPC")
 
-        filler.unlink()   # space returns
+        filler.unlink()  # space returns
         assert load(url, "after", per_thread=10) == []
         deadline = time.monotonic() + 10
         while True:
             text = audit.read_bytes()
-            lines = [json.loads(line) for line in text.splitlines()]   # every line whole
-            if any(str(r.get("path")) == "/api/inventory" and r.get("method") == "POST"
-                   and r.get("status") == 201 for r in lines[-40:]) and text.endswith(b"\n"):
+            lines = [json.loads(line) for line in text.splitlines()]  # every line whole
+            if any(
+                str(r.get("path")) == "/api/inventory"
+                and r.get("method") == "POST"
+                and r.get("status") == 201
+                for r in lines[-40:]
+            ) and text.endswith(b"\n"):
                 break
             assert time.monotonic() < deadline, "audit lines not written after space returned"
-            time.sleep(0.05)   # polling the file, with a deadline
+            time.sleep(0.05)  # polling the file, with a deadline
     finally:
         rc = gw.stop()
         backend.stop()
     out = gw.output()
     assert rc == 0, out
     assert "Traceback" not in out and "cannot listen" not in out, out
-    assert out.count("cannot write") == 1, out       # once per episode
+    assert out.count("cannot write") == 1, out  # once per episode
     assert "writing again" in out, out
     for line in audit.read_bytes().splitlines():
         json.loads(line)

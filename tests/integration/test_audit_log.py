@@ -12,8 +12,9 @@ import pytest
 
 from tests.helpers import basic
 
-pytestmark = pytest.mark.skipif(bool(os.environ.get("GATEWAY_URL")),
-                                reason="reads the audit file of a process it started")
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("GATEWAY_URL")), reason="reads the audit file of a process it started"
+)
 
 
 def test_audit_lines_reach_the_file_within_a_second(stack) -> None:
@@ -27,11 +28,14 @@ def test_audit_lines_reach_the_file_within_a_second(stack) -> None:
     lines: list[dict] = []
     while time.monotonic() < deadline:
         lines = [json.loads(x) for x in audit.read_text().splitlines() if x.strip()]
-        if any(r.get("event") == "auth_failure" and r.get("user") == "sales"
-               and r.get("client") == "127.0.0.1" for r in lines) and any(
-                r.get("event") == "request" and r.get("status") == 401 for r in lines):
+        if any(
+            r.get("event") == "auth_failure"
+            and r.get("user") == "sales"
+            and r.get("client") == "127.0.0.1"
+            for r in lines
+        ) and any(r.get("event") == "request" and r.get("status") == 401 for r in lines):
             break
-        time.sleep(0.05)   # polling the file for a condition, with a deadline
+        time.sleep(0.05)  # polling the file for a condition, with a deadline
     else:
         raise AssertionError(f"audit lines not written in time: {lines[-3:]}")
     assert "nope" not in audit.read_text()

@@ -53,6 +53,7 @@ UPSTREAM_DOWN = {502, 503, 504}
 
 # --- HTTP -----------------------------------------------------------------------------------
 
+
 class Reply:
     def __init__(self, status: int, body: bytes) -> None:
         self.status = status
@@ -70,8 +71,13 @@ def basic(user: str, password: str) -> dict[str, str]:
     return {"Authorization": f"Basic {token}"}
 
 
-def call(method: str, path: str, auth: tuple[str, str] | None = None,
-         body: Any = None, timeout: float = 10.0) -> Reply:
+def call(
+    method: str,
+    path: str,
+    auth: tuple[str, str] | None = None,
+    body: Any = None,
+    timeout: float = 10.0,
+) -> Reply:
     """One request on a fresh connection; connection failures come back as status 0."""
     url = urlsplit(GATEWAY_URL)
     headers = basic(*auth) if auth else {}
@@ -90,8 +96,13 @@ def call(method: str, path: str, auth: tuple[str, str] | None = None,
         conn.close()
 
 
-def wait_for(what: str, probe: Callable[[], T], done: Callable[[T], bool],
-             timeout: float = 60.0, interval: float = 0.2) -> T:
+def wait_for(
+    what: str,
+    probe: Callable[[], T],
+    done: Callable[[T], bool],
+    timeout: float = 60.0,
+    interval: float = 0.2,
+) -> T:
     """Call ``probe`` until ``done(result)`` or the deadline; fail with the last result."""
     deadline = time.monotonic() + timeout
     while True:
@@ -105,6 +116,7 @@ def wait_for(what: str, probe: Callable[[], T], done: Callable[[T], bool],
 
 # --- compose / docker -----------------------------------------------------------------------
 
+
 def compose_command() -> list[str]:
     configured = os.environ.get("COMPOSE")
     if configured:
@@ -114,19 +126,24 @@ def compose_command() -> list[str]:
     return ["docker-compose"]
 
 
-def compose(*args: str, check: bool = True, timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+def compose(
+    *args: str, check: bool = True, timeout: float = 180.0
+) -> subprocess.CompletedProcess[str]:
     cmd = [*compose_command(), "-f", str(Path(PROJECT_DIR) / "docker-compose.yml")]
     if os.environ.get("COMPOSE_PROJECT_NAME"):
         cmd += ["-p", os.environ["COMPOSE_PROJECT_NAME"]]
-    proc = subprocess.run([*cmd, *args], cwd=PROJECT_DIR, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    proc = subprocess.run(
+        [*cmd, *args], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=timeout, check=False
+    )
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
 def docker(*args: str) -> str:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, f"docker {' '.join(args)}: {proc.stderr}"
     return proc.stdout
 
@@ -143,6 +160,7 @@ def inspect(ref: str, kind: str = "container") -> dict[str, Any]:
 
 
 # --- fixtures -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module", autouse=True)
 def stack_is_ready() -> None:
@@ -195,11 +213,14 @@ def policy_file() -> Iterator[Path]:
     if path.read_bytes() != original:
         replace_file(path, original)
     sighup_gateway()
-    wait_for("the original policy to be back", lambda: status()["sha256"], lambda s: s == original_sha)
+    wait_for(
+        "the original policy to be back", lambda: status()["sha256"], lambda s: s == original_sha
+    )
     wait_for("sales to read again", sales_status, lambda s: s == 200)
 
 
 # --- the backend is reachable only through the gateway --------------------------------------
+
 
 def test_backend_publishes_no_port_and_is_only_on_internal_networks() -> None:
     backend = inspect(container_id("backend"))
@@ -218,8 +239,13 @@ def test_gateway_is_published_where_gateway_url_points() -> None:
     bindings = gateway["NetworkSettings"]["Ports"]["8080/tcp"]
     url = urlsplit(GATEWAY_URL)
     assert {(b["HostIp"], int(b["HostPort"])) for b in bindings} == {(url.hostname, url.port)}
-    kinds = {name: inspect(name, "network")["Internal"] for name in gateway["NetworkSettings"]["Networks"]}
-    assert sorted(kinds.values()) == [False, True], "gateway must join the internal and a public network"
+    kinds = {
+        name: inspect(name, "network")["Internal"]
+        for name in gateway["NetworkSettings"]["Networks"]
+    }
+    assert sorted(kinds.values()) == [False, True], (
+        "gateway must join the internal and a public network"
+    )
 
 
 def test_containers_run_non_root_on_a_read_only_root() -> None:
@@ -238,6 +264,7 @@ def test_policy_is_a_read_only_directory_mount() -> None:
 
 
 # --- reloading the policy from the host -----------------------------------------------------
+
 
 def test_sighup_reaches_the_gateway_process() -> None:
     # An unchanged file is reloaded only on request (the watcher skips it), so the counter
@@ -273,14 +300,18 @@ def test_broken_edit_is_refused_and_the_old_policy_stays(policy_file: Path) -> N
     # Revoke without updating the policy's tests: the reload must refuse it.
     sed_in_place(policy_file, r"/^  sales: *{/s/roles: \[sales\]/roles: []/")
     sighup_gateway()
-    after = wait_for("the reload to be refused", status,
-                     lambda s: s["reloads"]["failed"] > before["reloads"]["failed"])
+    after = wait_for(
+        "the reload to be refused",
+        status,
+        lambda s: s["reloads"]["failed"] > before["reloads"]["failed"],
+    )
     assert after["sha256"] == before["sha256"]
     assert after["last_reload_error"]
     assert sales_status() == 200
 
 
 # --- the backend goes away and comes back ---------------------------------------------------
+
 
 def create_item() -> str:
     name = f"compose-{uuid.uuid4().hex[:12]}"
@@ -295,15 +326,20 @@ def item_is_there(name: str) -> None:
     assert reply.json()["name"] == name and reply.json()["count"] == 7
 
 
-def test_gateway_answers_502_while_backend_is_stopped_and_recovers(request: pytest.FixtureRequest) -> None:
+def test_gateway_answers_502_while_backend_is_stopped_and_recovers(
+    request: pytest.FixtureRequest,
+) -> None:
     name = create_item()
     backend = container_id("backend")
     # Engine-level stop/start: compose v2 `stop SERVICE` may also stop services depending on
     # it, depending on the version, and this test is about the gateway staying up.
     docker("stop", backend)
     request.addfinalizer(lambda: docker("start", backend))
-    down = wait_for("the gateway to report the upstream down", lambda: call("GET", ITEMS, SALES),
-                    lambda r: r.status in UPSTREAM_DOWN)
+    down = wait_for(
+        "the gateway to report the upstream down",
+        lambda: call("GET", ITEMS, SALES),
+        lambda r: r.status in UPSTREAM_DOWN,
+    )
     assert down.json()["status"] == down.status
     # /-/ready caches its upstream probe for a second: wait for it rather than race it.
     wait_for("/-/ready to say 503", lambda: call("GET", "/-/ready").status, lambda s: s == 503)
@@ -317,10 +353,23 @@ def test_compose_restart_backend_recovers_by_itself_with_data_kept() -> None:
     name = create_item()
     seen: set[int] = set()
     restart = subprocess.Popen(
-        [*compose_command(), "-f", str(Path(PROJECT_DIR) / "docker-compose.yml"),
-         *(["-p", os.environ["COMPOSE_PROJECT_NAME"]] if os.environ.get("COMPOSE_PROJECT_NAME") else []),
-         "restart", "backend"],
-        cwd=PROJECT_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            *compose_command(),
+            "-f",
+            str(Path(PROJECT_DIR) / "docker-compose.yml"),
+            *(
+                ["-p", os.environ["COMPOSE_PROJECT_NAME"]]
+                if os.environ.get("COMPOSE_PROJECT_NAME")
+                else []
+            ),
+            "restart",
+            "backend",
+        ],
+        cwd=PROJECT_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while restart.poll() is None and time.monotonic() < deadline:
         seen.add(sales_status())
@@ -347,34 +396,46 @@ def test_recreated_backend_container_keeps_items_on_the_named_volume() -> None:
 def test_gateway_follows_the_backend_to_a_new_address(request: pytest.FixtureRequest) -> None:
     backend = container_id("backend")
     info = inspect(backend)
-    (network, endpoint), = info["NetworkSettings"]["Networks"].items()
+    ((network, endpoint),) = info["NetworkSettings"]["Networks"].items()
     old_ip = endpoint["IPAddress"]
 
     def heal() -> None:  # runs last: leave a gateway that reaches the backend for later tests
         if sales_status() != 200:
             compose("restart", "gateway")
-            wait_for("the gateway to be ready", lambda: call("GET", "/-/ready"),
-                     lambda r: r.status == 200)
+            wait_for(
+                "the gateway to be ready",
+                lambda: call("GET", "/-/ready"),
+                lambda r: r.status == 200,
+            )
 
     request.addfinalizer(heal)
     docker("stop", backend)
     request.addfinalizer(lambda: docker("start", backend))
     # Take the address the backend had, so that it comes back with another one (as after a
     # recreate in a busier network); nothing else about the backend changes.
-    squatter = docker("run", "-d", "--network", network, "--entrypoint", "sleep",
-                      info["Config"]["Image"], "600").strip()
+    squatter = docker(
+        "run", "-d", "--network", network, "--entrypoint", "sleep", info["Config"]["Image"], "600"
+    ).strip()
     request.addfinalizer(lambda: docker("rm", "-f", squatter))
     docker("start", backend)
     new_ip = inspect(backend)["NetworkSettings"]["Networks"][network]["IPAddress"]
     assert new_ip != old_ip
-    wait_for("the gateway to reach the backend at its new address", sales_status,
-             lambda s: s == 200, timeout=30)
+    wait_for(
+        "the gateway to reach the backend at its new address",
+        sales_status,
+        lambda s: s == 200,
+        timeout=30,
+    )
 
 
 def test_gateway_restart_is_ready_again_within_seconds() -> None:
     started = time.monotonic()
     compose("restart", "gateway")
-    wait_for("the gateway to be ready again", lambda: call("GET", "/-/ready"),
-             lambda r: r.status == 200, timeout=30)
+    wait_for(
+        "the gateway to be ready again",
+        lambda: call("GET", "/-/ready"),
+        lambda r: r.status == 200,
+        timeout=30,
+    )
     assert time.monotonic() - started < 30
     assert sales_status() == 200

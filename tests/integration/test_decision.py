@@ -55,9 +55,25 @@ class DecisionStack:
 
 
 def start_decision_gateway(tmp: Path, policy: Path, *extra: str) -> Process:
-    p = Process(["-m", "gateway", "serve", "--mode", "decide", "--port", "0",
-                 "--trusted-proxy", "127.0.0.1/32", "--policy", str(policy),
-                 "--audit-log", str(tmp / "audit.log"), *extra], tmp / "gateway.log")
+    p = Process(
+        [
+            "-m",
+            "gateway",
+            "serve",
+            "--mode",
+            "decide",
+            "--port",
+            "0",
+            "--trusted-proxy",
+            "127.0.0.1/32",
+            "--policy",
+            str(policy),
+            "--audit-log",
+            str(tmp / "audit.log"),
+            *extra,
+        ],
+        tmp / "gateway.log",
+    )
     p.wait_listening()
     p.wait_healthy("/-/ready")
     return p
@@ -74,8 +90,10 @@ def dstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DecisionStack]:
         backend = start_backend(tmp)
         procs.append(backend)
         recorder_log = tmp / "recorded.jsonl"
-        recorder = Process(["-m", "tests.integration.recorder", "--port", "0",
-                            "--log", str(recorder_log)], tmp / "recorder.log")
+        recorder = Process(
+            ["-m", "tests.integration.recorder", "--port", "0", "--log", str(recorder_log)],
+            tmp / "recorder.log",
+        )
         procs.append(recorder)
         recorder.wait_listening()
         gateway = start_decision_gateway(tmp, policy)
@@ -85,11 +103,11 @@ def dstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DecisionStack]:
             if not available(kind):
                 stack.fronts[kind] = None
                 continue
-            to_backend = FrontProxy.start(kind, tmp / f"{kind}-backend", gateway.url,
-                                          backend.url)
+            to_backend = FrontProxy.start(kind, tmp / f"{kind}-backend", gateway.url, backend.url)
             started.append(to_backend)
-            to_recorder = FrontProxy.start(kind, tmp / f"{kind}-recorder", gateway.url,
-                                           recorder.url)
+            to_recorder = FrontProxy.start(
+                kind, tmp / f"{kind}-recorder", gateway.url, recorder.url
+            )
             started.append(to_recorder)
             stack.fronts[kind] = (to_backend, to_recorder)
         yield stack
@@ -103,12 +121,13 @@ def dstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DecisionStack]:
 
 
 @pytest.fixture(params=KINDS)
-def front(request: pytest.FixtureRequest, dstack: DecisionStack) -> tuple[FrontProxy,
-                                                                        FrontProxy]:
+def front(request: pytest.FixtureRequest, dstack: DecisionStack) -> tuple[FrontProxy, FrontProxy]:
     pair = dstack.fronts[request.param]
     if pair is None:
-        pytest.skip(f"{request.param} is not installed (apt-get install -y nginx caddy; "
-                    f".ci/run does it when run as root)")
+        pytest.skip(
+            f"{request.param} is not installed (apt-get install -y nginx caddy; "
+            f".ci/run does it when run as root)"
+        )
     return pair
 
 
@@ -116,23 +135,30 @@ def auth(user: str, password: str | None = None) -> dict[str, str]:
     return basic(user, PASSWORDS[user] if password is None else password)
 
 
-async def call(base: str, method: str, target: str, user: str | None = None,
-               password: str | None = None, json_body: object = None
-               ) -> tuple[int, dict[str, object] | None, dict[str, str]]:
+async def call(
+    base: str,
+    method: str,
+    target: str,
+    user: str | None = None,
+    password: str | None = None,
+    json_body: object = None,
+) -> tuple[int, dict[str, object] | None, dict[str, str]]:
     headers = auth(user, password) if user else {}
-    async with aiohttp.ClientSession() as s, s.request(
-            method, base + target, json=json_body, headers=headers) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, base + target, json=json_body, headers=headers) as r,
+    ):
         text = await r.text()
         try:
             body = json.loads(text) if text else None
         except ValueError:
-            body = None                   # nginx's own HTML page for 401/403
+            body = None  # nginx's own HTML page for 401/403
         return r.status, body, dict(r.headers)
 
 
 async def test_tutorial_session_through_the_front_proxy(front) -> None:
     base = front[0].url
-    await call(base, "DELETE", f"/api/inventory?name={HULK}", "manager")   # idempotent start
+    await call(base, "DELETE", f"/api/inventory?name={HULK}", "manager")  # idempotent start
 
     status, body, _ = await call(base, "GET", "/api/inventory?name=X-Men+1+(1991)", "sales")
     assert (status, body) == (200, {"name": "X-Men 1 (1991)", "count": 5000})
@@ -142,16 +168,22 @@ async def test_tutorial_session_through_the_front_proxy(front) -> None:
     assert status == 403
     status, body, _ = await call(base, "POST", "/api/inventory", "manager", json_body=new)
     assert (status, body) == (201, new)
-    status, body, _ = await call(base, "PUT", f"/api/inventory?name={HULK}", "manager",
-                                 json_body={"name": HULK, "count": 1})
+    status, body, _ = await call(
+        base, "PUT", f"/api/inventory?name={HULK}", "manager", json_body={"name": HULK, "count": 1}
+    )
     assert (status, body) == (200, {"name": HULK, "count": 1})
 
     # The one intended difference: the warehouse's PUT is allowed only for a body whose keys
     # are checked, and the check request carries no body.
-    status, body, _ = await call(base, "PUT", f"/api/inventory?name={HULK}", "warehouse",
-                                 json_body={"name": HULK, "count": 7})
+    status, body, _ = await call(
+        base,
+        "PUT",
+        f"/api/inventory?name={HULK}",
+        "warehouse",
+        json_body={"name": HULK, "count": 7},
+    )
     assert status == 403
-    if body is not None:                  # Caddy relays the gateway's JSON; nginx its page
+    if body is not None:  # Caddy relays the gateway's JSON; nginx its page
         assert body["code"] == "body_not_inspectable", body
 
     status, _, _ = await call(base, "POST", "/api/inventory", "warehouse", json_body=new)
@@ -171,7 +203,7 @@ async def test_tutorial_session_through_the_front_proxy(front) -> None:
 
 EXPECTED = {
     "sales": {"GET", "HEAD"},
-    "warehouse": {"GET", "HEAD"},          # PUT: body rule, denied in decision mode
+    "warehouse": {"GET", "HEAD"},  # PUT: body rule, denied in decision mode
     "manager": {"GET", "HEAD", "PUT", "POST", "DELETE"},
     "ops": set(),
 }
@@ -182,8 +214,9 @@ EXPECTED = {
 async def test_role_matrix_through_the_front_proxy(front, user, method) -> None:
     base = front[0].url
     name = f"matrix-{uuid.uuid4().hex[:8]}"
-    status, _, _ = await call(base, "POST", "/api/inventory", "manager",
-                              json_body={"name": name, "count": 1})
+    status, _, _ = await call(
+        base, "POST", "/api/inventory", "manager", json_body={"name": name, "count": 1}
+    )
     assert status == 201
     try:
         body: object = {"name": name, "count": 2} if method == "PUT" else None
@@ -202,20 +235,29 @@ async def test_role_matrix_through_the_front_proxy(front, user, method) -> None:
 
 # -- what reaches the backend ------------------------------------------------------------
 
+
 def raw_exchange(url: str, request_line: str, headers: dict[str, str]) -> int:
     """Send one request exactly as written (no client-side normalising); return the status."""
     return raw_exchange_head(url, request_line, headers)[0]
 
 
-def raw_exchange_head(url: str, request_line: str, headers: dict[str, str],
-                      source: str | None = None) -> tuple[int, dict[str, str]]:
+def raw_exchange_head(
+    url: str, request_line: str, headers: dict[str, str], source: str | None = None
+) -> tuple[int, dict[str, str]]:
     """As :func:`raw_exchange`, from ``source`` (a loopback address) when given; returns the
     status and the response header fields (lower-case names)."""
     host, port = url.split("://", 1)[1].split(":")
-    lines = [request_line, f"Host: {host}:{port}", "Connection: close",
-             *(f"{k}: {v}" for k, v in headers.items()), "", ""]
-    with socket.create_connection((host, int(port)), timeout=10,
-                                  source_address=(source, 0) if source else None) as s:
+    lines = [
+        request_line,
+        f"Host: {host}:{port}",
+        "Connection: close",
+        *(f"{k}: {v}" for k, v in headers.items()),
+        "",
+        "",
+    ]
+    with socket.create_connection(
+        (host, int(port)), timeout=10, source_address=(source, 0) if source else None
+    ) as s:
         s.sendall("\r\n".join(lines).encode("latin-1"))
         data = b""
         while b"\r\n\r\n" not in data:
@@ -224,8 +266,9 @@ def raw_exchange_head(url: str, request_line: str, headers: dict[str, str],
                 break
             data += chunk
     head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
-    fields = dict((k.strip().lower(), v.strip()) for k, _, v in
-                  (line.partition(":") for line in head[1:]))
+    fields = dict(
+        (k.strip().lower(), v.strip()) for k, _, v in (line.partition(":") for line in head[1:])
+    )
     return int(head[0].split(" ", 2)[1]), fields
 
 
@@ -240,23 +283,28 @@ def identity_of(entry: dict[str, object]) -> dict[str, str]:
     return out
 
 
-def assert_allowed_by_policy(policy: Policy, user: str | None,
-                             entry: dict[str, object]) -> None:
+def assert_allowed_by_policy(policy: Policy, user: str | None, entry: dict[str, object]) -> None:
     """The invariant: what the upstream received, the policy allows, for that user only."""
     method, target = str(entry["method"]), str(entry["target"])
     try:
         tgt = canonical_target(target)
     except Rejected as exc:
-        raise AssertionError(f"upstream received {method} {target}, which the guard "
-                             f"refuses: {exc.message}") from None
+        raise AssertionError(
+            f"upstream received {method} {target}, which the guard refuses: {exc.message}"
+        ) from None
     decision = policy.decide(user, method, tgt.segments)
     assert decision.allowed and not decision.body_keys, (user, method, target)
     names = {k.lower() for k, _ in entry["headers"]}  # type: ignore[attr-defined]
     assert "authorization" not in names
     assert not names & {h.lower() for h in OVERRIDE_HEADERS}, names
-    expected = {} if user is None else {
-        "x-authenticated-user": user,
-        "x-authenticated-roles": policy.users[user].roles_header}
+    expected = (
+        {}
+        if user is None
+        else {
+            "x-authenticated-user": user,
+            "x-authenticated-roles": policy.users[user].roles_header,
+        }
+    )
     assert identity_of(entry) == expected
 
 
@@ -266,8 +314,10 @@ def test_backend_sees_identity_never_credentials(front, dstack: DecisionStack) -
     assert status == 200
     seen, _ = dstack.seen_since(offset)
     assert len(seen) == 1
-    assert identity_of(seen[0]) == {"x-authenticated-user": "sales",
-                                    "x-authenticated-roles": "sales"}
+    assert identity_of(seen[0]) == {
+        "x-authenticated-user": "sales",
+        "x-authenticated-roles": "sales",
+    }
     assert_allowed_by_policy(dstack.policy, "sales", seen[0])
     assert seen[0]["target"] == "/api/inventory?name=x"
 
@@ -313,21 +363,25 @@ BYPASS = [
     ("GET", "/-/healthz", None, SPOOF),
     ("GET", "/-/healthz", None, {"X-Authenticated_User": "manager"}),
     ("GET", "/api/inventory", "sales", {"X-Authenticated_User": "manager"}),
-    ("GET", "/admin", "sales", {"X-Original-URI": "/api/inventory",
-                                "X-Original-Method": "GET"}),
-    ("DELETE", "/api/inventory?name=x", "sales", {"X-Forwarded-Uri": "/api/inventory",
-                                                  "X-Forwarded-Method": "GET"}),
+    ("GET", "/admin", "sales", {"X-Original-URI": "/api/inventory", "X-Original-Method": "GET"}),
+    (
+        "DELETE",
+        "/api/inventory?name=x",
+        "sales",
+        {"X-Forwarded-Uri": "/api/inventory", "X-Forwarded-Method": "GET"},
+    ),
     ("GET", "/api/inventory", None, {"X-Original-URI": "/-/healthz"}),
-    ("GET", "/api/inventory", None, {"X-Forwarded-Uri": "/-/healthz",
-                                     "X-Forwarded-Method": "GET"}),
+    ("GET", "/api/inventory", None, {"X-Forwarded-Uri": "/-/healthz", "X-Forwarded-Method": "GET"}),
     ("GET", "/api/inventory", "sales", {"Authorization": "Basic " + "A" * 5000}),
 ]
 
 
-@pytest.mark.parametrize("method,target,user,extra", BYPASS,
-                         ids=[f"{m} {t} {sorted(e)}" for m, t, _, e in BYPASS])
-def test_bypass_never_reaches_the_upstream(front, dstack: DecisionStack, method, target,
-                                           user, extra) -> None:
+@pytest.mark.parametrize(
+    "method,target,user,extra", BYPASS, ids=[f"{m} {t} {sorted(e)}" for m, t, _, e in BYPASS]
+)
+def test_bypass_never_reaches_the_upstream(
+    front, dstack: DecisionStack, method, target, user, extra
+) -> None:
     _, offset = dstack.seen_since(0)
     headers = {**(auth(user) if user else {}), **extra}
     status = raw_exchange(front[1].url, f"{method} {target} HTTP/1.1", headers)
@@ -357,38 +411,50 @@ def test_throttle_429_and_retry_after_reach_the_client(front) -> None:
     time per address and answers the others 429; the proxy relays 429 and Retry-After."""
     source = "127.0.0.3" if front[1].kind == "nginx" else "127.0.0.4"
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(
-            lambda i: raw_exchange_head(front[1].url, "GET /api/inventory HTTP/1.1",
-                                        auth("sales", f"wrong-{i}"), source), range(4)))
+        answers = list(
+            pool.map(
+                lambda i: raw_exchange_head(
+                    front[1].url, "GET /api/inventory HTTP/1.1", auth("sales", f"wrong-{i}"), source
+                ),
+                range(4),
+            )
+        )
     statuses = sorted(status for status, _ in answers)
     assert set(statuses) <= {401, 429} and 429 in statuses, statuses
     assert all(int(h["retry-after"]) >= 1 for status, h in answers if status == 429)
-    assert all(h["www-authenticate"].startswith("Basic") for status, h in answers
-               if status == 401)
+    assert all(h["www-authenticate"].startswith("Basic") for status, h in answers if status == 401)
 
 
 # -- a wrong-password flood through nginx does not starve a cached user ------------------
 
+
 def loadgen(url: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "bench.loadgen", url, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.loadgen", url, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def loadgen_result(proc: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
     out, _ = proc.communicate(timeout=timeout)
     for line in out.splitlines():
         if line.startswith("BENCH_JSON "):
-            return json.loads(line[len("BENCH_JSON "):])  # type: ignore[no-any-return]
+            return json.loads(line[len("BENCH_JSON ") :])  # type: ignore[no-any-return]
     raise AssertionError(f"load generator gave no result:\n{out}")
 
 
 @pytest.mark.flood
-@pytest.mark.skipif(os.environ.get("GATEWAY_FLOOD_TEST") != "1",
-                    reason="timed latency comparison, too noisy for a shared CI machine: "
-                           "run with GATEWAY_FLOOD_TEST=1 (see docs/DECISION.md)")
+@pytest.mark.skipif(
+    os.environ.get("GATEWAY_FLOOD_TEST") != "1",
+    reason="timed latency comparison, too noisy for a shared CI machine: "
+    "run with GATEWAY_FLOOD_TEST=1 (see docs/DECISION.md)",
+)
 def test_unique_password_flood_through_nginx_does_not_starve_a_cached_user(
-        dstack: DecisionStack) -> None:
+    dstack: DecisionStack,
+) -> None:
     """Legit p99 under a flood of unique wrong passwords (from another client address,
     127.0.0.2) stays within 1.5x of its p99 alone. 4 s alone, then 4 s under the flood.
 
@@ -402,20 +468,32 @@ def test_unique_password_flood_through_nginx_does_not_starve_a_cached_user(
     assert raw_exchange(pair[0].url, "GET /api/inventory HTTP/1.1", auth("sales")) == 200
     legit = ("--connections", "2", "--duration", "4", "--auth", cred)
     alone = loadgen_result(loadgen(url, *legit))
-    flood = loadgen(url, "--connections", "32", "--duration", "6", "--source", "127.0.0.2",
-                    "--wrong-password-for", "sales", "--announce")
+    flood = loadgen(
+        url,
+        "--connections",
+        "32",
+        "--duration",
+        "6",
+        "--source",
+        "127.0.0.2",
+        "--wrong-password-for",
+        "sales",
+        "--announce",
+    )
     try:
         assert flood.stdout is not None
-        first = flood.stdout.readline()          # BENCH_READY: the flood is on
+        first = flood.stdout.readline()  # BENCH_READY: the flood is on
         assert first.startswith("BENCH_READY"), first
         under = loadgen_result(loadgen(url, *legit))
     finally:
         flooded = loadgen_result(flood)
     p99_alone = alone["latency_us"]["p99"]
     p99_under = under["latency_us"]["p99"]
-    report = (f"legit alone: {alone['requests']} req, p99 {p99_alone} µs; under flood: "
-              f"{under['requests']} req, p99 {p99_under} µs; flood statuses "
-              f"{flooded['statuses']}")
+    report = (
+        f"legit alone: {alone['requests']} req, p99 {p99_alone} µs; under flood: "
+        f"{under['requests']} req, p99 {p99_under} µs; flood statuses "
+        f"{flooded['statuses']}"
+    )
     print(report)
     assert set(alone["statuses"]) == {"200"} and set(under["statuses"]) == {"200"}, report
     assert set(flooded["statuses"]) <= {"401", "429"}, report

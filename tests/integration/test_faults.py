@@ -38,6 +38,7 @@ ITEMS = "/api/inventory"
 
 # -- processes ---------------------------------------------------------------------------------
 
+
 class Procs:
     """Processes a test started; each is stopped by PID at teardown."""
 
@@ -48,23 +49,46 @@ class Procs:
         self.policy = write_policy(tmp / "rbac.yaml", policy_doc())
 
     def upstream(self, port: int = 0, name: str = "upstream") -> Process:
-        p = Process(["-m", "tests.integration.slowupstream", "--port", str(port)],
-                    self.tmp / f"{name}.log")
+        p = Process(
+            ["-m", "tests.integration.slowupstream", "--port", str(port)], self.tmp / f"{name}.log"
+        )
         self.started.append(p)
         p.wait_listening()
         p.wait_healthy("/healthz")
         return p
 
-    def gateway(self, upstream: str, *flags: str, name: str = "gateway",
-                nofile: int | None = None, port: int = 0) -> Process:
-        args = ["-m", "gateway", "serve", "--port", str(port), "--upstream", upstream,
-                "--policy", str(self.policy), "--no-watch",
-                "--audit-log", str(self.tmp / f"{name}-audit.log"), *flags]
+    def gateway(
+        self,
+        upstream: str,
+        *flags: str,
+        name: str = "gateway",
+        nofile: int | None = None,
+        port: int = 0,
+    ) -> Process:
+        args = [
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+            "--policy",
+            str(self.policy),
+            "--no-watch",
+            "--audit-log",
+            str(self.tmp / f"{name}-audit.log"),
+            *flags,
+        ]
         if nofile is not None:
             # Same PID: set both limits, then exec the gateway (as `ulimit -n N; exec ...`).
-            args = ["-c", "import os, resource, sys; "
-                    f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
-                    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])", *args]
+            args = [
+                "-c",
+                "import os, resource, sys; "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, {nofile})); "
+                "os.execv(sys.executable, [sys.executable] + sys.argv[1:])",
+                *args,
+            ]
         p = Process(args, self.tmp / f"{name}.log")
         self.started.append(p)
         self.gateways.append(p)
@@ -84,7 +108,7 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield ps
     finally:
         ps.stop_all()
-    for p in ps.gateways:                # whatever the faults, never a traceback
+    for p in ps.gateways:  # whatever the faults, never a traceback
         assert "Traceback" not in p.output(), p.output()[-3000:]
 
 
@@ -108,6 +132,7 @@ def _enough_descriptors() -> None:
 
 
 # -- a raw HTTP/1.1 client (no normalisation, full control over timing) -------------------------
+
 
 class Answer:
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
@@ -151,8 +176,13 @@ async def read_answer(reader: asyncio.StreamReader, head_only: bool = False) -> 
     return Answer(status, headers, body)
 
 
-def request_bytes(method: str, target: str, headers: dict[str, str] | None = None,
-                  body: bytes = b"", close: bool = False) -> bytes:
+def request_bytes(
+    method: str,
+    target: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    close: bool = False,
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "Host: gateway.test"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     if body:
@@ -162,9 +192,14 @@ def request_bytes(method: str, target: str, headers: dict[str, str] | None = Non
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-async def fetch(addr: tuple[str, int], method: str, target: str,
-                headers: dict[str, str] | None = None, body: bytes = b"",
-                timeout: float = 5.0) -> Answer:
+async def fetch(
+    addr: tuple[str, int],
+    method: str,
+    target: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    timeout: float = 5.0,
+) -> Answer:
     """One request on a new connection."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr), timeout)
     try:
@@ -187,13 +222,13 @@ async def until(condition: Any, timeout: float, what: str, interval: float = 0.0
     while not await condition():
         if loop.time() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(interval)     # polling a condition, with a deadline
+        await asyncio.sleep(interval)  # polling a condition, with a deadline
 
 
 # -- 4. trickling uploads ------------------------------------------------------------------------
 
 UPLOADS = 260
-TRICKLE_EVERY = 1.5          # seconds between the uploads' small pieces
+TRICKLE_EVERY = 1.5  # seconds between the uploads' small pieces
 MIN_RATE = 1024
 BODY_TIMEOUT = 4.0
 
@@ -211,17 +246,17 @@ async def trickle(addr: tuple[str, int], kind: str, stop_after: float) -> tuple[
     hdrs = {**MANAGER, "Content-Type": "application/json"}
     if kind == "chunked":
         hdrs["Transfer-Encoding"] = "chunked"
-        piece = b"7\r\n{\"a\":1}\r\n"                   # one 7-byte chunk
+        piece = b'7\r\n{"a":1}\r\n'  # one 7-byte chunk
     elif kind == "steady":
-        hdrs["Content-Length"] = "15000"              # buffered (<= 16 KiB); too slow in total
+        hdrs["Content-Length"] = "15000"  # buffered (<= 16 KiB); too slow in total
         piece = b"x" * 600
     elif kind == "large":
-        hdrs["Content-Length"] = str(1024 * 1024)     # streamed: over the 16 KiB buffer
+        hdrs["Content-Length"] = str(1024 * 1024)  # streamed: over the 16 KiB buffer
         piece = b"x" * 8
     else:
-        hdrs["Content-Length"] = "4000"               # small: read whole before a slot
+        hdrs["Content-Length"] = "4000"  # small: read whole before a slot
         piece = b"x" * 8
-    every = 0.25 if kind == "steady" else TRICKLE_EVERY     # 2,400 or ~5 bytes/s
+    every = 0.25 if kind == "steady" else TRICKLE_EVERY  # 2,400 or ~5 bytes/s
     answer = asyncio.ensure_future(read_answer(reader))
     try:
         writer.write(request_bytes("POST", ITEMS, hdrs))
@@ -243,8 +278,17 @@ async def trickle(addr: tuple[str, int], kind: str, stop_after: float) -> tuple[
 
 async def test_trickling_uploads_leave_room_for_others(procs: Procs) -> None:
     up = procs.upstream()
-    gw = procs.gateway(up.url, "--pool-size", "8", "--min-upload-rate", str(MIN_RATE),
-                       "--body-timeout", str(BODY_TIMEOUT), "--header-timeout", "2")
+    gw = procs.gateway(
+        up.url,
+        "--pool-size",
+        "8",
+        "--min-upload-rate",
+        str(MIN_RATE),
+        "--body-timeout",
+        str(BODY_TIMEOUT),
+        "--header-timeout",
+        "2",
+    )
     addr = address(gw)
     # Warm the credential cache: "a cached GET" is one whose bcrypt check is remembered.
     for who in (SALES, MANAGER):
@@ -259,6 +303,7 @@ async def test_trickling_uploads_leave_room_for_others(procs: Procs) -> None:
         async def holding() -> bool:
             up_doc = (await status_doc(addr))["upstream"]
             return up_doc["busy"] >= 4
+
         await until(holding, 3.0, "uploads hold half the pool")
         assert not any(u.done() and u.result()[0] == "small" for u in uploads)
 
@@ -290,14 +335,21 @@ async def test_trickling_uploads_leave_room_for_others(procs: Procs) -> None:
         codes.setdefault(kind, {}).setdefault(key, 0)
         codes[kind][key] += 1
         assert took < BODY_TIMEOUT + 2.0, (kind, a, took)
-        assert key in {(408, "body_too_slow"), (408, "body_timeout"),
-                       (503, "upstream_pool_exhausted")}, (kind, a)
+        assert key in {
+            (408, "body_too_slow"),
+            (408, "body_timeout"),
+            (503, "upstream_pool_exhausted"),
+        }, (kind, a)
     assert set(codes["small"]) <= {(408, "body_too_slow"), (408, "body_timeout")}, codes
-    assert set(codes["steady"]) == {(408, "body_timeout")}, codes     # the total deadline
+    assert set(codes["steady"]) == {(408, "body_timeout")}, codes  # the total deadline
     steady = [took for kind, _, took in results if kind == "steady"]
     assert min(steady) > BODY_TIMEOUT - 0.5, steady
-    streamed_408 = sum(n for kind in ("chunked", "large") for (status, _), n in
-                       codes[kind].items() if status == 408)
+    streamed_408 = sum(
+        n
+        for kind in ("chunked", "large")
+        for (status, _), n in codes[kind].items()
+        if status == 408
+    )
     assert streamed_408 >= 4, codes
     assert "Traceback" not in gw.output()
 
@@ -306,19 +358,25 @@ async def test_ready_says_pool_exhausted(procs: Procs) -> None:
     up = procs.upstream()
     gw = procs.gateway(up.url, "--pool-size", "8")
     addr = address(gw)
-    assert (await fetch(addr, "GET", ITEMS, SALES)).status == 200     # warm the cache
+    assert (await fetch(addr, "GET", ITEMS, SALES)).status == 200  # warm the cache
     # 12 requests to a slow upstream path: 8 hold the whole pool, 4 wait for a slot.
-    slow = [asyncio.ensure_future(fetch(addr, "GET", ITEMS + "?delay=3", SALES, timeout=10))
-            for _ in range(12)]
+    slow = [
+        asyncio.ensure_future(fetch(addr, "GET", ITEMS + "?delay=3", SALES, timeout=10))
+        for _ in range(12)
+    ]
     try:
+
         async def exhausted() -> bool:
             return bool((await status_doc(addr))["upstream"]["exhausted"])
+
         await until(exhausted, 3.0, "the pool is exhausted")
         t = time.monotonic()
         ready = await fetch(addr, "GET", "/-/ready", timeout=5.0)
         took = time.monotonic() - t
-        assert ready.status == 503 and ready.json()["code"] == "upstream_pool_exhausted", \
-            (ready, took)
+        assert ready.status == 503 and ready.json()["code"] == "upstream_pool_exhausted", (
+            ready,
+            took,
+        )
         assert took < 1.0, took
     finally:
         for s in slow:
@@ -327,14 +385,17 @@ async def test_ready_says_pool_exhausted(procs: Procs) -> None:
 
 # -- 5. slow heads under a small fd limit ---------------------------------------------------------
 
-@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2200,
-                    reason="the client side needs ~2,100 descriptors")
+
+@pytest.mark.skipif(
+    resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 2200,
+    reason="the client side needs ~2,100 descriptors",
+)
 async def test_slow_heads_under_small_fd_limit(procs: Procs) -> None:
     up = procs.upstream()
     # The header timeout is long here: the connection cap and eviction must do the work.
     gw = procs.gateway(up.url, "--header-timeout", "60", nofile=1024)
     addr = address(gw)
-    assert (await fetch(addr, "GET", ITEMS, SALES)).status == 200     # warm the cache
+    assert (await fetch(addr, "GET", ITEMS, SALES)).status == 200  # warm the cache
     m = re.search(r"up to (\d+) connections", gw.output())
     assert m and int(m.group(1)) < 1024, gw.output()
     cap = int(m.group(1))
@@ -370,7 +431,7 @@ async def test_slow_heads_under_small_fd_limit(procs: Procs) -> None:
         for i in range(2000):
             attackers.append(asyncio.ensure_future(slow_head()))
             if i % 100 == 99:
-                await asyncio.sleep(0.02)    # let the connections open in waves
+                await asyncio.sleep(0.02)  # let the connections open in waves
         await until(lambda: _true(held["opened"] >= 2000), 10.0, "2,000 slow heads opened")
 
         ok, times, failures = 0, [], []
@@ -386,7 +447,7 @@ async def test_slow_heads_under_small_fd_limit(procs: Procs) -> None:
             times.append(round(time.monotonic() - t, 3))
         assert ok == 40, (ok, failures, times)
         assert max(times) < 3.0, times
-        assert held["max"] >= cap // 2, held     # the flood really filled the gateway
+        assert held["max"] >= cap // 2, held  # the flood really filled the gateway
         assert (await status_doc(addr))["connections"] <= cap
     finally:
         stop.set()
@@ -403,6 +464,7 @@ async def _true(value: bool) -> bool:
 
 
 # -- 5. header timeout --------------------------------------------------------------------------
+
 
 async def test_partial_head_gets_408_within_header_timeout(procs: Procs) -> None:
     up = procs.upstream()
@@ -421,18 +483,19 @@ async def test_partial_head_gets_408_within_header_timeout(procs: Procs) -> None
             writer.write(b"GET /api/inventory HTTP/1.1\r\nHost: x\r\n")
             answer = asyncio.ensure_future(read_answer(reader))
             while trickle and not answer.done():
-                writer.write(trickle)        # a slowloris: one header byte now and then
+                writer.write(trickle)  # a slowloris: one header byte now and then
                 await asyncio.wait({answer}, timeout=0.2)
             a = await asyncio.wait_for(answer, 5.0)
             took = loop.time() - t0
-            rest = await asyncio.wait_for(reader.read(), 3.0)   # then the connection closes
+            rest = await asyncio.wait_for(reader.read(), 3.0)  # then the connection closes
             return a, took, rest
         finally:
             writer.close()
 
     names = ["new connection", "kept-alive connection", "head trickled byte by byte"]
-    results = await asyncio.gather(partial(b""), partial(request_bytes("GET", ITEMS, SALES)),
-                                   partial(b"", trickle=b"X"))
+    results = await asyncio.gather(
+        partial(b""), partial(request_bytes("GET", ITEMS, SALES)), partial(b"", trickle=b"X")
+    )
     for name, (a, took, rest) in zip(names, results):
         assert a.status == 408, (name, a)
         assert a.headers["content-type"].startswith("application/json"), (name, a)
@@ -444,8 +507,10 @@ async def test_partial_head_gets_408_within_header_timeout(procs: Procs) -> None
 
 # -- 6. SIGTERM under keep-alive load ------------------------------------------------------------
 
-async def connect_to(addr: tuple[str, int], pid: int
-                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+
+async def connect_to(
+    addr: tuple[str, int], pid: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A keep-alive connection that landed on process ``pid`` (two share the port)."""
     for _ in range(200):
         reader, writer = await asyncio.open_connection(*addr)
@@ -467,8 +532,9 @@ def two_generations(procs: Procs, grace: float) -> tuple[Process, Process, tuple
     return old, new, addr
 
 
-async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      target: str) -> Any:
+async def one_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: str
+) -> Any:
     """The answer to one request on an open connection, or the exception that ended it."""
     try:
         writer.write(request_bytes("GET", target, SALES))
@@ -501,7 +567,7 @@ async def test_sigterm_finishes_in_flight_and_cuts_after_grace(procs: Procs) -> 
 
     assert exited == 0, (exited, old.output()[-3000:])
     assert grace - 0.5 < drained < grace + 2.5, drained
-    for r in slow_results:                        # in flight at SIGTERM: finished
+    for r in slow_results:  # in flight at SIGTERM: finished
         assert isinstance(r, Answer) and r.status == 200 and r.closes, r
     # Still running after the grace: cut, audited as such, and counted in the log.
     assert not isinstance(cut_result, Answer), cut_result
@@ -513,7 +579,7 @@ async def test_sigterm_finishes_in_flight_and_cuts_after_grace(procs: Procs) -> 
     assert len(cuts) == 1 and cuts[0]["path"] == ITEMS, cuts
     assert "Traceback" not in out
     assert new.proc.poll() is None
-    assert (await fetch(addr, "GET", ITEMS, SALES)).status == 200   # the new one serves
+    assert (await fetch(addr, "GET", ITEMS, SALES)).status == 200  # the new one serves
 
 
 async def test_sigterm_keepalive_clients_see_no_connection_errors(procs: Procs) -> None:
@@ -524,14 +590,15 @@ async def test_sigterm_keepalive_clients_see_no_connection_errors(procs: Procs) 
     stop = asyncio.Event()
     termed = asyncio.Event()
 
-    async def keepalive_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                               pause_at_term: float = 0.0) -> None:
+    async def keepalive_client(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pause_at_term: float = 0.0
+    ) -> None:
         """Requests in a loop; honours Connection: close by opening a new connection. With
         ``pause_at_term``, it is between two requests when SIGTERM arrives (a user
         reading a page)."""
         while not stop.is_set():
             if pause_at_term and termed.is_set():
-                await asyncio.sleep(pause_at_term)      # the user's think time
+                await asyncio.sleep(pause_at_term)  # the user's think time
                 pause_at_term = 0.0
             try:
                 writer.write(request_bytes("GET", ITEMS, SALES))
@@ -559,7 +626,7 @@ async def test_sigterm_keepalive_clients_see_no_connection_errors(procs: Procs) 
 
     clients = [await connect_to(addr, old.pid) for _ in range(8)]
     thinking = await connect_to(addr, old.pid)
-    in_flight = await connect_to(addr, old.pid)     # keeps the old process draining
+    in_flight = await connect_to(addr, old.pid)  # keeps the old process draining
     loops = [asyncio.ensure_future(keepalive_client(r, w)) for r, w in clients]
     loops.append(asyncio.ensure_future(keepalive_client(*thinking, pause_at_term=0.3)))
     slow = asyncio.ensure_future(one_request(*in_flight, ITEMS + "?delay=1.2"))
@@ -570,8 +637,11 @@ async def test_sigterm_keepalive_clients_see_no_connection_errors(procs: Procs) 
         termed.set()
         exited = await loop.run_in_executor(None, lambda: _wait_exit(old, grace + 5))
         ok_before = stats["ok"]
-        await until(lambda: _true(stats["ok"] >= ok_before + 40 or not stats["reconnects"]),
-                    3.0, "the load goes on on the new generation")
+        await until(
+            lambda: _true(stats["ok"] >= ok_before + 40 or not stats["reconnects"]),
+            3.0,
+            "the load goes on on the new generation",
+        )
         stop.set()
         await asyncio.wait_for(asyncio.gather(*loops), 6)
         slow_result = await asyncio.wait_for(slow, 3)
@@ -583,7 +653,7 @@ async def test_sigterm_keepalive_clients_see_no_connection_errors(procs: Procs) 
     assert exited == 0, (exited, old.output()[-3000:])
     assert isinstance(slow_result, Answer) and slow_result.status == 200, slow_result
     assert stats["errors"] == [], stats
-    assert stats["closes_seen"] >= 9, stats       # every old connection was told to close
+    assert stats["closes_seen"] >= 9, stats  # every old connection was told to close
     assert new.proc.poll() is None
 
 
@@ -608,6 +678,7 @@ def _wait_exit(p: Process, timeout: float) -> int | None:
 
 # -- 7. Expect: 100-continue ------------------------------------------------------------------------
 
+
 async def test_100_continue_only_after_auth_authz_and_size(procs: Procs) -> None:
     up = procs.upstream()
     gw = procs.gateway(up.url, "--max-body", "1000")
@@ -618,9 +689,18 @@ async def test_100_continue_only_after_auth_authz_and_size(procs: Procs) -> None
         first was 100 (after sending the body)."""
         reader, writer = await asyncio.open_connection(*addr)
         try:
-            writer.write(request_bytes("POST", ITEMS, {
-                **headers, "Content-Type": "application/json",
-                "Content-Length": str(length), "Expect": "100-continue"}))
+            writer.write(
+                request_bytes(
+                    "POST",
+                    ITEMS,
+                    {
+                        **headers,
+                        "Content-Type": "application/json",
+                        "Content-Length": str(length),
+                        "Expect": "100-continue",
+                    },
+                )
+            )
             first = await asyncio.wait_for(read_answer(reader), 5)
             if first.status != 100:
                 return first, None
@@ -648,13 +728,14 @@ async def test_100_continue_only_after_auth_authz_and_size(procs: Procs) -> None
 
 # -- 8. upstream down --------------------------------------------------------------------------------
 
+
 def test_upstream_down_logged_once_per_state_change(procs: Procs) -> None:
     up = procs.upstream()
     port = int(up.url.rsplit(":", 1)[1])
     gw = procs.gateway(up.url)
     addr = address(gw)
     wait_for_status(gw.url + ITEMS, 200, 10, headers=SALES)
-    before = len(gw.output())          # what the log says from here on
+    before = len(gw.output())  # what the log says from here on
     assert up.stop() == 0
 
     async def flood() -> list[int]:

@@ -12,9 +12,11 @@ from tests.integration.conftest import start_backend, start_gateway
 
 def _half_closed_get(port: int, auth: str) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(f"GET /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\n"
-                  "Connection: close\r\n\r\n".encode())
-        s.shutdown(socket.SHUT_WR)              # what `printf ... | nc -N` does
+        s.sendall(
+            f"GET /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        s.shutdown(socket.SHUT_WR)  # what `printf ... | nc -N` does
         out = b""
         try:
             while chunk := s.recv(65536):

@@ -13,8 +13,9 @@ import pytest
 
 from tests.helpers import ROOT, basic, wait_for_status
 
-pytestmark = pytest.mark.skipif(bool(os.environ.get("GATEWAY_URL")),
-                                reason="starts its own processes")
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("GATEWAY_URL")), reason="starts its own processes"
+)
 
 
 def free_port() -> int:
@@ -25,23 +26,34 @@ def free_port() -> int:
 
 def test_run_script_serves_and_ctrl_c_stops_both(tmp_path) -> None:
     gw, be = free_port(), free_port()
-    env = {**os.environ, "GATEWAY_PORT": str(gw), "INVENTORY_PORT": str(be),
-           "INVENTORY_DB": str(tmp_path / "data" / "inventory.db"),
-           "GATEWAY_AUDIT_LOG": str(tmp_path / "audit.log")}
+    env = {
+        **os.environ,
+        "GATEWAY_PORT": str(gw),
+        "INVENTORY_PORT": str(be),
+        "INVENTORY_DB": str(tmp_path / "data" / "inventory.db"),
+        "GATEWAY_AUDIT_LOG": str(tmp_path / "audit.log"),
+    }
     log = open(tmp_path / "run.log", "wb")
-    proc = subprocess.Popen([sys.executable, "scripts/run_stack.py"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/run_stack.py"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for_status(f"http://127.0.0.1:{gw}/-/ready", 200, timeout=40)
         req = urllib.request.Request(
             f"http://127.0.0.1:{gw}/api/inventory?name=X-Men+1+(1991)",
-            headers=basic("sales", "imsales"))
+            headers=basic("sales", "imsales"),
+        )
         with urllib.request.urlopen(req, timeout=5) as r:
             assert r.status == 200
             assert b'"count": 5000' in r.read()
-        assert (tmp_path / "data" / "inventory.db").exists()   # created and seeded when new
+        assert (tmp_path / "data" / "inventory.db").exists()  # created and seeded when new
     finally:
-        os.killpg(proc.pid, signal.SIGINT)        # what Ctrl-C in a terminal does
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         rc = proc.wait(timeout=30)
         log.close()
     out = (tmp_path / "run.log").read_text()

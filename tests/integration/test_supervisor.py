@@ -26,7 +26,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return fields[0], int(fields[1]), int(fields[19])
 
 
@@ -54,7 +54,7 @@ def wait_until(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)   # polling a condition, with a deadline
+        time.sleep(0.02)  # polling a condition, with a deadline
 
 
 def serving_pids(url: str, n: int = 30) -> set[int]:
@@ -105,9 +105,24 @@ def kill_leftovers(pids: list[int]) -> None:
 
 
 def start(tmp: Path, name: str, *extra: str) -> Process:
-    return Process(["-m", "gateway", "serve", "--workers", "2", "--no-watch",
-                    "--upstream", "http://127.0.0.1:9", "--policy", str(SHIPPED_POLICY),
-                    "--audit-log", "off", *extra], tmp / f"{name}.log")
+    return Process(
+        [
+            "-m",
+            "gateway",
+            "serve",
+            "--workers",
+            "2",
+            "--no-watch",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--policy",
+            str(SHIPPED_POLICY),
+            "--audit-log",
+            "off",
+            *extra,
+        ],
+        tmp / f"{name}.log",
+    )
 
 
 def start_serving(tmp: Path, name: str, *extra: str, port: int = 0) -> tuple[Process, list[int]]:
@@ -120,7 +135,8 @@ def start_serving(tmp: Path, name: str, *extra: str, port: int = 0) -> tuple[Pro
 
 @pytest.mark.parametrize("victim", [0, 1], ids=["first-worker", "second-worker"])
 def test_a_killed_worker_is_replaced_and_clients_that_retry_see_no_failure(
-        tmp_path, victim) -> None:
+    tmp_path, victim
+) -> None:
     gw, workers = start_serving(tmp_path, "gw")
     fresh = workers
     try:
@@ -128,8 +144,10 @@ def test_a_killed_worker_is_replaced_and_clients_that_retry_see_no_failure(
         dead = workers[victim]
         os.kill(dead, signal.SIGKILL)
         fresh = wait_until(
-            lambda: (lambda w: w if len(w) == 2 and dead not in w else None)(
-                workers_of(gw.pid)), 2.0, "worker replaced")
+            lambda: (lambda w: w if len(w) == 2 and dead not in w else None)(workers_of(gw.pid)),
+            2.0,
+            "worker replaced",
+        )
         assert _stat(dead) is None, "the dead worker was not reaped (zombie)"
         assert gw.proc.poll() is None, gw.output()
         failures = [s for s in (get_retrying_once(gw.url) for _ in range(200)) if s != 200]
@@ -137,7 +155,10 @@ def test_a_killed_worker_is_replaced_and_clients_that_retry_see_no_failure(
         wait_until(lambda: serving_pids(gw.url) == set(fresh), 20, "the new worker serves")
         new = (set(fresh) - set(workers)).pop()
         assert worker_statuses(gw.url, 40).get(new) == {
-            "supervisor": gw.pid, "slot": victim, "restarts": 1}
+            "supervisor": gw.pid,
+            "slot": victim,
+            "restarts": 1,
+        }
         out = gw.output()
         assert f"worker {dead} (slot {victim}) died" in out and "signal SIGKILL" in out, out
         assert "restart #1" in out, out
@@ -156,8 +177,11 @@ def test_workers_exit_when_their_supervisor_is_killed(tmp_path) -> None:
     os.kill(gw.pid, signal.SIGKILL)
     gw.stop()
     try:
-        wait_until(lambda: not any(running(p) for p in workers), 2.0,
-                   f"workers {workers} gone after their supervisor's death")
+        wait_until(
+            lambda: not any(running(p) for p in workers),
+            2.0,
+            f"workers {workers} gone after their supervisor's death",
+        )
     finally:
         kill_leftovers(workers)
     # The port is free again: a new generation starts on it and is alone there.
@@ -188,8 +212,9 @@ def test_a_second_gateway_on_the_same_port_is_refused(tmp_path) -> None:
             assert second.proc.wait(timeout=30) == 1, second.output()
         finally:
             second.stop()
-        assert (f"gateway: 127.0.0.1:{port} is already in use (another gateway?); "
-                "refusing to start") in second.output()
+        assert (
+            f"gateway: 127.0.0.1:{port} is already in use (another gateway?); refusing to start"
+        ) in second.output()
         assert serving_pids(first.url) == set(workers)
         # Asked for explicitly, sharing is allowed.
         shared = start(tmp_path, "shared", "--port", str(port), "--reuse-port")
@@ -208,13 +233,13 @@ def test_a_worker_that_keeps_dying_is_retried_with_back_off(tmp_path) -> None:
     policy.write_bytes(SHIPPED_POLICY.read_bytes())
     gw, workers = start_serving(tmp_path, "gw", "--policy", str(policy))
     try:
-        policy.write_text("version: 1\nroles: [not, a, mapping]\n")   # new workers refuse it
+        policy.write_text("version: 1\nroles: [not, a, mapping]\n")  # new workers refuse it
         os.kill(workers[0], signal.SIGKILL)
         wait_until(lambda: "restarting in 0.8 s" in gw.output(), 20, "back-off reached 0.8 s")
         out = gw.output()
         assert [d for d in ("0.1", "0.2", "0.4") if f"restarting in {d} s" not in out] == []
         assert gw.proc.poll() is None and serving_pids(gw.url) == {workers[1]}
-        policy.write_bytes(SHIPPED_POLICY.read_bytes())   # fixed: the next restart stays up
+        policy.write_bytes(SHIPPED_POLICY.read_bytes())  # fixed: the next restart stays up
         wait_until(lambda: len(serving_pids(gw.url)) == 2, 20, "the slot serves again")
     finally:
         rc = gw.stop()

@@ -14,14 +14,15 @@ import yaml
 
 from tests.helpers import SHIPPED_POLICY, Process, basic, write_policy
 
-pytestmark = pytest.mark.skipif(bool(os.environ.get("GATEWAY_URL")),
-                                reason="starts its own processes")
+pytestmark = pytest.mark.skipif(
+    bool(os.environ.get("GATEWAY_URL")), reason="starts its own processes"
+)
 OPS = basic("ops", "imtheops")
 
 
 def statuses(url: str, n: int = 40) -> list[dict]:
     out = []
-    for _ in range(n):   # a new connection each time: SO_REUSEPORT spreads them
+    for _ in range(n):  # a new connection each time: SO_REUSEPORT spreads them
         req = urllib.request.Request(url + "/-/status", headers={**OPS, "Connection": "close"})
         with urllib.request.urlopen(req, timeout=5) as r:
             out.append(json.loads(r.read()))
@@ -35,7 +36,7 @@ def wait_all_workers(url: str, sha: str, workers: int, timeout: float = 30) -> s
         pids = {s["pid"] for s in seen}
         if len(pids) == workers and all(s["sha256"] == sha for s in seen):
             return pids
-        time.sleep(0.05)   # polling a condition with a deadline
+        time.sleep(0.05)  # polling a condition with a deadline
     raise AssertionError(f"not all {workers} workers reached {sha[:12]}: {seen[-3:]}")
 
 
@@ -43,15 +44,31 @@ def wait_all_workers(url: str, sha: str, workers: int, timeout: float = 30) -> s
 def test_reload_reaches_every_worker(tmp_path, stack, trigger) -> None:
     policy = tmp_path / "rbac.yaml"
     shutil.copy(SHIPPED_POLICY, policy)
-    gw = Process(["-m", "gateway", "serve", "--port", "0", "--workers", "2", "--no-watch",
-                  "--upstream", stack.backend_url, "--policy", str(policy),
-                  "--audit-log", "off"], tmp_path / "gw.log")
+    gw = Process(
+        [
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--no-watch",
+            "--upstream",
+            stack.backend_url,
+            "--policy",
+            str(policy),
+            "--audit-log",
+            "off",
+        ],
+        tmp_path / "gw.log",
+    )
     try:
         url = gw.wait_listening()
         gw.wait_healthy("/-/healthz")
         first = statuses(url)[0]["sha256"]
         pids = wait_all_workers(url, first, 2)
-        assert gw.pid not in pids                    # the supervisor serves nothing itself
+        assert gw.pid not in pids  # the supervisor serves nothing itself
         doc = yaml.safe_load(policy.read_text())
         doc["roles"]["sales"]["description"] = "changed"
         write_policy(policy, doc)

@@ -36,8 +36,18 @@ async def test_one_audit_line_per_request_with_decision_and_rule(make_gateway, s
     assert denied["decision"] == "deny" and denied["status"] == 403
     assert rejected["decision"] == "reject" and rejected["status"] == 400
     for r in recs:
-        assert {"time", "client", "user", "method", "path", "decision", "rule", "status",
-                "upstream_ms", "total_ms"} <= set(r)
+        assert {
+            "time",
+            "client",
+            "user",
+            "method",
+            "path",
+            "decision",
+            "rule",
+            "status",
+            "upstream_ms",
+            "total_ms",
+        } <= set(r)
 
 
 async def test_failed_authentication_is_its_own_event(make_gateway, settings):

@@ -16,13 +16,23 @@ import pytest
 
 from gateway.audit import AuditLog, Metrics
 
-RECORD = {"event": "request", "time": "2026-12-04T17:00:00.000Z", "client": "127.0.0.1",
-          "user": "sales", "method": "GET", "path": "/api/inventory", "decision": "allow",
-          "rule": "roles.sales.allow[0]", "status": 200, "upstream_ms": 1.5, "total_ms": 2.5}
+RECORD = {
+    "event": "request",
+    "time": "2026-12-04T17:00:00.000Z",
+    "client": "127.0.0.1",
+    "user": "sales",
+    "method": "GET",
+    "path": "/api/inventory",
+    "decision": "allow",
+    "rule": "roles.sales.allow[0]",
+    "status": 200,
+    "upstream_ms": 1.5,
+    "total_ms": 2.5,
+}
 
 
 def record(i: int) -> dict[str, object]:
-    return {**RECORD, "seq": i, "pad": "é" * (i % 300)}   # lines of varied length, non-ASCII
+    return {**RECORD, "seq": i, "pad": "é" * (i % 300)}  # lines of varied length, non-ASCII
 
 
 def parsed(path: Path) -> list[dict[str, object]]:
@@ -36,8 +46,11 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 64 KiB tmpfs (needs root / CAP_SYS_ADMIN)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
     try:
@@ -61,7 +74,8 @@ def fill(disk: Path) -> Path:
 
 
 def test_dev_full_never_raises_counts_and_logs_once_then_resumes(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="gateway.audit")
     audit = AuditLog.to_file("/dev/full")
     for i in range(10):
@@ -107,20 +121,20 @@ def test_a_full_tmpfs_drops_lines_whole_and_writing_resumes(tiny_disk: Path) -> 
     path = tiny_disk / "audit.log"
     audit = AuditLog.to_file(str(path))
     filler = fill(tiny_disk)
-    filler.write_bytes(filler.read_bytes()[:-12 * 1024])   # leave ~12 KiB free
+    filler.write_bytes(filler.read_bytes()[: -12 * 1024])  # leave ~12 KiB free
     seq = 0
-    while audit.write_errors == 0 and seq < 100_000:   # until the disk is full
+    while audit.write_errors == 0 and seq < 100_000:  # until the disk is full
         audit.write(record(seq))
         seq += 1
     assert audit.write_errors >= 1
-    written = parsed(path)          # whole lines only: the partial one was cut off
+    written = parsed(path)  # whole lines only: the partial one was cut off
     assert written and audit.dropped_lines > 0
     assert len(written) + audit.dropped_lines == seq
     for _ in range(3):
         audit.write(record(seq))
         audit.flush()
         seq += 1
-    filler.unlink()                 # space returns
+    filler.unlink()  # space returns
     audit.write(record(seq))
     audit.flush()
     lines = parsed(path)
@@ -155,7 +169,7 @@ def test_a_fragment_that_cannot_be_cut_is_ended_before_the_next_line() -> None:
     lines = got.split(b"\n")
     assert lines[-1] == b""
     bad = [i for i, line in enumerate(lines[:-1]) if not _is_json(line)]
-    assert len(bad) == 1                         # the one fragment, alone on its line
+    assert len(bad) == 1  # the one fragment, alone on its line
     assert json.loads(lines[-2])["seq"] == 1000
     audit.close()
     os.close(w)
@@ -199,7 +213,7 @@ def test_close_on_a_full_disk_does_not_raise(caplog: pytest.LogCaptureFixture) -
     audit.write(RECORD)
     audit.close()
     assert "closed while failing" in caplog.text
-    audit.write(RECORD)   # after close: ignored, not an error
+    audit.write(RECORD)  # after close: ignored, not an error
     audit.close()
 
 

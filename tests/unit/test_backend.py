@@ -218,7 +218,7 @@ async def test_delete_without_name_is_400(client: Client) -> None:
 
 async def test_other_fields_are_preserved_exactly(client: Client) -> None:
     record = {
-        "name": "Ünïcode ✓ \"quoted\" \\ \n",
+        "name": 'Ünïcode ✓ "quoted" \\ \n',
         "count": 0,
         "price": 2.5,
         "big": 10**30,
@@ -303,9 +303,7 @@ async def test_json_with_utf8_charset_is_accepted(client: Client) -> None:
     assert resp.status == 201
 
 
-@pytest.mark.parametrize(
-    "path", ["/", "/api", "/api/inventory/", "/api/inventory/x", "/healthz/x"]
-)
+@pytest.mark.parametrize("path", ["/", "/api", "/api/inventory/", "/api/inventory/x", "/healthz/x"])
 async def test_unknown_route_is_json_404(client: Client, path: str) -> None:
     await assert_error(await client.get(path), 404)
 
@@ -423,8 +421,13 @@ async def start_backend(
 ) -> tuple[asyncio.subprocess.Process, str]:
     """Start ``python -m inventory_backend ARGS`` and return it with its base URL."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "inventory_backend", *args,
-        env=clean_env(env), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "inventory_backend",
+        *args,
+        env=clean_env(env),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     prefix = b"inventory_backend listening on "
@@ -512,8 +515,16 @@ async def test_process_with_unusable_database_exits_1_with_one_line(
         (tmp_path / "file").write_text("x")
         db = tmp_path / "file" / "inv.db"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "inventory_backend", "--port", "0", "--db", str(db),
-        env=clean_env(), stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "inventory_backend",
+        "--port",
+        "0",
+        "--db",
+        str(db),
+        env=clean_env(),
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
     )
     _, stderr = await asyncio.wait_for(proc.communicate(), 15)
     lines = stderr.decode().splitlines()

@@ -24,18 +24,26 @@ from tests.helpers import (
 )
 
 
-def gateway(*args: str, stdin: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def gateway(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return run_in(ROOT, *args, stdin=stdin, env=env)
 
 
-def run_in(cwd: Path, *args: str, stdin: str | None = None,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_in(
+    cwd: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``python -m gateway ARGS`` in ``cwd``, with no GATEWAY_* variable but those given."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd, input=stdin,
-                          capture_output=True, text=True, timeout=60,
-                          env={**clean, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**clean, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 def test_check_accepts_the_shipped_policy() -> None:
@@ -46,8 +54,10 @@ def test_check_accepts_the_shipped_policy() -> None:
 
 def test_check_reports_every_problem_as_file_line_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("version: 1\nroles:\n  r:\n    allow:\n      - {methods: [get], paths: [x]}\n"
-                   "users:\n  u: {password_hash: hunter2, roles: [r]}\n")
+    bad.write_text(
+        "version: 1\nroles:\n  r:\n    allow:\n      - {methods: [get], paths: [x]}\n"
+        "users:\n  u: {password_hash: hunter2, roles: [r]}\n"
+    )
     r = gateway("check", str(bad))
     assert r.returncode == 1
     lines = r.stderr.splitlines()
@@ -60,8 +70,10 @@ def test_check_reports_every_problem_as_file_line_key(tmp_path: Path) -> None:
 def test_check_prints_warnings_without_refusing(tmp_path: Path) -> None:
     h = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
     p = tmp_path / "p.yaml"
-    p.write_text(f"version: 1\nroles:\n  r: {{allow: [{{methods: [GET], paths: [/x]}}]}}\n"
-                 f"  unused: {{}}\nusers:\n  u: {{password_hash: '{h}', roles: [r]}}\n")
+    p.write_text(
+        f"version: 1\nroles:\n  r: {{allow: [{{methods: [GET], paths: [/x]}}]}}\n"
+        f"  unused: {{}}\nusers:\n  u: {{password_hash: '{h}', roles: [r]}}\n"
+    )
     r = gateway("check", str(p))
     assert r.returncode == 0
     assert "warning: role 'unused' is held by no user" in r.stderr
@@ -69,8 +81,7 @@ def test_check_prints_warnings_without_refusing(tmp_path: Path) -> None:
 
 
 def test_explain_shows_canonical_path_decision_and_rule() -> None:
-    r = gateway("explain", str(SHIPPED_POLICY), "--user", "sales", "GET",
-                "/api/inventory?name=x")
+    r = gateway("explain", str(SHIPPED_POLICY), "--user", "sales", "GET", "/api/inventory?name=x")
     assert r.returncode == 0, r.stderr
     assert "canonical: /api/inventory" in r.stdout
     assert "decision:  ALLOW" in r.stdout
@@ -81,8 +92,7 @@ def test_explain_shows_canonical_path_decision_and_rule() -> None:
 
 
 def test_explain_runs_the_request_guard() -> None:
-    r = gateway("explain", str(SHIPPED_POLICY), "--user", "manager", "GET",
-                "/api/%2e%2e/admin")
+    r = gateway("explain", str(SHIPPED_POLICY), "--user", "manager", "GET", "/api/%2e%2e/admin")
     assert r.returncode == 3
     assert "(rejected by the guard)" in r.stdout and "dot-segments" in r.stdout
 
@@ -91,8 +101,13 @@ def test_explain_all_users_matrix() -> None:
     r = gateway("explain", str(SHIPPED_POLICY), "--all-users", "POST", "/api/inventory")
     assert r.returncode == 0
     rows = {line.split()[0]: line.split()[1] for line in r.stdout.splitlines()[1:]}
-    assert rows == {"(anonymous)": "DENY", "manager": "ALLOW", "ops": "DENY",
-                    "sales": "DENY", "warehouse": "DENY"}
+    assert rows == {
+        "(anonymous)": "DENY",
+        "manager": "ALLOW",
+        "ops": "DENY",
+        "sales": "DENY",
+        "warehouse": "DENY",
+    }
 
 
 def test_explain_unknown_user_is_a_clear_error() -> None:
@@ -144,6 +159,7 @@ def test_bad_flags_and_env_get_one_line_errors() -> None:
 
 # --------------------------------------------------------------------------- operator experience
 
+
 def test_version_on_the_module_and_on_the_console_script() -> None:
     r = gateway("--version")
     assert r.returncode == 0 and r.stdout == "rbac-gateway 0.2.0\n"
@@ -154,11 +170,13 @@ def test_version_on_the_module_and_on_the_console_script() -> None:
 
 def test_console_script_checks_and_names_itself(tmp_path: Path) -> None:
     script = Path(sys.executable).parent / "rbac-gateway"
-    r = subprocess.run([str(script), "check", str(SHIPPED_POLICY)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [str(script), "check", str(SHIPPED_POLICY)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and " OK (sha256 " in r.stdout
-    r = subprocess.run([str(script), "serve", "--port", "abc"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [str(script), "serve", "--port", "abc"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     assert r.stderr == "rbac-gateway serve: --port (GATEWAY_PORT): 'abc' is not an integer\n"
 
@@ -171,31 +189,55 @@ def test_check_without_argument_checks_what_serve_would_use(tmp_path: Path) -> N
     other.write_text("version: 2\n")
     r = run_in(tmp_path, "check", env={"GATEWAY_POLICY": str(other)})
     assert r.returncode == 1
-    assert r.stderr.splitlines()[0] == f"{other}:1: version: unsupported policy version 2: " \
-                                       "expected 1"
+    assert (
+        r.stderr.splitlines()[0] == f"{other}:1: version: unsupported policy version 2: expected 1"
+    )
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--port", "abc"], {}, "--port (GATEWAY_PORT): 'abc' is not an integer"),
-    ([], {"GATEWAY_PORT": "abc"}, "--port (GATEWAY_PORT): 'abc' is not an integer"),
-    (["--port", "70000"], {}, "--port (GATEWAY_PORT): must be 0..65535, got '70000'"),
-    (["--workers", "0"], {}, "--workers (GATEWAY_WORKERS): must be at least 1, got '0'"),
-    (["--workers", "-3"], {}, "--workers (GATEWAY_WORKERS): must be at least 1, got '-3'"),
-    (["--watch-interval", "0"], {},
-     "--watch-interval (GATEWAY_WATCH_INTERVAL): must be greater than 0, got '0'"),
-    (["--upstream-timeout", "0"], {},
-     "--upstream-timeout (GATEWAY_UPSTREAM_TIMEOUT): must be greater than 0, got '0'"),
-    ([], {"GATEWAY_CONNECT_TIMEOUT": "0"},
-     "--connect-timeout (GATEWAY_CONNECT_TIMEOUT): must be greater than 0, got '0'"),
-    (["--audit-log", "/nonexistent/dir/a.log"], {},
-     "--audit-log (GATEWAY_AUDIT_LOG): /nonexistent/dir/a.log: No such file or directory"),
-    (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], {},
-     "--tls-cert (GATEWAY_TLS_CERT): /nonexistent/cert.pem: No such file or directory"),
-    (["--server", "aiohttp"], {}, "--server (GATEWAY_SERVER): aiohttp: the aiohttp server "
-     "mode was removed (it decoded compressed request bodies: docs/SECURITY.md); omit --server"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--port", "abc"], {}, "--port (GATEWAY_PORT): 'abc' is not an integer"),
+        ([], {"GATEWAY_PORT": "abc"}, "--port (GATEWAY_PORT): 'abc' is not an integer"),
+        (["--port", "70000"], {}, "--port (GATEWAY_PORT): must be 0..65535, got '70000'"),
+        (["--workers", "0"], {}, "--workers (GATEWAY_WORKERS): must be at least 1, got '0'"),
+        (["--workers", "-3"], {}, "--workers (GATEWAY_WORKERS): must be at least 1, got '-3'"),
+        (
+            ["--watch-interval", "0"],
+            {},
+            "--watch-interval (GATEWAY_WATCH_INTERVAL): must be greater than 0, got '0'",
+        ),
+        (
+            ["--upstream-timeout", "0"],
+            {},
+            "--upstream-timeout (GATEWAY_UPSTREAM_TIMEOUT): must be greater than 0, got '0'",
+        ),
+        (
+            [],
+            {"GATEWAY_CONNECT_TIMEOUT": "0"},
+            "--connect-timeout (GATEWAY_CONNECT_TIMEOUT): must be greater than 0, got '0'",
+        ),
+        (
+            ["--audit-log", "/nonexistent/dir/a.log"],
+            {},
+            "--audit-log (GATEWAY_AUDIT_LOG): /nonexistent/dir/a.log: No such file or directory",
+        ),
+        (
+            ["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
+            {},
+            "--tls-cert (GATEWAY_TLS_CERT): /nonexistent/cert.pem: No such file or directory",
+        ),
+        (
+            ["--server", "aiohttp"],
+            {},
+            "--server (GATEWAY_SERVER): aiohttp: the aiohttp server "
+            "mode was removed (it decoded compressed request bodies: docs/SECURITY.md); omit --server",
+        ),
+    ],
+)
 def test_serve_refuses_bad_values_in_one_line_naming_flag_and_variable(
-        args: list[str], env: dict[str, str], message: str) -> None:
+    args: list[str], env: dict[str, str], message: str
+) -> None:
     r = gateway("serve", "--policy", str(SHIPPED_POLICY), *args, env=env)
     assert r.returncode == 2
     assert r.stderr == f"python -m gateway serve: {message}\n"
@@ -207,19 +249,21 @@ def test_serve_names_a_tls_file_that_is_not_pem(tmp_path: Path) -> None:
     key.write_text("not a key\n")
     r = gateway("serve", "--tls-cert", str(cert), "--tls-key", str(key))
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
-    assert r.stderr.startswith(f"python -m gateway serve: --tls-cert (GATEWAY_TLS_CERT): {cert} "
-                               f"/ {key}: not a matching PEM certificate and private key")
+    assert r.stderr.startswith(
+        f"python -m gateway serve: --tls-cert (GATEWAY_TLS_CERT): {cert} "
+        f"/ {key}: not a matching PEM certificate and private key"
+    )
 
 
 def test_serve_help_names_the_variable_of_every_flag() -> None:
     r = gateway("serve", "--help")
     assert r.returncode == 0
-    text = " ".join(r.stdout[r.stdout.index("options:"):].split())
+    text = " ".join(r.stdout[r.stdout.index("options:") :].split())
     flags = set(re.findall(r"^\s+(--[a-z-]+)", r.stdout, re.M)) - {"--help"}
     assert len(flags) >= 18, flags
     for flag in flags:
-        entry = text[text.index(f"{flag} "):]
-        entry = entry[:entry.index("]") + 1]
+        entry = text[text.index(f"{flag} ") :]
+        entry = entry[: entry.index("]") + 1]
         assert "[GATEWAY_" in entry, entry
     assert "--no-watch do not watch the policy file" in text
     assert "--log-level {DEBUG,INFO,WARNING,ERROR} least severe log level" in text
@@ -228,36 +272,66 @@ def test_serve_help_names_the_variable_of_every_flag() -> None:
 def test_hash_password_refuses_a_cost_that_takes_minutes() -> None:
     r = gateway("hash-password", "--cost", "20", stdin="pw\n")
     assert r.returncode == 2 and r.stdout == ""
-    assert re.fullmatch(r"python -m gateway hash-password: --cost 20 makes every password check "
-                        r"take ~[\d.]+ (s|min) of CPU here; refused above 16 without --force "
-                        r"\(10-13 recommended\)\n", r.stderr), r.stderr
+    assert re.fullmatch(
+        r"python -m gateway hash-password: --cost 20 makes every password check "
+        r"take ~[\d.]+ (s|min) of CPU here; refused above 16 without --force "
+        r"\(10-13 recommended\)\n",
+        r.stderr,
+    ), r.stderr
 
 
 def test_hash_password_warns_above_13_with_the_time_it_takes() -> None:
     r = gateway("hash-password", "--cost", "14", stdin="pw\n")
     assert r.returncode == 0 and r.stdout.startswith("$2b$14$")
-    assert re.fullmatch(r"python -m gateway hash-password: warning: --cost 14 makes every "
-                        r"password check take ~[\d.]+ (ms|s) of CPU here \(10-13 recommended\)\n",
-                        r.stderr), r.stderr
+    assert re.fullmatch(
+        r"python -m gateway hash-password: warning: --cost 14 makes every "
+        r"password check take ~[\d.]+ (ms|s) of CPU here \(10-13 recommended\)\n",
+        r.stderr,
+    ), r.stderr
 
 
 def test_explain_does_not_contradict_itself_on_a_body_that_does_not_fit() -> None:
-    r = gateway("explain", str(SHIPPED_POLICY), "--user", "warehouse", "PUT", "/api/inventory",
-                "--body", '{"name": "x", "price": 1}')
+    r = gateway(
+        "explain",
+        str(SHIPPED_POLICY),
+        "--user",
+        "warehouse",
+        "PUT",
+        "/api/inventory",
+        "--body",
+        '{"name": "x", "price": 1}',
+    )
     assert r.returncode == 3
     lines = dict(line.split(":", 1) for line in r.stdout.splitlines())
-    assert lines["decision"].strip() == ("DENY (the body's keys {name, price} are not within "
-                                         "{count, name})")
+    assert lines["decision"].strip() == (
+        "DENY (the body's keys {name, price} are not within {count, name})"
+    )
     assert "allowed" not in lines["because"]
-    r = gateway("explain", str(SHIPPED_POLICY), "--user", "warehouse", "PUT", "/api/inventory",
-                "--body", '{"name": "x", "count": 1}')
+    r = gateway(
+        "explain",
+        str(SHIPPED_POLICY),
+        "--user",
+        "warehouse",
+        "PUT",
+        "/api/inventory",
+        "--body",
+        '{"name": "x", "count": 1}',
+    )
     assert r.returncode == 0 and "decision:  ALLOW\n" in r.stdout
     assert "(the body fits)" in r.stdout
 
 
 def test_explain_reports_bad_json_as_bad_json() -> None:
-    r = gateway("explain", str(SHIPPED_POLICY), "--user", "warehouse", "PUT", "/api/inventory",
-                "--body", "{bad json")
+    r = gateway(
+        "explain",
+        str(SHIPPED_POLICY),
+        "--user",
+        "warehouse",
+        "PUT",
+        "/api/inventory",
+        "--body",
+        "{bad json",
+    )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("python -m gateway explain: --body is not valid JSON: ")
     assert len(r.stderr.splitlines()) == 1
@@ -300,7 +374,7 @@ def test_routes_agrees_with_explain_when_patterns_overlap(tmp_path: Path) -> Non
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith(("PATH", "/"))]
     head = rows[0]
     cell = {(row[0], row[1], col): row[i] for row in rows[1:] for i, col in enumerate(head)}
-    assert cell[("/-/status", "GET", "ops")] == "yes"        # through /-/**, as explain says
+    assert cell[("/-/status", "GET", "ops")] == "yes"  # through /-/**, as explain says
     assert cell[("/api/secret", "GET", "sales")] == "DENY"
     for (path, method, col), mark in cell.items():
         if col in ("ops", "watcher", "sales") and not path.endswith(("}", "**")):
@@ -311,9 +385,23 @@ def test_routes_agrees_with_explain_when_patterns_overlap(tmp_path: Path) -> Non
 
 def test_reload_command_reports_the_digest_or_the_refusal_with_location(tmp_path: Path) -> None:
     policy = write_policy(tmp_path / "rbac.yaml", policy_doc())
-    server = Process(["-m", "gateway", "serve", "--port", "0", "--policy", str(policy),
-                      "--upstream", "http://127.0.0.1:9", "--audit-log", "off", "--no-watch"],
-                     tmp_path / "gateway.log")
+    server = Process(
+        [
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            "0",
+            "--policy",
+            str(policy),
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--audit-log",
+            "off",
+            "--no-watch",
+        ],
+        tmp_path / "gateway.log",
+    )
     try:
         url = server.wait_listening()
         server.wait_healthy("/-/healthz")
@@ -333,15 +421,19 @@ def test_reload_command_reports_the_digest_or_the_refusal_with_location(tmp_path
         r = gateway("reload", "--url", url, env=admin)
         assert r.returncode == 1 and r.stdout == ""
         lines = r.stderr.splitlines()
-        assert lines[0] == ("python -m gateway reload: the new policy was refused; "
-                            "the one in force stays")
-        assert re.match(rf"{re.escape(str(policy))}:\d+: roles\.sales\.alow: unknown key",
-                        lines[1]), lines
+        assert lines[0] == (
+            "python -m gateway reload: the new policy was refused; the one in force stays"
+        )
+        assert re.match(
+            rf"{re.escape(str(policy))}:\d+: roles\.sales\.alow: unknown key", lines[1]
+        ), lines
 
         r = gateway("reload", "--url", url, env={**admin, "GATEWAY_ADMIN_PASSWORD": "wrong"})
         assert r.returncode == 1
-        assert r.stderr == f"python -m gateway reload: {url}/-/reload answered 401: " \
-                           "invalid credentials\n"
+        assert (
+            r.stderr == f"python -m gateway reload: {url}/-/reload answered 401: "
+            "invalid credentials\n"
+        )
         r = gateway("reload", "--url", url)
         assert r.returncode == 2 and "GATEWAY_ADMIN_USER" in r.stderr
     finally:

@@ -18,19 +18,24 @@ BODY = json.dumps({"name": "X-Men 1 (1991)", "count": 3})
 
 # role × method on /api/inventory: the tutorial's matrix (HEAD rides on GET).
 MATRIX = {
-    "sales":     {"GET": 200, "HEAD": 200, "POST": 403, "PUT": 403, "DELETE": 403},
+    "sales": {"GET": 200, "HEAD": 200, "POST": 403, "PUT": 403, "DELETE": 403},
     "warehouse": {"GET": 200, "HEAD": 200, "POST": 403, "PUT": 200, "DELETE": 403},
-    "manager":   {"GET": 200, "HEAD": 200, "POST": 200, "PUT": 200, "DELETE": 200},
-    "ops":       {"GET": 403, "HEAD": 403, "POST": 403, "PUT": 403, "DELETE": 403},
+    "manager": {"GET": 200, "HEAD": 200, "POST": 200, "PUT": 200, "DELETE": 200},
+    "ops": {"GET": 403, "HEAD": 403, "POST": 403, "PUT": 403, "DELETE": 403},
 }
 
 
-@pytest.mark.parametrize("user,method,status",
-                         [(u, m, s) for u, row in MATRIX.items() for m, s in row.items()])
+@pytest.mark.parametrize(
+    "user,method,status", [(u, m, s) for u, row in MATRIX.items() for m, s in row.items()]
+)
 async def test_role_method_matrix(gateway, upstream, user, method, status) -> None:
     data = BODY if method in ("POST", "PUT") else None
-    resp = await gateway.request(method, ITEM, data=data, headers={
-        **basic(user, PASSWORDS[user]), "Content-Type": "application/json"})
+    resp = await gateway.request(
+        method,
+        ITEM,
+        data=data,
+        headers={**basic(user, PASSWORDS[user]), "Content-Type": "application/json"},
+    )
     assert resp.status == status
     if status == 200:
         assert upstream.seen[-1].method == method
@@ -50,8 +55,11 @@ async def test_sales_cannot_post_and_gets_403_not_401(gateway, upstream) -> None
 
 
 async def test_warehouse_may_only_set_quantities(gateway, upstream) -> None:
-    ok = await gateway.put(ITEM, data=json.dumps({"name": "X", "count": 1}),
-                           headers=basic("warehouse", "imthewarehouse"))
+    ok = await gateway.put(
+        ITEM,
+        data=json.dumps({"name": "X", "count": 1}),
+        headers=basic("warehouse", "imthewarehouse"),
+    )
     assert ok.status == 200
     assert json.loads(upstream.seen[-1].body) == {"name": "X", "count": 1}
     for bad in ('{"name": "X", "price": 9}', "[1, 2]", "not json", ""):
@@ -61,24 +69,28 @@ async def test_warehouse_may_only_set_quantities(gateway, upstream) -> None:
 
 
 async def test_manager_may_put_any_fields(gateway, upstream) -> None:
-    resp = await gateway.put(ITEM, data='{"name": "X", "price": 9}',
-                             headers=basic("manager", "imthemanager"))
+    resp = await gateway.put(
+        ITEM, data='{"name": "X", "price": 9}', headers=basic("manager", "imthemanager")
+    )
     assert resp.status == 200
 
 
-@pytest.mark.parametrize("headers,why", [
-    ({}, "no credentials"),
-    (basic("sales", "wrong"), "wrong password"),
-    (basic("nobody", "imsales"), "unknown user"),
-    (basic("sales", ""), "empty password"),
-    ({"Authorization": "Bearer abc"}, "not Basic"),
-    ({"Authorization": "Basic"}, "no token"),
-    ({"Authorization": "Basic !!!notbase64"}, "bad base64"),
-    ({"Authorization": "Basic " + base64.b64encode(b"nocolon").decode()}, "no colon"),
-    ({"Authorization": "Basic " + base64.b64encode(b":pw").decode()}, "empty user"),
-    ({"Authorization": "Basic " + base64.b64encode(b"sales:\xff\xfe").decode()}, "not UTF-8"),
-    ({"Authorization": "Basic " + "QUFB" * 2000}, "very long"),
-])
+@pytest.mark.parametrize(
+    "headers,why",
+    [
+        ({}, "no credentials"),
+        (basic("sales", "wrong"), "wrong password"),
+        (basic("nobody", "imsales"), "unknown user"),
+        (basic("sales", ""), "empty password"),
+        ({"Authorization": "Bearer abc"}, "not Basic"),
+        ({"Authorization": "Basic"}, "no token"),
+        ({"Authorization": "Basic !!!notbase64"}, "bad base64"),
+        ({"Authorization": "Basic " + base64.b64encode(b"nocolon").decode()}, "no colon"),
+        ({"Authorization": "Basic " + base64.b64encode(b":pw").decode()}, "empty user"),
+        ({"Authorization": "Basic " + base64.b64encode(b"sales:\xff\xfe").decode()}, "not UTF-8"),
+        ({"Authorization": "Basic " + "QUFB" * 2000}, "very long"),
+    ],
+)
 async def test_bad_credentials_get_401_with_challenge(gateway, upstream, headers, why) -> None:
     resp = await gateway.get(ITEM, headers=headers)
     assert resp.status == 401, why
@@ -115,13 +127,23 @@ async def test_second_request_does_not_run_bcrypt_again(gateway) -> None:
 
 
 async def test_upstream_sees_identity_not_credentials(gateway, upstream) -> None:
-    resp = await gateway.get(ITEM, headers={
-        **basic("warehouse", "imthewarehouse"),
-        "X-Authenticated-User": "manager", "x-authenticated-roles": "manager",
-        "X-Authenticated-Anything": "spoof", "X-Forwarded-For": "1.2.3.4",
-        "Forwarded": "for=1.2.3.4", "Connection": "keep-alive, X-Secret-Hop",
-        "X-Secret-Hop": "should-not-pass", "Proxy-Authorization": "Basic eDp5",
-        "TE": "trailers", "X-Custom": "kept", "Host": "public.example"})
+    resp = await gateway.get(
+        ITEM,
+        headers={
+            **basic("warehouse", "imthewarehouse"),
+            "X-Authenticated-User": "manager",
+            "x-authenticated-roles": "manager",
+            "X-Authenticated-Anything": "spoof",
+            "X-Forwarded-For": "1.2.3.4",
+            "Forwarded": "for=1.2.3.4",
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "should-not-pass",
+            "Proxy-Authorization": "Basic eDp5",
+            "TE": "trailers",
+            "X-Custom": "kept",
+            "Host": "public.example",
+        },
+    )
     assert resp.status == 200
     seen = upstream.seen[-1]
     names = [n.lower() for n, _ in seen.header_items]
@@ -141,7 +163,7 @@ async def test_upstream_sees_identity_not_credentials(gateway, upstream) -> None
 async def test_response_hop_by_hop_headers_are_removed(gateway) -> None:
     resp = await gateway.get(ITEM, headers=basic("sales", "imsales"))
     assert resp.headers["X-Upstream"] == "yes"
-    assert "X-Upstream-Secret" not in resp.headers   # named in the upstream's Connection
+    assert "X-Upstream-Secret" not in resp.headers  # named in the upstream's Connection
     assert "Keep-Alive" not in resp.headers
 
 
@@ -187,7 +209,7 @@ async def test_multi_megabyte_download_is_streamed(gateway, upstream) -> None:
     got_first = upstream.events.setdefault("client_got_first", asyncio.Event())
     resp = await gateway.get("/test/download", headers=basic("tester", "testerpw"))
     assert resp.status == 200
-    first = await resp.content.readexactly(65536)   # arrives before the upstream sent the rest
+    first = await resp.content.readexactly(65536)  # arrives before the upstream sent the rest
     assert first == b"x" * 65536
     got_first.set()
     rest = await resp.read()
@@ -222,7 +244,7 @@ async def test_slow_upstream_gives_504_json(gateway) -> None:
     resp = await gateway.get("/test/slow", headers=basic("tester", "testerpw"))
     assert resp.status == 504
     assert error_of(await resp.read())["code"] == "upstream_timeout"
-    assert loop.time() - t0 < 4   # the 1 s read timeout, not the upstream's 5 s
+    assert loop.time() - t0 < 4  # the 1 s read timeout, not the upstream's 5 s
 
 
 async def test_health_and_ready_need_no_credentials(gateway) -> None:
@@ -240,14 +262,13 @@ async def test_ready_is_503_when_upstream_is_down(gateway, upstream) -> None:
 
 async def test_gateway_endpoints_are_authorized_by_policy(gateway, upstream) -> None:
     assert (await gateway.get("/-/status")).status == 401
-    assert (await gateway.get("/-/status", headers=basic("manager", "imthemanager"))).status \
-        == 403
+    assert (await gateway.get("/-/status", headers=basic("manager", "imthemanager"))).status == 403
     resp = await gateway.get("/-/status", headers=basic("ops", "imtheops"))
     assert resp.status == 200
     assert len((await resp.json())["sha256"]) == 64
     resp = await gateway.get("/-/nothing", headers=basic("ops", "imtheops"))
-    assert resp.status == 403     # ops is granted the three endpoints, nothing else under /-
-    assert upstream.seen == []    # /-/ is the gateway's own: never forwarded
+    assert resp.status == 403  # ops is granted the three endpoints, nothing else under /-
+    assert upstream.seen == []  # /-/ is the gateway's own: never forwarded
 
 
 async def test_anonymous_request_is_401_even_for_unknown_paths(gateway, upstream) -> None:
@@ -274,8 +295,7 @@ async def test_upstream_error_statuses_pass_through(make_gateway, tmp_path) -> N
     await server.start_server()
     try:
         gw = await make_gateway(upstream=str(server.make_url("")).rstrip("/"))
-        resp = await gw.post("/api/inventory", data=BODY,
-                             headers=basic("manager", "imthemanager"))
+        resp = await gw.post("/api/inventory", data=BODY, headers=basic("manager", "imthemanager"))
         assert resp.status == 409
         assert await resp.json() == {"error": "nope"}
     finally:
@@ -283,7 +303,8 @@ async def test_upstream_error_statuses_pass_through(make_gateway, tmp_path) -> N
 
 
 async def test_pool_retries_a_connection_the_upstream_closed_while_idle(
-        aiohttp_server, make_gateway) -> None:
+    aiohttp_server, make_gateway
+) -> None:
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
@@ -294,7 +315,7 @@ async def test_pool_retries_a_connection_the_upstream_closed_while_idle(
     assert (await gw.get(ITEM, headers=basic("sales", "imsales"))).status == 200
     pool = gw.gw.pool
     assert pool.idle == 1
-    await eventually(lambda: pool.idle == 0)      # the upstream has closed it
+    await eventually(lambda: pool.idle == 0)  # the upstream has closed it
     for _ in range(3):
         resp = await gw.get(ITEM, headers=basic("sales", "imsales"))
         assert resp.status == 200
@@ -302,6 +323,7 @@ async def test_pool_retries_a_connection_the_upstream_closed_while_idle(
 
 async def test_every_connection_header_names_hop_by_hop_headers(gateway, upstream) -> None:
     from multidict import CIMultiDict
+
     headers = CIMultiDict(basic("sales", "imsales"))
     headers.add("Connection", "keep-alive")
     headers.add("Connection", "X-Secret")
@@ -311,9 +333,15 @@ async def test_every_connection_header_names_hop_by_hop_headers(gateway, upstrea
 
 
 async def test_underscored_header_names_are_dropped(gateway, upstream) -> None:
-    resp = await gateway.get(ITEM, headers={**basic("sales", "imsales"),
-                                            "X-Authenticated_User": "manager",
-                                            "X_Forwarded_For": "6.6.6.6", "X-Fine": "yes"})
+    resp = await gateway.get(
+        ITEM,
+        headers={
+            **basic("sales", "imsales"),
+            "X-Authenticated_User": "manager",
+            "X_Forwarded_For": "6.6.6.6",
+            "X-Fine": "yes",
+        },
+    )
     assert resp.status == 200
     names = [n.lower() for n, _ in upstream.seen[-1].header_items]
     assert not [n for n in names if "_" in n]
@@ -321,9 +349,10 @@ async def test_underscored_header_names_are_dropped(gateway, upstream) -> None:
 
 
 async def test_malformed_host_is_refused_not_forwarded(gateway, upstream) -> None:
-    resp = await gateway.get(ITEM, headers={**basic("sales", "imsales"),
-                                            "Host": "evil.example, other"})
-    assert resp.status == 400                      # RFC 9112 3.2
+    resp = await gateway.get(
+        ITEM, headers={**basic("sales", "imsales"), "Host": "evil.example, other"}
+    )
+    assert resp.status == 400  # RFC 9112 3.2
     assert upstream.seen == []
 
 
@@ -335,17 +364,21 @@ async def test_ready_names_a_down_upstream(make_gateway, upstream) -> None:
     assert (await resp.json())["code"] == "upstream_down"
 
 
-async def test_public_rule_for_health_endpoints_is_the_policys_decision(make_gateway,
-                                                                       tmp_path) -> None:
+async def test_public_rule_for_health_endpoints_is_the_policys_decision(
+    make_gateway, tmp_path
+) -> None:
     """Without the public rule, /-/healthz needs credentials, as `explain` says."""
     from tests.helpers import policy_doc, write_policy
+
     doc = policy_doc()
     doc.pop("public")
-    doc["tests"] = [t for t in doc.get("tests", []) if not t.get("path", "").startswith("/-/")
-                    or t.get("user")]
+    doc["tests"] = [
+        t for t in doc.get("tests", []) if not t.get("path", "").startswith("/-/") or t.get("user")
+    ]
     policy = write_policy(tmp_path / "nopublic.yaml", doc)
     gw = await make_gateway(policy=policy)
     assert (await gw.get("/-/healthz")).status == 401
     from gateway.policy import load_policy
+
     decision, _ = load_policy(policy).decide_request(None, "GET", "/-/healthz")
     assert not decision.allowed

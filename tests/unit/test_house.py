@@ -8,8 +8,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "gateway"
-PRIVATE = re.compile(r"aiohttp\.(base_protocol|http_parser|web_protocol|streams|_\w+)"
-                     r"|_make_server|_drain_helper|_reading_paused|from aiohttp\._")
+PRIVATE = re.compile(
+    r"aiohttp\.(base_protocol|http_parser|web_protocol|streams|_\w+)"
+    r"|_make_server|_drain_helper|_reading_paused|from aiohttp\._"
+)
 
 
 def modules() -> dict[str, Path]:
@@ -22,9 +24,12 @@ def modules() -> dict[str, Path]:
 
 
 def test_no_private_aiohttp_name_in_the_gateway() -> None:
-    hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
-            for p in modules().values()
-            for n, line in enumerate(p.read_text().splitlines(), 1) if PRIVATE.search(line)]
+    hits = [
+        f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+        for p in modules().values()
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if PRIVATE.search(line)
+    ]
     assert hits == []
 
 
@@ -44,7 +49,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
-                parts = parts[:len(parts) - node.level + 1]
+                parts = parts[: len(parts) - node.level + 1]
                 base = ".".join([*parts, base] if base else parts)
             for alias in node.names:
                 full = f"{base}.{alias.name}"
@@ -68,9 +73,9 @@ def test_no_import_cycle_in_the_gateway() -> None:
         state[node] = 1
         for nxt in sorted(graph[node]):
             if nxt.startswith(node + "."):
-                continue                  # a package importing its own modules
+                continue  # a package importing its own modules
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt] if nxt in stack else [node, nxt])
             elif nxt not in state:
                 walk(nxt, [*stack, nxt])
         state[node] = 2
@@ -82,7 +87,9 @@ def test_no_import_cycle_in_the_gateway() -> None:
 
 
 def test_modules_stay_short_or_say_why() -> None:
-    long = [str(p.relative_to(ROOT)) for p in modules().values()
-            if len(p.read_text().splitlines()) > 450
-            and "long because" not in p.read_text()[:2000]]
+    long = [
+        str(p.relative_to(ROOT))
+        for p in modules().values()
+        if len(p.read_text().splitlines()) > 450 and "long because" not in p.read_text()[:2000]
+    ]
     assert long == []

@@ -17,6 +17,7 @@ async def open_conn(raw_gateway):
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
     from tests.conftest import _read_response
+
     return await asyncio.wait_for(_read_response(reader), 5)
 
 
@@ -33,9 +34,10 @@ async def test_keep_alive_serves_many_requests_on_one_connection(raw_gateway) ->
 
 async def test_pipelined_requests_are_answered_in_order(raw_gateway) -> None:
     reader, writer = await open_conn(raw_gateway)
-    writer.write(b"".join(b"GET /test/p%d HTTP/1.1\r\nHost: t\r\n%s\r\n\r\n" % (i, AUTH)
-                          for i in range(4))
-                 + b"GET /api/inventory HTTP/1.1\r\nHost: t\r\n\r\n")
+    writer.write(
+        b"".join(b"GET /test/p%d HTTP/1.1\r\nHost: t\r\n%s\r\n\r\n" % (i, AUTH) for i in range(4))
+        + b"GET /api/inventory HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
     statuses = []
     bodies = []
     for _ in range(5):
@@ -50,7 +52,7 @@ async def test_pipelined_requests_are_answered_in_order(raw_gateway) -> None:
 async def test_http_10_gets_an_answer_and_the_connection_closes(raw_gateway) -> None:
     reader, writer = await open_conn(raw_gateway)
     writer.write(b"GET /test/old HTTP/1.0\r\n%s\r\n\r\n" % AUTH)
-    data = await asyncio.wait_for(reader.read(), 5)     # read to EOF: the server closed
+    data = await asyncio.wait_for(reader.read(), 5)  # read to EOF: the server closed
     writer.close()
     assert data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200")
     assert b'"/test/old"' in data
@@ -58,8 +60,10 @@ async def test_http_10_gets_an_answer_and_the_connection_closes(raw_gateway) -> 
 
 async def test_expect_100_continue(raw_gateway) -> None:
     reader, writer = await open_conn(raw_gateway)
-    writer.write(b"POST /test/e HTTP/1.1\r\nHost: t\r\n%s\r\nContent-Length: 5\r\n"
-                 b"Expect: 100-continue\r\n\r\n" % AUTH)
+    writer.write(
+        b"POST /test/e HTTP/1.1\r\nHost: t\r\n%s\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n" % AUTH
+    )
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert interim.startswith(b"HTTP/1.1 100")
     writer.write(b"hello")
@@ -71,8 +75,10 @@ async def test_expect_100_continue(raw_gateway) -> None:
 async def test_refused_request_with_unread_body_closes_the_connection(raw_gateway) -> None:
     reader, writer = await open_conn(raw_gateway)
     # 403 before the (large, still arriving) body was read: the connection cannot be reused
-    writer.write(b"POST /api/inventory HTTP/1.1\r\nHost: t\r\n%s\r\n"
-                 b"Content-Length: 1000000\r\n\r\n" % SALES + b"x" * 1000)
+    writer.write(
+        b"POST /api/inventory HTTP/1.1\r\nHost: t\r\n%s\r\n"
+        b"Content-Length: 1000000\r\n\r\n" % SALES + b"x" * 1000
+    )
     status, _, _ = await read_response(reader)
     assert status == 403
     rest = await asyncio.wait_for(reader.read(), 5)
@@ -87,7 +93,7 @@ async def test_idle_keep_alive_connection_is_closed_after_the_timeout(make_raw_g
     writer.write(b"GET /test/k HTTP/1.1\r\nHost: t\r\n%s\r\n\r\n" % AUTH)
     status, _, _ = await read_response(reader)
     assert status == 200
-    assert await asyncio.wait_for(reader.read(), 5) == b""    # closed by the server
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
     writer.close()
 
 
@@ -103,14 +109,17 @@ async def test_abandoned_uploads_give_back_every_upstream_slot(raw_gateway) -> N
     pool = raw_gateway.gw.pool
     for _ in range(30):
         reader, writer = await open_conn(raw_gateway)
-        writer.write(b"POST /test/upload HTTP/1.1\r\nHost: t\r\n%s\r\nContent-Length: 100\r\n"
-                     b"\r\nabc" % AUTH)
+        writer.write(
+            b"POST /test/upload HTTP/1.1\r\nHost: t\r\n%s\r\nContent-Length: 100\r\n\r\nabc" % AUTH
+        )
         await writer.drain()
-        writer.close()                       # gone halfway through the body
-    for _ in range(30):                      # and a chunked body that breaks its framing
+        writer.close()  # gone halfway through the body
+    for _ in range(30):  # and a chunked body that breaks its framing
         reader, writer = await open_conn(raw_gateway)
-        writer.write(b"POST /test/upload HTTP/1.1\r\nHost: t\r\n%s\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nZZZ\r\n" % AUTH)
+        writer.write(
+            b"POST /test/upload HTTP/1.1\r\nHost: t\r\n%s\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nZZZ\r\n" % AUTH
+        )
         await writer.drain()
         writer.close()
     await eventually(lambda: pool.in_use == 0, timeout=10)
@@ -129,9 +138,11 @@ async def test_upstream_answering_out_of_turn_is_not_reused(make_gateway) -> Non
         n = connections
         try:
             while await reader.readuntil(b"\r\n\r\n"):
-                if n == 1:   # two answers to one request: the second must never be relayed
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
-                                 b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTALE!")
+                if n == 1:  # two answers to one request: the second must never be relayed
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTALE!"
+                    )
                 else:
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
                 await writer.drain()

@@ -39,7 +39,12 @@ def _generated_configmaps(kustomization: Manifest) -> Iterator[Manifest]:
         for entry in gen.get("files", []):
             key, _, rel = entry.rpartition("=")
             data[key or posixpath.basename(rel)] = (K8S / rel).read_text()
-        yield {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data}
+        yield {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": gen["name"]},
+            "data": data,
+        }
 
 
 def _load_all() -> list[Manifest]:
@@ -171,7 +176,9 @@ def test_policy_comes_from_the_configmap_mounted_as_a_directory() -> None:
     # subPath mounts never see ConfigMap updates (the same trap as a single-file bind mount).
     assert "subPath" not in mount
     assert mount.get("readOnly") is True
-    volume = next(v for v in GATEWAY["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    volume = next(
+        v for v in GATEWAY["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    )
     configmap = one("ConfigMap", volume["configMap"]["name"])
     assert policy_file in configmap["data"]
 
@@ -223,7 +230,9 @@ def test_backend_is_a_single_replica_with_its_database_on_a_persistent_volume() 
 
 
 def test_network_policy_lets_only_gateway_pods_reach_the_backend() -> None:
-    policies = [p for p in of_kind("NetworkPolicy") if selects(p["spec"]["podSelector"], BACKEND_LABELS)]
+    policies = [
+        p for p in of_kind("NetworkPolicy") if selects(p["spec"]["podSelector"], BACKEND_LABELS)
+    ]
     assert policies, "no NetworkPolicy selects the backend pods"
     backend_port = int(flag(container(BACKEND), "port"))
     for policy in policies:
@@ -259,10 +268,16 @@ def test_kustomize_renders_the_policy_configmap_and_wires_its_hashed_name() -> N
     assert proc.returncode == 0, proc.stderr
     rendered = [d for d in yaml.safe_load_all(proc.stdout) if d]
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in rendered if d["kind"] != "ConfigMap")
-    assert kinds == sorted((d["kind"], d["metadata"]["name"]) for d in DOCS if d["kind"] != "ConfigMap")
+    assert kinds == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in DOCS if d["kind"] != "ConfigMap"
+    )
     (configmap,) = [d for d in rendered if d["kind"] == "ConfigMap"]
     assert configmap["metadata"]["name"].startswith("rbac-gateway-policy-")
     assert configmap["data"]["rbac.yaml"].encode() == (ROOT / "rbac.yaml").read_bytes()
     (deployment,) = [d for d in rendered if d["kind"] == "Deployment"]
-    names = [v["configMap"]["name"] for v in deployment["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+    names = [
+        v["configMap"]["name"]
+        for v in deployment["spec"]["template"]["spec"]["volumes"]
+        if "configMap" in v
+    ]
     assert names == [configmap["metadata"]["name"]]

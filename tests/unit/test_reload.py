@@ -31,9 +31,12 @@ async def eventually(predicate, timeout: float = 10.0) -> None:
 def revoke_sales_get(doc: dict) -> dict:
     doc = copy.deepcopy(doc)
     doc["roles"]["sales"]["allow"] = [{"methods": ["OPTIONS"], "paths": ["/api/inventory"]}]
-    doc["tests"] = [t for t in doc["tests"] if t.get("user") not in ("sales", "warehouse",
-                                                                      "manager")
-                    or t["method"] not in ("GET", "HEAD")]
+    doc["tests"] = [
+        t
+        for t in doc["tests"]
+        if t.get("user") not in ("sales", "warehouse", "manager")
+        or t["method"] not in ("GET", "HEAD")
+    ]
     return doc
 
 
@@ -64,18 +67,31 @@ async def test_reload_endpoint_swaps_policy_and_reports_sha(gateway, policy_path
 async def test_reload_endpoint_is_authorized_by_the_policy(gateway):
     assert (await gateway.post("/-/reload")).status == 401
     assert (await gateway.post("/-/reload", headers=SALES)).status == 403
-    assert (await gateway.get("/-/reload", headers=OPS)).status == 403   # ops: POST only
+    assert (await gateway.get("/-/reload", headers=OPS)).status == 403  # ops: POST only
 
 
 BROKEN = {
     "syntax error": lambda p, d: p.write_text("version: 1\nroles: {sales: [unclosed\n"),
-    "schema error": lambda p, d: write_policy(p, {**d, "roles": {**d["roles"], "x": {
-        "allow": [{"methods": ["GET"], "paths": ["no-slash"]}]}}}),
-    "failing test case": lambda p, d: write_policy(p, {**d, "tests": [
-        *d["tests"], {"user": "sales", "method": "DELETE", "path": "/api/inventory",
-                      "expect": "allow"}]}),
-    "plaintext password": lambda p, d: write_policy(p, {**d, "users": {
-        **d["users"], "eve": {"password": "secret", "roles": ["sales"]}}}),
+    "schema error": lambda p, d: write_policy(
+        p,
+        {
+            **d,
+            "roles": {**d["roles"], "x": {"allow": [{"methods": ["GET"], "paths": ["no-slash"]}]}},
+        },
+    ),
+    "failing test case": lambda p, d: write_policy(
+        p,
+        {
+            **d,
+            "tests": [
+                *d["tests"],
+                {"user": "sales", "method": "DELETE", "path": "/api/inventory", "expect": "allow"},
+            ],
+        },
+    ),
+    "plaintext password": lambda p, d: write_policy(
+        p, {**d, "users": {**d["users"], "eve": {"password": "secret", "roles": ["sales"]}}}
+    ),
     "unreadable file": lambda p, d: os.chmod(p, 0),
     "file deleted": lambda p, d: p.unlink(),
 }
@@ -111,12 +127,12 @@ async def test_sighup_reloads(make_gateway, policy_path, base_doc):
 
     async def denied() -> bool:
         return (await gw.get("/api/inventory", headers=SALES)).status == 403
+
     await eventually(denied)
 
 
 @pytest.mark.parametrize("how", ["in-place write", "rename over", "symlink swap"])
-async def test_watcher_sees_every_kind_of_edit(make_gateway, policy_path, base_doc, how,
-                                                tmp_path):
+async def test_watcher_sees_every_kind_of_edit(make_gateway, policy_path, base_doc, how, tmp_path):
     if how == "symlink swap":
         # Kubernetes ConfigMap layout: rbac.yaml -> ..data/rbac.yaml, ..data -> ..v1
         v1, v2 = tmp_path / "..v1", tmp_path / "..v2"
@@ -130,29 +146,32 @@ async def test_watcher_sees_every_kind_of_edit(make_gateway, policy_path, base_d
     assert (await gw.get("/api/inventory", headers=SALES)).status == 200
     new = revoke_sales_get(base_doc)
     if how == "in-place write":
-        with open(policy_path, "r+") as fh:          # same inode, truncated and rewritten
+        with open(policy_path, "r+") as fh:  # same inode, truncated and rewritten
             fh.truncate(0)
             fh.write(yaml.safe_dump(new, sort_keys=False))
     elif how == "rename over":
-        write_policy(policy_path, new)               # temp file + rename: a new inode
+        write_policy(policy_path, new)  # temp file + rename: a new inode
     else:
         tmp_link = tmp_path / "..data_tmp"
         tmp_link.symlink_to("..v2")
-        tmp_link.replace(tmp_path / "..data")        # atomic symlink swap
+        tmp_link.replace(tmp_path / "..data")  # atomic symlink swap
 
     async def denied() -> bool:
         return (await gw.get("/api/inventory", headers=SALES)).status == 403
+
     await eventually(denied)
     assert gw.gw.store.stats.ok == 1
 
 
 async def test_watcher_keeps_old_policy_on_a_broken_save_and_takes_the_fix(
-        make_gateway, policy_path, base_doc):
+    make_gateway, policy_path, base_doc
+):
     gw = await make_gateway(watch=True, watch_interval=0.05)
     policy_path.write_text("version: 1\nroles: [broken\n")
 
     async def refused() -> bool:
         return gw.gw.store.stats.failed >= 1
+
     await eventually(refused)
     assert (await gw.get("/api/inventory", headers=SALES)).status == 200
     failed = gw.gw.store.stats.failed
@@ -160,19 +179,19 @@ async def test_watcher_keeps_old_policy_on_a_broken_save_and_takes_the_fix(
 
     async def denied() -> bool:
         return (await gw.get("/api/inventory", headers=SALES)).status == 403
+
     await eventually(denied)
-    assert gw.gw.store.stats.failed == failed    # the broken content was tried once only
+    assert gw.gw.store.stats.failed == failed  # the broken content was tried once only
 
 
 async def test_password_change_drops_cached_credentials(gateway, policy_path, base_doc):
-    assert (await gateway.get("/api/inventory", headers=SALES)).status == 200   # now cached
+    assert (await gateway.get("/api/inventory", headers=SALES)).status == 200  # now cached
     doc = copy.deepcopy(base_doc)
     doc["users"]["sales"]["password_hash"] = fast_hash("newpass")
     write_policy(policy_path, doc)
     assert (await gateway.post("/-/reload", headers=OPS)).status == 200
     assert (await gateway.get("/api/inventory", headers=SALES)).status == 401
-    assert (await gateway.get("/api/inventory",
-                              headers=basic("sales", "newpass"))).status == 200
+    assert (await gateway.get("/api/inventory", headers=basic("sales", "newpass"))).status == 200
 
 
 async def test_removed_user_is_refused_at_once(gateway, policy_path, base_doc):
@@ -200,19 +219,20 @@ async def test_reload_logs_what_changed(gateway, policy_path, base_doc, caplog):
 
 
 async def test_100_reloads_under_load_fail_no_request_and_mix_no_policies(
-        gateway, upstream, policy_path, base_doc):
+    gateway, upstream, policy_path, base_doc
+):
     doc_a = base_doc
     doc_b = copy.deepcopy(base_doc)
     doc_b["roles"]["sales"]["allow"].append({"methods": ["GET"], "paths": ["/test/**"]})
     # (user, method, path) -> the statuses policy A and policy B give
     cases = [
-        (SALES, "GET", "/test/x", {403, 200}),            # differs between A and B
+        (SALES, "GET", "/test/x", {403, 200}),  # differs between A and B
         (SALES, "GET", "/api/inventory", {200}),
         (SALES, "DELETE", "/api/inventory", {403}),
         (basic("tester", "testerpw"), "GET", "/test/y", {200}),
         ({}, "GET", "/api/inventory", {401}),
     ]
-    for headers, *_ in cases:    # warm the credential cache so the load is about the swap
+    for headers, *_ in cases:  # warm the credential cache so the load is about the swap
         await gateway.get("/api/inventory", headers=headers)
     stop = asyncio.Event()
     seen: dict[int, set[int]] = {i: set() for i in range(len(cases))}
@@ -236,16 +256,17 @@ async def test_100_reloads_under_load_fail_no_request_and_mix_no_policies(
             resp = await gateway.post("/-/reload", headers=OPS)
             assert resp.status == 200, await resp.text()
             assert (await resp.json())["status"] == "reloaded"
-            await asyncio.sleep(0)     # let the load run between reloads
+            await asyncio.sleep(0)  # let the load run between reloads
     finally:
         stop.set()
         await asyncio.gather(*workers)
     assert gateway.gw.store.stats.ok == 100
     assert counts["requests"] > 200
-    assert seen[0] == {200, 403}     # both policies really were in force during the run
+    assert seen[0] == {200, 403}  # both policies really were in force during the run
 
 
 # --------------------------------------------------------------------------- the store alone
+
 
 async def test_undoing_a_typo_clears_the_failure_flag_and_tells_listeners(tmp_path, caplog):
     """good → typo (refused, flag set) → the exact content in force again (`git checkout`)
@@ -263,6 +284,7 @@ async def test_undoing_a_typo_clears_the_failure_flag_and_tells_listeners(tmp_pa
 
         async def refused() -> bool:
             return store.stats.last_error is not None
+
         await eventually(refused)
         assert told[-1].ok is False and "alow" in told[-1].errors[0]
         with caplog.at_level(logging.INFO, logger="gateway.policy.store"):
@@ -270,6 +292,7 @@ async def test_undoing_a_typo_clears_the_failure_flag_and_tells_listeners(tmp_pa
 
             async def cleared() -> bool:
                 return store.stats.last_error is None
+
             await eventually(cleared)
     finally:
         task.cancel()
@@ -278,8 +301,7 @@ async def test_undoing_a_typo_clears_the_failure_flag_and_tells_listeners(tmp_pa
     assert "back to the policy in force" in caplog.text
 
 
-async def test_watcher_restoring_the_content_in_force_resets_the_metric(
-        make_gateway, policy_path):
+async def test_watcher_restoring_the_content_in_force_resets_the_metric(make_gateway, policy_path):
     gw = await make_gateway(watch=True, watch_interval=0.05)
     good = policy_path.read_bytes()
     policy_path.write_text("version: 1\nroles: [broken\n")
@@ -287,6 +309,7 @@ async def test_watcher_restoring_the_content_in_force_resets_the_metric(
     async def failed_metric(value: str) -> bool:
         text = await (await gw.get("/-/metrics", headers=OPS)).text()
         return f"gateway_policy_last_reload_failed {value}" in text
+
     await eventually(lambda: failed_metric("1.0"))
     policy_path.write_bytes(good)
     await eventually(lambda: failed_metric("0.0"))
@@ -314,8 +337,9 @@ def test_reload_diff_compares_what_users_can_do_not_rule_lists():
     old = parse_policy(yaml.safe_dump(doc).encode())
     doc = copy.deepcopy(doc)
     doc["roles"]["warehouse"]["allow"] = []
-    doc["tests"] = [t for t in doc["tests"]
-                    if not (t.get("user") == "warehouse" and t["method"] == "PUT")]
+    doc["tests"] = [
+        t for t in doc["tests"] if not (t.get("user") == "warehouse" and t["method"] == "PUT")
+    ]
     new = parse_policy(yaml.safe_dump(doc).encode())
     lines = describe_changes(old, new)
     assert lines == ["user warehouse loses: PUT /api/inventory"]

@@ -60,8 +60,13 @@ class _P:
         self.body += body
 
     def on_message_complete(self) -> None:
-        r = Req(self.n, self.parser.get_method().decode(), self.url.decode("latin-1"),
-                self.headers, self.body)
+        r = Req(
+            self.n,
+            self.parser.get_method().decode(),
+            self.url.decode("latin-1"),
+            self.headers,
+            self.body,
+        )
         self.up.seen.append(r)
         out = self.up.script(r)
         if out is None:
@@ -100,10 +105,12 @@ async def roundtrip(port: int, data: bytes, timeout: float = 5.0) -> bytes:
     await writer.drain()
     out = b""
     try:
+
         async def all_() -> None:
             nonlocal out
             while chunk := await reader.read(65536):
                 out += chunk
+
         await asyncio.wait_for(all_(), timeout)
     except TimeoutError:
         pass
@@ -113,14 +120,17 @@ async def roundtrip(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 
 def get(target: str, *, close: bool = False, extra: str = "") -> bytes:
-    return (f"GET {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: {TESTER}\r\n{extra}"
-            + ("Connection: close\r\n" if close else "") + "\r\n").encode()
-
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: {TESTER}\r\n{extra}"
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
+    ).encode()
 
 
 async def _slow_download(port: int, target: str) -> int:
     """A client with a tiny receive buffer that reads its answer slowly."""
     import socket
+
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
@@ -138,7 +148,8 @@ async def _slow_download(port: int, target: str) -> int:
 
 
 async def test_slow_reader_does_not_leave_a_paused_connection_in_the_pool(
-        make_gateway, scripted) -> None:
+    make_gateway, scripted
+) -> None:
     """Finding 1: the client's pause_writing pauses the upstream transport (relay_source);
     when the answer's last bytes arrive in the read that makes the client's buffer overflow,
     the exchange ends, relay_source is reset to None, and the upstream connection goes back
@@ -160,9 +171,11 @@ async def test_slow_reader_does_not_leave_a_paused_connection_in_the_pool(
 
 
 def post_chunked_with_trailer(trailer: str) -> bytes:
-    return (f"POST /test/a HTTP/1.1\r\nHost: gw\r\nAuthorization: {TESTER}\r\n"
-            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-            f"3\r\nabc\r\n0\r\n{trailer}\r\n\r\n").encode()
+    return (
+        f"POST /test/a HTTP/1.1\r\nHost: gw\r\nAuthorization: {TESTER}\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        f"3\r\nabc\r\n0\r\n{trailer}\r\n\r\n"
+    ).encode()
 
 
 async def test_trailer_fields_are_never_forwarded_as_header_fields(make_gateway, scripted) -> None:
@@ -183,19 +196,25 @@ async def test_method_override_in_a_late_trailer_is_not_forwarded(make_gateway, 
     gw = await make_gateway(upstream=scripted.url)
     auth = basic("warehouse", "imthewarehouse")["Authorization"]
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write((f"PUT /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\n"
-                  "Content-Type: application/json\r\nExpect: 100-continue\r\n"
-                  "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode())
+    writer.write(
+        (
+            f"PUT /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {auth}\r\n"
+            "Content-Type: application/json\r\nExpect: 100-continue\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        ).encode()
+    )
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert interim.startswith(b"HTTP/1.1 100")          # the guard and the policy have run
+    assert interim.startswith(b"HTTP/1.1 100")  # the guard and the policy have run
     body = b'{"name": "X-Men 1 (1991)", "count": 1}'
     writer.write(b"%x\r\n%s\r\n0\r\nX-HTTP-Method-Override: DELETE\r\n\r\n" % (len(body), body))
     out = await asyncio.wait_for(reader.read(65536), 5)
     writer.close()
     assert out.startswith(b"HTTP/1.1 ")
     for seen in scripted.seen:
-        assert not any(k.lower() == "x-http-method-override" for k, _ in seen.headers), \
-            (seen.method, seen.headers)
+        assert not any(k.lower() == "x-http-method-override" for k, _ in seen.headers), (
+            seen.method,
+            seen.headers,
+        )
 
 
 async def test_a_huge_header_block_is_refused_with_431(make_gateway, scripted) -> None:
@@ -204,9 +223,14 @@ async def test_a_huge_header_block_is_refused_with_431(make_gateway, scripted) -
     'Oversize header blocks get 431'."""
     gw = await make_gateway(upstream=scripted.url)
     lines = "".join(f"X-H{i}: {'v' * 8000}\r\n" for i in range(90))
-    out = await roundtrip(gw.port, (f"GET /test/a HTTP/1.1\r\nHost: gw\r\n"
-                                    f"Authorization: {TESTER}\r\n{lines}"
-                                    "Connection: close\r\n\r\n").encode())
+    out = await roundtrip(
+        gw.port,
+        (
+            f"GET /test/a HTTP/1.1\r\nHost: gw\r\n"
+            f"Authorization: {TESTER}\r\n{lines}"
+            "Connection: close\r\n\r\n"
+        ).encode(),
+    )
     assert out.startswith(b"HTTP/1.1 431"), out[:100]
     assert scripted.seen == []
 
@@ -216,34 +240,45 @@ async def test_upgrade_request_body_is_forwarded_or_refused(make_gateway, script
     upstream as 'Content-Length: 0' with no body (llhttp stops at the head of an upgrade);
     the client's body is silently dropped. It must be forwarded whole or refused (400)."""
     gw = await make_gateway(upstream=scripted.url)
-    out = await roundtrip(gw.port, (f"POST /test/a HTTP/1.1\r\nHost: gw\r\n"
-                                    f"Authorization: {TESTER}\r\nConnection: Upgrade\r\n"
-                                    "Upgrade: h2c\r\nContent-Length: 3\r\n\r\nabc").encode())
+    out = await roundtrip(
+        gw.port,
+        (
+            f"POST /test/a HTTP/1.1\r\nHost: gw\r\n"
+            f"Authorization: {TESTER}\r\nConnection: Upgrade\r\n"
+            "Upgrade: h2c\r\nContent-Length: 3\r\n\r\nabc"
+        ).encode(),
+    )
     assert out.startswith(b"HTTP/1.1 ")
-    assert all(s.body == b"abc" for s in scripted.seen), [(s.headers, s.body) for s in scripted.seen]
+    assert all(s.body == b"abc" for s in scripted.seen), [
+        (s.headers, s.body) for s in scripted.seen
+    ]
 
 
-async def test_malformed_answer_detected_before_any_byte_left_is_a_502(make_gateway,
-                                                                       scripted) -> None:
+async def test_malformed_answer_detected_before_any_byte_left_is_a_502(
+    make_gateway, scripted
+) -> None:
     """Finding 5: the upstream's head and its bad chunk size arrive in one read; the parse
     error is raised, then _flush() still writes the relayed '200 OK' head: the client gets a
     200 and a reset instead of a clean 502 (an HTTP/1.0 client reading to the close sees an
     empty 200)."""
-    scripted.script = lambda r: (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                                 b"zz\r\nabc\r\n0\r\n\r\n")
+    scripted.script = lambda r: (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+    )
     gw = await make_gateway(upstream=scripted.url)
     out = await roundtrip(gw.port, get("/test/a", close=True))
     assert out.startswith(b"HTTP/1.1 502"), out[:100]
 
 
 async def test_a_client_that_never_reads_does_not_hold_its_upstream_connection_forever(
-        make_gateway, scripted) -> None:
+    make_gateway, scripted
+) -> None:
     """Finding 6 (pool exhaustion): a client that never reads a large answer is cut after
     send_timeout, but its exchange never ends: the upstream transport stays paused (nothing is
     read, so nothing notices the client is gone) and the pool's sweeper skips it because the
     dead client's FlowControl.paused_since is never cleared. The slot is held forever:
     pool_size such clients (256 by default) make every later request 503 until restart."""
     import socket
+
     size = 8_000_000
 
     def script(r: Req) -> bytes:
@@ -252,8 +287,9 @@ async def test_a_client_that_never_reads_does_not_hold_its_upstream_connection_f
         return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     scripted.script = script
-    gw = await make_gateway(upstream=scripted.url, upstream_timeout=0.5, pool_size=2,
-                            connect_timeout=0.5)
+    gw = await make_gateway(
+        upstream=scripted.url, upstream_timeout=0.5, pool_size=2, connect_timeout=0.5
+    )
     socks = []
     for _ in range(2):
         s = socket.socket()
@@ -268,7 +304,7 @@ async def test_a_client_that_never_reads_does_not_hold_its_upstream_connection_f
             await asyncio.sleep(0.05)
         assert gw.gw._pool.in_use == 2
         deadline = loop.time() + 5
-        while gw.server.connections and loop.time() < deadline:   # both cut by send_timeout
+        while gw.server.connections and loop.time() < deadline:  # both cut by send_timeout
             await asyncio.sleep(0.05)
         assert not gw.server.connections
         deadline = loop.time() + 5
@@ -285,7 +321,7 @@ async def _send_then_half_close(port: int, data: bytes) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
     await writer.drain()
-    writer.write_eof()                       # shutdown(SHUT_WR): "that is all I send"
+    writer.write_eof()  # shutdown(SHUT_WR): "that is all I send"
     out = b""
     try:
         while chunk := await asyncio.wait_for(reader.read(65536), 5):
@@ -297,8 +333,9 @@ async def _send_then_half_close(port: int, data: bytes) -> bytes:
     return out
 
 
-async def test_half_close_after_a_complete_request_still_gets_the_answer(make_gateway,
-                                                                         scripted) -> None:
+async def test_half_close_after_a_complete_request_still_gets_the_answer(
+    make_gateway, scripted
+) -> None:
     """Finding 7: Connection.eof_received returns None, so the transport closes itself at the
     client's FIN: a client that half-closes after a *complete* request (HTTP/1.0 tools,
     `printf ... | nc -N`) gets no answer at all, although the request was forwarded and
@@ -312,8 +349,9 @@ async def test_half_close_after_a_complete_request_still_gets_the_answer(make_ga
     assert len(parse_answers(out)) == 2, out[:200]
 
 
-async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(make_gateway,
-                                                                      scripted) -> None:
+async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(
+    make_gateway, scripted
+) -> None:
     """Finding 8: one write of N pipelined wrong-password requests is parsed and queued at
     once (the 16-request pause only stops *further* reads; 256 KB of tiny requests queue ~3000),
     and after the throttle threshold each answer is tarpitted --throttle-delay seconds. The
@@ -322,8 +360,9 @@ async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(make_gatew
     legitimate client is refused."""
     gw = await make_gateway(upstream=scripted.url, max_connections=2, throttle_delay=0.5)
     bad = basic("sales", "wrong")["Authorization"]
-    flood = (f"GET /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {bad}\r\n\r\n"
-             .encode()) * 200
+    flood = (
+        f"GET /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {bad}\r\n\r\n".encode()
+    ) * 200
     held = []
     for _ in range(2):
         r, w = await asyncio.open_connection("127.0.0.1", gw.port)
@@ -332,8 +371,10 @@ async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(make_gatew
         held.append(w)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
-    while not (len(gw.server.connections) == 2 and all(c.state == 1 for c in gw.server.connections)) \
-            and loop.time() < deadline:
+    while (
+        not (len(gw.server.connections) == 2 and all(c.state == 1 for c in gw.server.connections))
+        and loop.time() < deadline
+    ):
         await asyncio.sleep(0.05)
     try:
         out = b""
@@ -347,30 +388,40 @@ async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(make_gatew
             w.transport.abort()
 
 
-async def test_http10_request_with_transfer_encoding_closes_the_connection(make_gateway,
-                                                                          scripted) -> None:
+async def test_http10_request_with_transfer_encoding_closes_the_connection(
+    make_gateway, scripted
+) -> None:
     """Finding 9: RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing
     and the connection MUST be closed after it (a 1.0 front proxy would not see that body).
     The gateway keeps the connection alive and answers the next request on it."""
     gw = await make_gateway(upstream=scripted.url)
-    out = await roundtrip(gw.port, (
-        f"POST /test/a HTTP/1.0\r\nHost: gw\r\nAuthorization: {TESTER}\r\n"
-        "Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-        f"GET /test/b HTTP/1.0\r\nHost: gw\r\nAuthorization: {TESTER}\r\n\r\n").encode())
+    out = await roundtrip(
+        gw.port,
+        (
+            f"POST /test/a HTTP/1.0\r\nHost: gw\r\nAuthorization: {TESTER}\r\n"
+            "Connection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            f"GET /test/b HTTP/1.0\r\nHost: gw\r\nAuthorization: {TESTER}\r\n\r\n"
+        ).encode(),
+    )
     answers = parse_answers(out)
     assert len(answers) == 1 and answers[0][1].get("connection") == "close", answers
     assert [s.target for s in scripted.seen] in ([], ["/test/a"])
 
 
 @pytest.mark.parametrize("hosts", [["a.test", "b.test"], [], ["a b"]])
-async def test_http11_request_without_one_valid_host_is_a_400(make_gateway, scripted,
-                                                              hosts) -> None:
+async def test_http11_request_without_one_valid_host_is_a_400(
+    make_gateway, scripted, hosts
+) -> None:
     """Finding 10: RFC 9112 3.2: a 1.1 request with no Host, several Host lines or an invalid
     Host value MUST get 400. The gateway forwards all three (a front proxy routing on the
     first Host and an upstream on the last can disagree)."""
     gw = await make_gateway(upstream=scripted.url)
     lines = "".join(f"Host: {h}\r\n" for h in hosts)
-    out = await roundtrip(gw.port, (f"GET /test/a HTTP/1.1\r\n{lines}Authorization: {TESTER}\r\n"
-                                    "Connection: close\r\n\r\n").encode())
+    out = await roundtrip(
+        gw.port,
+        (
+            f"GET /test/a HTTP/1.1\r\n{lines}Authorization: {TESTER}\r\nConnection: close\r\n\r\n"
+        ).encode(),
+    )
     assert out.startswith(b"HTTP/1.1 400"), out[:60]
     assert scripted.seen == []

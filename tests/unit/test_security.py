@@ -21,8 +21,13 @@ MANAGER = basic("manager", "imthemanager")
 
 
 def req(line: bytes, *headers: bytes, body: bytes = b"") -> bytes:
-    return (line + b"\r\nHost: gateway.test\r\n" + b"".join(h + b"\r\n" for h in headers)
-            + b"Connection: close\r\n\r\n" + body)
+    return (
+        line
+        + b"\r\nHost: gateway.test\r\n"
+        + b"".join(h + b"\r\n" for h in headers)
+        + b"Connection: close\r\n\r\n"
+        + body
+    )
 
 
 AUTH_SALES = b"Authorization: " + SALES["Authorization"].encode()
@@ -30,94 +35,184 @@ AUTH_MANAGER = b"Authorization: " + MANAGER["Authorization"].encode()
 
 # (bypass class, raw request, acceptable statuses). None of these may reach the upstream.
 BYPASSES = [
-    ("dot-segment (Envoy CVE-2019-9901)",
-     req(b"GET /api/inventory/../admin HTTP/1.1", AUTH_MANAGER), {400}),
-    ("encoded dot-segment", req(b"GET /api/inventory/%2e%2e/admin HTTP/1.1", AUTH_MANAGER),
-     {400}),
+    (
+        "dot-segment (Envoy CVE-2019-9901)",
+        req(b"GET /api/inventory/../admin HTTP/1.1", AUTH_MANAGER),
+        {400},
+    ),
+    ("encoded dot-segment", req(b"GET /api/inventory/%2e%2e/admin HTTP/1.1", AUTH_MANAGER), {400}),
     ("mixed-case encoded dots", req(b"GET /api/%2E%2e/x HTTP/1.1", AUTH_MANAGER), {400}),
     ("half-encoded dots", req(b"GET /api/.%2e/x HTTP/1.1", AUTH_MANAGER), {400}),
-    ("encoded slash + dots (Envoy CVE-2021-29492)",
-     req(b"GET /api/inventory%2F..%2Fadmin HTTP/1.1", AUTH_MANAGER), {400}),
-    ("encoded backslash", req(b"GET /api/inventory%5C..%5Cadmin HTTP/1.1", AUTH_MANAGER),
-     {400}),
+    (
+        "encoded slash + dots (Envoy CVE-2021-29492)",
+        req(b"GET /api/inventory%2F..%2Fadmin HTTP/1.1", AUTH_MANAGER),
+        {400},
+    ),
+    ("encoded backslash", req(b"GET /api/inventory%5C..%5Cadmin HTTP/1.1", AUTH_MANAGER), {400}),
     ("raw backslash", req(b"GET /api\\inventory HTTP/1.1", AUTH_MANAGER), {400}),
     ("double encoding", req(b"GET /api/%252e%252e/admin HTTP/1.1", AUTH_MANAGER), {400}),
     ("overlong UTF-8 dot", req(b"GET /api/%C0%AE%C0%AE/admin HTTP/1.1", AUTH_MANAGER), {400}),
     ("invalid UTF-8", req(b"GET /api/%FF HTTP/1.1", AUTH_MANAGER), {400}),
     ("raw non-ASCII byte", req(b"GET /api/caf\xc3\xa9 HTTP/1.1", AUTH_MANAGER), {400}),
-    ("double slash (Istio CVE-2021-31920)", req(b"GET //api/inventory HTTP/1.1", AUTH_SALES),
-     {400}),
+    (
+        "double slash (Istio CVE-2021-31920)",
+        req(b"GET //api/inventory HTTP/1.1", AUTH_SALES),
+        {400},
+    ),
     ("empty segment inside", req(b"GET /api//inventory HTTP/1.1", AUTH_SALES), {400}),
-    ("path parameter (Shiro CVE-2020-1957)", req(b"GET /api/inventory/..;/x HTTP/1.1",
-                                                 AUTH_MANAGER), {400}),
-    ("path parameter on allowed path", req(b"GET /api/inventory;a=b HTTP/1.1", AUTH_SALES),
-     {400}),
-    ("query string inside the matcher (oauth2-proxy CVE-2025-54576)",
-     req(b"GET /-/status?/api/inventory HTTP/1.1", AUTH_SALES), {403}),
+    (
+        "path parameter (Shiro CVE-2020-1957)",
+        req(b"GET /api/inventory/..;/x HTTP/1.1", AUTH_MANAGER),
+        {400},
+    ),
+    ("path parameter on allowed path", req(b"GET /api/inventory;a=b HTTP/1.1", AUTH_SALES), {400}),
+    (
+        "query string inside the matcher (oauth2-proxy CVE-2025-54576)",
+        req(b"GET /-/status?/api/inventory HTTP/1.1", AUTH_SALES),
+        {403},
+    ),
     ("query smuggling a path", req(b"GET /admin?x=/api/inventory HTTP/1.1", AUTH_SALES), {403}),
     ("fragment", req(b"GET /api/inventory#/admin HTTP/1.1", AUTH_SALES), {400}),
     ("NUL byte encoded", req(b"GET /api/inventory%00.json HTTP/1.1", AUTH_SALES), {400}),
-    ("control character encoded", req(b"GET /api/inventory%0d%0aX: y HTTP/1.1", AUTH_SALES),
-     {400}),
+    ("control character encoded", req(b"GET /api/inventory%0d%0aX: y HTTP/1.1", AUTH_SALES), {400}),
     ("bad percent escape", req(b"GET /api/inventory%G1 HTTP/1.1", AUTH_SALES), {400}),
-    ("absolute-form target", req(b"GET http://backend:8081/api/inventory HTTP/1.1",
-                                 AUTH_SALES), {400}),
-    ("absolute-form to another host", req(b"GET http://127.0.0.1:1/admin HTTP/1.1",
-                                          AUTH_MANAGER), {400}),
+    (
+        "absolute-form target",
+        req(b"GET http://backend:8081/api/inventory HTTP/1.1", AUTH_SALES),
+        {400},
+    ),
+    (
+        "absolute-form to another host",
+        req(b"GET http://127.0.0.1:1/admin HTTP/1.1", AUTH_MANAGER),
+        {400},
+    ),
     ("authority-form CONNECT", req(b"CONNECT 127.0.0.1:8081 HTTP/1.1", AUTH_MANAGER), {400}),
     ("TRACE", req(b"TRACE /api/inventory HTTP/1.1", AUTH_MANAGER), {400}),
     ("lower-case method is not GET", req(b"get /api/inventory HTTP/1.1", AUTH_SALES), {400}),
-    ("method override header",
-     req(b"POST /api/inventory HTTP/1.1", AUTH_SALES, b"X-HTTP-Method-Override: GET",
-         b"Content-Length: 0"), {400}),
-    ("method override to escalate",
-     req(b"GET /api/inventory HTTP/1.1", AUTH_SALES, b"X-Method-Override: DELETE"), {400}),
-    ("X-HTTP-Method", req(b"GET /api/inventory HTTP/1.1", AUTH_SALES, b"X-HTTP-Method: PUT"),
-     {400}),
-    ("OPTIONS needs its own rule", req(b"OPTIONS /api/inventory HTTP/1.1", AUTH_MANAGER),
-     {403}),
+    (
+        "method override header",
+        req(
+            b"POST /api/inventory HTTP/1.1",
+            AUTH_SALES,
+            b"X-HTTP-Method-Override: GET",
+            b"Content-Length: 0",
+        ),
+        {400},
+    ),
+    (
+        "method override to escalate",
+        req(b"GET /api/inventory HTTP/1.1", AUTH_SALES, b"X-Method-Override: DELETE"),
+        {400},
+    ),
+    (
+        "X-HTTP-Method",
+        req(b"GET /api/inventory HTTP/1.1", AUTH_SALES, b"X-HTTP-Method: PUT"),
+        {400},
+    ),
+    ("OPTIONS needs its own rule", req(b"OPTIONS /api/inventory HTTP/1.1", AUTH_MANAGER), {403}),
     ("case variation of a literal", req(b"GET /API/inventory HTTP/1.1", AUTH_SALES), {403}),
-    ("trailing slash is another path", req(b"DELETE /api/inventory/ HTTP/1.1", AUTH_SALES),
-     {403}),
-    ("spoofed identity header on a denied request",
-     req(b"DELETE /api/inventory HTTP/1.1", AUTH_SALES, b"X-Authenticated-User: manager",
-         b"X-Authenticated-Roles: manager"), {403}),
-    ("spoofed identity without credentials",
-     req(b"GET /api/inventory HTTP/1.1", b"X-Authenticated-User: manager"), {401}),
-    ("spoofed X-Forwarded-For without credentials",
-     req(b"GET /api/inventory HTTP/1.1", b"X-Forwarded-For: 127.0.0.1"), {401}),
-    ("smuggling: Content-Length with Transfer-Encoding",
-     req(b"POST /api/inventory HTTP/1.1", AUTH_MANAGER, b"Content-Length: 4",
-         b"Transfer-Encoding: chunked", body=b"0\r\n\r\n"), {400}),
-    ("smuggling: duplicated Content-Length",
-     req(b"POST /api/inventory HTTP/1.1", AUTH_MANAGER, b"Content-Length: 2",
-         b"Content-Length: 3", body=b"{}x"), {400}),
-    ("smuggling: obfuscated Transfer-Encoding",
-     req(b"POST /api/inventory HTTP/1.1", AUTH_MANAGER, b"Transfer-Encoding: xchunked",
-         body=b"0\r\n\r\n"), {400, 501}),
-    ("smuggling: Transfer-Encoding not last chunked",
-     req(b"POST /api/inventory HTTP/1.1", AUTH_MANAGER, b"Transfer-Encoding: chunked, gzip",
-         body=b"0\r\n\r\n"), {400, 501}),
-    ("header with obs-fold", req(b"GET /api/inventory HTTP/1.1", AUTH_SALES,
-                                 b"X-A: a\r\n b"), {400}),
-    ("oversize header", req(b"GET /api/inventory HTTP/1.1", AUTH_SALES,
-                            b"X-Big: " + b"a" * 9000), {431}),
-    ("header over the parser's own limit", req(b"GET /api/inventory HTTP/1.1", AUTH_SALES,
-                                               b"X-Big: " + b"a" * 200_000), {431}),
-    ("100 KB Authorization", req(b"GET /api/inventory HTTP/1.1",
-                                 b"Authorization: Basic " + b"QUFB" * 25_000), {401}),
-    ("too many headers", req(b"GET /api/inventory HTTP/1.1", AUTH_SALES,
-                             *[b"X-H%d: v" % i for i in range(150)]), {431}),
+    ("trailing slash is another path", req(b"DELETE /api/inventory/ HTTP/1.1", AUTH_SALES), {403}),
+    (
+        "spoofed identity header on a denied request",
+        req(
+            b"DELETE /api/inventory HTTP/1.1",
+            AUTH_SALES,
+            b"X-Authenticated-User: manager",
+            b"X-Authenticated-Roles: manager",
+        ),
+        {403},
+    ),
+    (
+        "spoofed identity without credentials",
+        req(b"GET /api/inventory HTTP/1.1", b"X-Authenticated-User: manager"),
+        {401},
+    ),
+    (
+        "spoofed X-Forwarded-For without credentials",
+        req(b"GET /api/inventory HTTP/1.1", b"X-Forwarded-For: 127.0.0.1"),
+        {401},
+    ),
+    (
+        "smuggling: Content-Length with Transfer-Encoding",
+        req(
+            b"POST /api/inventory HTTP/1.1",
+            AUTH_MANAGER,
+            b"Content-Length: 4",
+            b"Transfer-Encoding: chunked",
+            body=b"0\r\n\r\n",
+        ),
+        {400},
+    ),
+    (
+        "smuggling: duplicated Content-Length",
+        req(
+            b"POST /api/inventory HTTP/1.1",
+            AUTH_MANAGER,
+            b"Content-Length: 2",
+            b"Content-Length: 3",
+            body=b"{}x",
+        ),
+        {400},
+    ),
+    (
+        "smuggling: obfuscated Transfer-Encoding",
+        req(
+            b"POST /api/inventory HTTP/1.1",
+            AUTH_MANAGER,
+            b"Transfer-Encoding: xchunked",
+            body=b"0\r\n\r\n",
+        ),
+        {400, 501},
+    ),
+    (
+        "smuggling: Transfer-Encoding not last chunked",
+        req(
+            b"POST /api/inventory HTTP/1.1",
+            AUTH_MANAGER,
+            b"Transfer-Encoding: chunked, gzip",
+            body=b"0\r\n\r\n",
+        ),
+        {400, 501},
+    ),
+    (
+        "header with obs-fold",
+        req(b"GET /api/inventory HTTP/1.1", AUTH_SALES, b"X-A: a\r\n b"),
+        {400},
+    ),
+    (
+        "oversize header",
+        req(b"GET /api/inventory HTTP/1.1", AUTH_SALES, b"X-Big: " + b"a" * 9000),
+        {431},
+    ),
+    (
+        "header over the parser's own limit",
+        req(b"GET /api/inventory HTTP/1.1", AUTH_SALES, b"X-Big: " + b"a" * 200_000),
+        {431},
+    ),
+    (
+        "100 KB Authorization",
+        req(b"GET /api/inventory HTTP/1.1", b"Authorization: Basic " + b"QUFB" * 25_000),
+        {401},
+    ),
+    (
+        "too many headers",
+        req(b"GET /api/inventory HTTP/1.1", AUTH_SALES, *[b"X-H%d: v" % i for i in range(150)]),
+        {431},
+    ),
     ("asterisk-form", req(b"OPTIONS * HTTP/1.1", AUTH_MANAGER), {400}),
     ("no credentials", req(b"DELETE /api/inventory?name=X HTTP/1.1"), {401}),
-    ("malformed credentials", req(b"DELETE /api/inventory HTTP/1.1",
-                                  b"Authorization: Basic bWFuYWdlcg=="), {401}),
+    (
+        "malformed credentials",
+        req(b"DELETE /api/inventory HTTP/1.1", b"Authorization: Basic bWFuYWdlcg=="),
+        {401},
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,raw,statuses", BYPASSES, ids=[b[0] for b in BYPASSES])
-async def test_bypass_attempt_is_refused_and_never_forwarded(raw_gateway, name, raw,
-                                                              statuses) -> None:
+async def test_bypass_attempt_is_refused_and_never_forwarded(
+    raw_gateway, name, raw, statuses
+) -> None:
     status, headers, body = await raw_gateway.send(raw)
     assert status in statuses, (name, status, body)
     if body:
@@ -128,13 +223,17 @@ async def test_bypass_attempt_is_refused_and_never_forwarded(raw_gateway, name, 
 
 
 async def test_allowed_request_is_forwarded_byte_for_byte(raw_gateway) -> None:
-    status, _, _ = await raw_gateway.send(req(b"GET /api/inventory?name=a%2Fb+c HTTP/1.1",
-                                              AUTH_SALES))
+    status, _, _ = await raw_gateway.send(
+        req(b"GET /api/inventory?name=a%2Fb+c HTTP/1.1", AUTH_SALES)
+    )
     assert status == 200
     assert raw_gateway.upstream.seen[-1].path_qs == "/api/inventory?name=a%2Fb+c"
-    status, _, _ = await raw_gateway.send(req(b"GET /test/caf%c3%a9/%41 HTTP/1.1",
-                                              b"Authorization: " + basic("tester", "testerpw")
-                                              ["Authorization"].encode()))
+    status, _, _ = await raw_gateway.send(
+        req(
+            b"GET /test/caf%c3%a9/%41 HTTP/1.1",
+            b"Authorization: " + basic("tester", "testerpw")["Authorization"].encode(),
+        )
+    )
     assert status == 200
     assert raw_gateway.upstream.seen[-1].path_qs == "/test/caf%C3%A9/A"
 
@@ -151,13 +250,14 @@ def test_aiohttp_c_parser_is_in_use() -> None:
     import os
 
     from aiohttp import http_parser
+
     assert "AIOHTTP_NO_EXTENSIONS" not in os.environ
     assert http_parser.HttpRequestParser is not http_parser.HttpRequestParserPy
 
 
 # ---------------------------------------------------------------- throttling
 
-ATTACKER, VICTIM = "203.0.113.7", "198.51.100.9"   # documentation addresses: header values only
+ATTACKER, VICTIM = "203.0.113.7", "198.51.100.9"  # documentation addresses: header values only
 
 
 def xff(address: str, creds: dict[str, str]) -> dict[str, str]:
@@ -167,6 +267,7 @@ def xff(address: str, creds: dict[str, str]) -> dict[str, str]:
 @pytest.fixture
 async def proxied_gateway(make_gateway):
     import ipaddress
+
     return await make_gateway(trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
 
 
@@ -190,8 +291,7 @@ async def test_attacker_cannot_lock_out_the_victim_from_elsewhere(proxied_gatewa
         await gw.get("/api/inventory", headers=xff(ATTACKER, basic("sales", f"g{i}")))
     resp = await gw.get("/api/inventory", headers=xff(VICTIM, basic("sales", "imsales")))
     assert resp.status == 200
-    resp = await gw.get("/api/inventory", headers=xff(VICTIM, basic("warehouse",
-                                                                    "imthewarehouse")))
+    resp = await gw.get("/api/inventory", headers=xff(VICTIM, basic("warehouse", "imthewarehouse")))
     assert resp.status == 200
 
 
@@ -204,9 +304,10 @@ async def test_cached_users_are_not_throttled_from_an_attacked_address(proxied_g
 
 
 async def test_x_forwarded_for_is_ignored_unless_from_a_trusted_proxy(gateway, upstream):
-    for i in range(25):   # rotating the header does not escape the per-address throttle
-        resp = await gateway.get("/api/inventory",
-                                 headers=xff(f"192.0.2.{i}", basic("sales", f"g{i}")))
+    for i in range(25):  # rotating the header does not escape the per-address throttle
+        resp = await gateway.get(
+            "/api/inventory", headers=xff(f"192.0.2.{i}", basic("sales", f"g{i}"))
+        )
     assert resp.status == 429
     # and the upstream sees the real peer, not the claimed address
     upstream.seen.clear()
@@ -216,27 +317,32 @@ async def test_x_forwarded_for_is_ignored_unless_from_a_trusted_proxy(gateway, u
 
 
 async def test_trusted_proxy_chain_yields_the_client_address(proxied_gateway, upstream):
-    resp = await proxied_gateway.get("/api/inventory", headers={
-        **SALES, "X-Forwarded-For": f"192.0.2.66, {VICTIM}, 127.0.0.2"})
+    resp = await proxied_gateway.get(
+        "/api/inventory", headers={**SALES, "X-Forwarded-For": f"192.0.2.66, {VICTIM}, 127.0.0.2"}
+    )
     assert resp.status == 200
     assert upstream.seen[-1].headers["X-Forwarded-For"] == VICTIM
 
 
 # ---------------------------------------------------------------- bcrypt bounds and timing
 
+
 def policy_with_cost(cost: int):
     h = bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=cost)).decode()
-    return parse_policy(f"""
+    return parse_policy(
+        f"""
 version: 1
 roles: {{r: {{allow: [{{methods: [GET], paths: [/x]}}]}}}}
 users: {{alice: {{password_hash: "{h}", roles: [r]}}}}
-""".encode())
+""".encode()
+    )
 
 
 async def test_bcrypt_checks_in_flight_are_bounded_503_quickly() -> None:
     policy = policy_with_cost(10)
-    auth = Authenticator(max_inflight=2, threads=1,
-                         throttle=FailureThrottle(per_user=10**6, per_address=10**6))
+    auth = Authenticator(
+        max_inflight=2, threads=1, throttle=FailureThrottle(per_user=10**6, per_address=10**6)
+    )
     await auth.prepare(policy)
     loop = asyncio.get_running_loop()
 
@@ -253,7 +359,7 @@ async def test_bcrypt_checks_in_flight_are_bounded_503_quickly() -> None:
     results = await asyncio.gather(*(attempt(i) for i in range(10)))
     refused = [t for s, t in results if s == "503"]
     assert len(refused) == 8 and sum(1 for s, _ in results if s == "401") == 2
-    assert max(refused) < 0.05           # refused at once, not after queueing
+    assert max(refused) < 0.05  # refused at once, not after queueing
     auth.close()
 
 
@@ -297,7 +403,7 @@ async def test_unknown_user_costs_the_same_as_a_wrong_password() -> None:
                 await auth.authenticate(policy, Credentials(user, f"pw{i}"), "addr")
             pair.append(time.perf_counter() - t0)
             assert exc.value.message == "invalid credentials"
-            assert auth.bcrypt_checks == checks + 1        # a real bcrypt check each time
+            assert auth.bcrypt_checks == checks + 1  # a real bcrypt check each time
         ratios.append(pair[0] / pair[1])
     assert 0.67 < statistics.median(ratios) < 1.5, sorted(ratios)
     auth.close()
@@ -314,16 +420,18 @@ async def test_unknown_user_and_wrong_password_same_status_and_body(raw_gateway)
 async def test_concurrent_first_requests_share_one_bcrypt_check(make_gateway) -> None:
     gw = await make_gateway()
     auth = gw.gw.auth
-    results = await asyncio.gather(*(gw.get("/api/inventory", headers=SALES)
-                                     for _ in range(20)))
+    results = await asyncio.gather(*(gw.get("/api/inventory", headers=SALES) for _ in range(20)))
     assert [r.status for r in results] == [200] * 20
     assert auth.bcrypt_checks == 1
 
 
 async def test_one_address_gets_few_password_checks_in_flight() -> None:
     policy = policy_with_cost(8)
-    auth = Authenticator(per_address_inflight=2, max_inflight=100,
-                         throttle=FailureThrottle(per_user=10**6, per_address=10**6))
+    auth = Authenticator(
+        per_address_inflight=2,
+        max_inflight=100,
+        throttle=FailureThrottle(per_user=10**6, per_address=10**6),
+    )
     await auth.prepare(policy)
 
     async def attempt(i: int, address: str) -> str:
@@ -339,27 +447,29 @@ async def test_one_address_gets_few_password_checks_in_flight() -> None:
     flood = await asyncio.gather(*(attempt(i, "203.0.113.7") for i in range(10)))
     assert flood.count("401") == 2 and flood.count("429") == 8
     others = await asyncio.gather(*(attempt(i, f"198.51.100.{i}") for i in range(5)))
-    assert others == ["401"] * 5          # other addresses are not limited by it
+    assert others == ["401"] * 5  # other addresses are not limited by it
     auth.close()
 
 
 async def test_throttled_clients_wait_for_their_429(make_gateway) -> None:
     import time as _time
+
     gw = await make_gateway(throttle_delay=0.3)
     for i in range(6):
         await gw.get("/api/inventory", headers=basic("sales", f"guess{i}"))
     t0 = _time.monotonic()
     resp = await gw.get("/api/inventory", headers=basic("sales", "again"))
     assert resp.status == 429
-    assert _time.monotonic() - t0 >= 0.29     # uvloop's timers have 1 ms resolution
+    assert _time.monotonic() - t0 >= 0.29  # uvloop's timers have 1 ms resolution
 
 
-async def test_deeply_nested_json_on_a_body_checked_route_is_403_not_500(gateway,
-                                                                         upstream) -> None:
+async def test_deeply_nested_json_on_a_body_checked_route_is_403_not_500(gateway, upstream) -> None:
     deep = b'{"count": ' + b"[" * 5000 + b"]" * 5000 + b', "name": "x"}'
-    resp = await gateway.put("/api/inventory?name=x", data=deep,
-                             headers={**basic("warehouse", "imthewarehouse"),
-                                      "Content-Type": "application/json"})
+    resp = await gateway.put(
+        "/api/inventory?name=x",
+        data=deep,
+        headers={**basic("warehouse", "imthewarehouse"), "Content-Type": "application/json"},
+    )
     assert resp.status == 403
     doc = await resp.json()
     assert doc["status"] == 403 and "may only send a JSON object" in doc["error"]
@@ -368,9 +478,11 @@ async def test_deeply_nested_json_on_a_body_checked_route_is_403_not_500(gateway
 
 async def test_compressed_body_on_a_body_checked_route_is_refused(gateway, upstream) -> None:
     import gzip
-    resp = await gateway.put("/api/inventory?name=x",
-                             data=gzip.compress(b'{"name": "x", "count": 1}'),
-                             headers={**basic("warehouse", "imthewarehouse"),
-                                      "Content-Encoding": "gzip"})
+
+    resp = await gateway.put(
+        "/api/inventory?name=x",
+        data=gzip.compress(b'{"name": "x", "count": 1}'),
+        headers={**basic("warehouse", "imthewarehouse"), "Content-Encoding": "gzip"},
+    )
     assert resp.status == 403
     assert upstream.seen == []

@@ -27,9 +27,11 @@ from tests.helpers import basic, policy_doc, write_policy
 
 SALES = basic("sales", "imsales")["Authorization"]
 TESTER = basic("tester", "testerpw")["Authorization"]
-SMUGGLED = (b"DELETE /api/inventory?name=X-Men+1+(1991) HTTP/1.1\r\nHost: x\r\n"
-            b"X-Authenticated-User: admin\r\nX-Authenticated-Roles: admin\r\n"
-            b"Content-Length: 0\r\n\r\n")
+SMUGGLED = (
+    b"DELETE /api/inventory?name=X-Men+1+(1991) HTTP/1.1\r\nHost: x\r\n"
+    b"X-Authenticated-User: admin\r\nX-Authenticated-Roles: admin\r\n"
+    b"Content-Length: 0\r\n\r\n"
+)
 
 
 @dataclass
@@ -50,7 +52,7 @@ class RawUpstream:
 
     port: int = 0
     seen: list[Seen] = field(default_factory=list)
-    answer: str = "length"              # length | chunked | close
+    answer: str = "length"  # length | chunked | close
     answer_body: bytes = b'{"ok": true}'
     errors: list[str] = field(default_factory=list)
 
@@ -91,8 +93,15 @@ class _Parse:
         self.body += body
 
     def on_message_complete(self) -> None:
-        self.up.seen.append(Seen(self.conn, self.parser.get_method().decode(),
-                                 self.url.decode("latin-1"), self.headers, self.body))
+        self.up.seen.append(
+            Seen(
+                self.conn,
+                self.parser.get_method().decode(),
+                self.url.decode("latin-1"),
+                self.headers,
+                self.body,
+            )
+        )
         self.writer.write(self.up.answer_bytes())
         if self.up.answer == "close":
             self.writer.close()
@@ -130,8 +139,11 @@ async def send_raw(port: int, data: bytes, *, close: bool = True) -> bytes:
     writer.write(data)
     await writer.drain()
     try:
-        return await asyncio.wait_for(reader.read(1 << 20), 5) if not close else \
-            await asyncio.wait_for(_read_all(reader), 5)
+        return (
+            await asyncio.wait_for(reader.read(1 << 20), 5)
+            if not close
+            else await asyncio.wait_for(_read_all(reader), 5)
+        )
     finally:
         writer.close()
 
@@ -169,15 +181,27 @@ def parse_answers(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return answers
 
 
-def request(method: str, target: str, auth: str, body: bytes, *, encoding: str | None,
-            framing: str, split: int = 7) -> bytes:
-    head = [f"{method} {target} HTTP/1.1", "Host: gateway.test", f"Authorization: {auth}",
-            "Connection: close"]
+def request(
+    method: str,
+    target: str,
+    auth: str,
+    body: bytes,
+    *,
+    encoding: str | None,
+    framing: str,
+    split: int = 7,
+) -> bytes:
+    head = [
+        f"{method} {target} HTTP/1.1",
+        "Host: gateway.test",
+        f"Authorization: {auth}",
+        "Connection: close",
+    ]
     if encoding:
         head.append(f"Content-Encoding: {encoding}")
     if framing == "chunked":
         head.append("Transfer-Encoding: chunked")
-        parts = [body[i:i + split] for i in range(0, len(body), max(1, split))]
+        parts = [body[i : i + split] for i in range(0, len(body), max(1, split))]
         payload = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
     else:
         head.append(f"Content-Length: {len(body)}")
@@ -195,29 +219,33 @@ def compress(encoding: str | None, data: bytes) -> bytes:
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 async def test_compressed_body_with_a_smuggled_request_reaches_the_upstream_as_one_request(
-        make_gateway, raw_upstream, encoding) -> None:
+    make_gateway, raw_upstream, encoding
+) -> None:
     """The issue's reproduction, byte for byte: on the removed aiohttp server mode the
     upstream received the GET and a separate DELETE as 'admin'."""
     gw = await make_gateway(upstream=raw_upstream.url)
     body = compress(encoding, b"X" * 140 + SMUGGLED)
-    data = (f"GET /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {SALES}\r\n"
-            f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + body
+    data = (
+        f"GET /api/inventory HTTP/1.1\r\nHost: gw\r\nAuthorization: {SALES}\r\n"
+        f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: close\r\n\r\n"
+    ).encode() + body
     answers = parse_answers(await send_raw(gw.port, data))
     assert [a[0] for a in answers] == [200]
     # a second request on the pooled connection would show up here
     assert (await gw.get("/api/inventory", headers={"Authorization": SALES})).status == 200
     assert [s.method for s in raw_upstream.seen] == ["GET", "GET"], raw_upstream.seen
     first = raw_upstream.seen[0]
-    assert first.body == body                              # the compressed bytes, as sent
+    assert first.body == body  # the compressed bytes, as sent
     assert first.header("Content-Encoding") == [encoding]
     assert first.header("Content-Length") == [str(len(body))]
     assert first.header("X-Authenticated-User") == ["sales"]
     assert raw_upstream.errors == []
 
 
-async def test_legitimate_gzip_upload_is_forwarded_still_compressed(make_gateway,
-                                                                    raw_upstream) -> None:
+async def test_legitimate_gzip_upload_is_forwarded_still_compressed(
+    make_gateway, raw_upstream
+) -> None:
     gw = await make_gateway(upstream=raw_upstream.url)
     body = gzip.compress(b'{"hello": "world"}' * 100)
     data = request("POST", "/test/upload", TESTER, body, encoding="gzip", framing="length")
@@ -226,32 +254,45 @@ async def test_legitimate_gzip_upload_is_forwarded_still_compressed(make_gateway
     assert gzip.decompress(raw_upstream.seen[0].body).startswith(b'{"hello"')
 
 
-async def test_identity_header_lookalikes_never_reach_the_upstream(make_gateway,
-                                                                   raw_upstream) -> None:
+async def test_identity_header_lookalikes_never_reach_the_upstream(
+    make_gateway, raw_upstream
+) -> None:
     gw = await make_gateway(upstream=raw_upstream.url)
-    spoof = ["X-Authenticated-User", "X-Authenticated.User", "X-AuthenticatedUser",
-             "x-authenticated_roles", "X.Authenticated.Roles", "XAuthenticatedUser",
-             "X-AUTHENTICATED-ROLES"]
+    spoof = [
+        "X-Authenticated-User",
+        "X-Authenticated.User",
+        "X-AuthenticatedUser",
+        "x-authenticated_roles",
+        "X.Authenticated.Roles",
+        "XAuthenticatedUser",
+        "X-AUTHENTICATED-ROLES",
+    ]
     head = "".join(f"{name}: admin\r\n" for name in spoof)
-    data = (f"GET /test/x HTTP/1.1\r\nHost: t\r\nAuthorization: {TESTER}\r\n{head}"
-            f"Connection: close\r\n\r\n").encode()
+    data = (
+        f"GET /test/x HTTP/1.1\r\nHost: t\r\nAuthorization: {TESTER}\r\n{head}"
+        f"Connection: close\r\n\r\n"
+    ).encode()
     assert [a[0] for a in parse_answers(await send_raw(gw.port, data))] == [200]
     names = [k.lower() for k, _ in raw_upstream.seen[0].headers]
     squashed = [n.replace("-", "").replace("_", "").replace(".", "") for n in names]
     assert [n for n in squashed if n.startswith("xauthenticated")] == [
-        "xauthenticateduser", "xauthenticatedroles"]
+        "xauthenticateduser",
+        "xauthenticatedroles",
+    ]
     assert raw_upstream.seen[0].header("X-Authenticated-User") == ["tester"]
 
 
 @pytest.mark.parametrize("target", ["/-", "/-/", "/-/anything", "/-/healthz/x"])
-async def test_the_gateway_owns_dash_and_never_forwards_it(make_gateway, raw_upstream,
-                                                           tmp_path, target) -> None:
+async def test_the_gateway_owns_dash_and_never_forwards_it(
+    make_gateway, raw_upstream, tmp_path, target
+) -> None:
     """Even a user the policy grants everything (``/**`` and ``/-/**``) never reaches the
     upstream under /-: those paths are answered by the gateway (404 when no endpoint)."""
     everything = {"allow": [{"methods": ["*"], "paths": ["/**", "/-/**"]}]}
-    policy = write_policy(tmp_path / "all.yaml",
-                          policy_doc({"root": ("rootpw", ["everything"])},
-                                     {"everything": everything}))
+    policy = write_policy(
+        tmp_path / "all.yaml",
+        policy_doc({"root": ("rootpw", ["everything"])}, {"everything": everything}),
+    )
     gw = await make_gateway(upstream=raw_upstream.url, policy=policy)
     for method in ("GET", "POST"):
         resp = await gw.request(method, target, headers=basic("root", "rootpw"))
@@ -260,19 +301,31 @@ async def test_the_gateway_owns_dash_and_never_forwards_it(make_gateway, raw_ups
     assert raw_upstream.seen == []
 
 
-@hsettings(max_examples=60, deadline=None,
-           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
-       encoding=st.sampled_from([None, "gzip", "deflate", "br", "identity", "gzip, gzip"]),
-       framing=st.sampled_from(["length", "chunked"]),
-       payload=st.binary(min_size=0, max_size=3000),
-       smuggle=st.booleans(),
-       split=st.integers(min_value=1, max_value=700),
-       answer=st.sampled_from(["length", "chunked", "close"]),
-       answer_body=st.binary(min_size=0, max_size=2000))
+@hsettings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
+    encoding=st.sampled_from([None, "gzip", "deflate", "br", "identity", "gzip, gzip"]),
+    framing=st.sampled_from(["length", "chunked"]),
+    payload=st.binary(min_size=0, max_size=3000),
+    smuggle=st.booleans(),
+    split=st.integers(min_value=1, max_value=700),
+    answer=st.sampled_from(["length", "chunked", "close"]),
+    answer_body=st.binary(min_size=0, max_size=2000),
+)
 async def test_every_request_arrives_as_exactly_one_and_every_answer_whole(
-        make_gateway, raw_upstream, method, encoding, framing, payload, smuggle, split,
-        answer, answer_body) -> None:
+    make_gateway,
+    raw_upstream,
+    method,
+    encoding,
+    framing,
+    payload,
+    smuggle,
+    split,
+    answer,
+    answer_body,
+) -> None:
     gw = getattr(raw_upstream, "_gw", None)
     if gw is None:
         gw = raw_upstream._gw = await make_gateway(upstream=raw_upstream.url)  # type: ignore
@@ -280,8 +333,9 @@ async def test_every_request_arrives_as_exactly_one_and_every_answer_whole(
     raw_upstream.answer, raw_upstream.answer_body = answer, answer_body
     plain = payload + (SMUGGLED if smuggle else b"")
     body = compress(encoding if encoding in ("gzip", "deflate") else None, plain)
-    data = request(method, "/test/p?q=1", TESTER, body, encoding=encoding, framing=framing,
-                   split=split)
+    data = request(
+        method, "/test/p?q=1", TESTER, body, encoding=encoding, framing=framing, split=split
+    )
     answers = parse_answers(await send_raw(gw.port, data))
     assert len(answers) == 1
     status, headers, got = answers[0]
