@@ -21,8 +21,8 @@ RUN /opt/venv/bin/pip install --no-cache-dir -c constraints.txt \
 COPY gateway/ gateway/
 COPY inventory_backend/ inventory_backend/
 # A regular (not editable) install: the runtime stage needs the venv only, not /src.
-# uvloop (the `fast` extra) is pinned too; the test extra is deliberately left out.
-RUN /opt/venv/bin/pip install --no-cache-dir -c constraints.txt '.[fast]' \
+# The test and lint extras are deliberately left out.
+RUN /opt/venv/bin/pip install --no-cache-dir -c constraints.txt . \
  && /opt/venv/bin/pip uninstall -y -q pip setuptools \
  && /opt/venv/bin/python -m compileall -q /opt/venv
 
