@@ -230,21 +230,27 @@ class Authenticator:
         """Return the user or raise 401 / 429 / 503; ``key`` is the cache key of the header
         the credentials came from (by default one is made from the credentials)."""
         user = policy.users.get(creds.user)
-        if key is None:
-            key = self.cache.key_of(creds)
-            cached = self.cache.lookup(key, policy)
-            if cached is not None and cached is user:
-                return user
+        # The same credentials spelled another way (``basic``, other padding...) were maybe
+        # verified already: one key for the decoded credentials too, so no bcrypt runs again.
+        creds_key = self.cache.key_of(creds)
+        cached = self.cache.lookup(creds_key, policy)
+        if cached is not None and cached is user:
+            if key is not None:
+                self.cache.put(key, user)
+            return user
+        key = key or creds_key
         self.throttle.check(address, creds.user)
         hashed = user.password_hash if user is not None else self._dummy(policy)
-        ok = await self._verify(key, creds.password, hashed, address)
+        ok = await self._verify(creds_key, creds.password, hashed, address)
         if not ok or user is None:
             self.throttle.failed(address, creds.user)
             raise Unauthenticated(
                 "invalid credentials", realm=policy.realm, code="invalid_credentials"
             )
         self.throttle.succeeded(address, creds.user)
-        self.cache.put(key, user)
+        self.cache.put(creds_key, user)
+        if key != creds_key:
+            self.cache.put(key, user)
         return user
 
     async def _verify(self, key: bytes, password: str, hashed: bytes, address: str) -> bool:

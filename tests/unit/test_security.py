@@ -486,3 +486,14 @@ async def test_compressed_body_on_a_body_checked_route_is_refused(gateway, upstr
     )
     assert resp.status == 403
     assert upstream.seen == []
+
+
+async def test_credentials_verified_once_whatever_the_header_spelling(make_gateway) -> None:
+    """The cache is keyed by the raw header for speed; another spelling of the same
+    credentials (scheme case, extra spaces) must not cost a second bcrypt check."""
+    gw = await make_gateway()
+    token = basic("sales", "imsales")["Authorization"].split(" ", 1)[1]
+    for spelling in (f"Basic {token}", f"basic {token}", f"BASIC  {token}"):
+        resp = await gw.get("/api/inventory", headers={"Authorization": spelling})
+        assert resp.status == 200, spelling
+    assert gw.gw.auth.bcrypt_checks == 1
