@@ -329,14 +329,9 @@ class Decider:
 
     def _refusal(self, exc: GatewayError, record: dict[str, object]) -> Answer:
         if isinstance(exc, Rejected):
-            record["decision"] = "reject"
             self.metrics.rejections.labels(exc.code).inc()
-        elif isinstance(exc, Unauthenticated):
-            record["decision"] = "unauthenticated"
-        elif isinstance(exc, Forbidden):
-            record["decision"] = "deny"
-        elif isinstance(exc, TooManyRequests):
-            record["decision"] = "throttled"
+        if exc.audit_decision is not None:
+            record["decision"] = exc.audit_decision
         record["reason"] = exc.message
         return _json(
             exc.status,

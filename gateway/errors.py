@@ -32,6 +32,7 @@ class GatewayError(Exception):
 
     status = 500
     code = "internal"
+    audit_decision: str | None = None  # the audit line's "decision" when this ends a request
 
     def __init__(self, message: str = "internal error", *, code: str | None = None) -> None:
         super().__init__(message)
@@ -50,6 +51,7 @@ class BadRequest(GatewayError):
 
 class Unauthenticated(GatewayError):
     status, code = 401, "unauthenticated"
+    audit_decision = "unauthenticated"
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class Unauthenticated(GatewayError):
 
 class Forbidden(GatewayError):
     status, code = 403, "forbidden"
+    audit_decision = "deny"
 
 
 class NotFound(GatewayError):
@@ -95,6 +98,7 @@ class UnprocessablePolicy(GatewayError):
 
 class TooManyRequests(GatewayError):
     status, code = 429, "too_many_failed_logins"
+    audit_decision = "throttled"
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)

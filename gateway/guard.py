@@ -48,6 +48,8 @@ class Target:
 class Rejected(BadRequest):
     """The guard refused the request; ``code`` names the reason class (metrics label)."""
 
+    audit_decision = "reject"
+
 
 class HeaderLookup(Protocol):
     """What the guard reads of headers (a ``Mapping[str, str]`` fits)."""

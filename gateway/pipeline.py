@@ -262,16 +262,11 @@ class Pipeline:
         self, req: Request, exc: GatewayError, record: dict[str, object]
     ) -> None:
         if isinstance(exc, Rejected):
-            record["decision"] = "reject"
             self.metrics.rejections.labels(exc.code).inc()
-        elif isinstance(exc, Unauthenticated):
-            record["decision"] = "unauthenticated"
-        elif isinstance(exc, Forbidden):
-            record["decision"] = "deny"
-        elif isinstance(exc, TooManyRequests):
-            record["decision"] = "throttled"
+        if exc.audit_decision is not None:
+            record["decision"] = exc.audit_decision
         elif isinstance(exc, BadRequest) and record["decision"] == "error":
-            record["decision"] = "reject"
+            record["decision"] = "reject"  # refused before any decision (framing, body)
         record["reason"] = exc.message
         if req.started:  # the answer is under way: all that is left is to cut it short
             req.abort()
