@@ -92,15 +92,16 @@ class CredentialCache:
             )
         )
 
-    def lookup(self, key: bytes, policy: Policy) -> User | None:
-        """The user ``key`` was verified as, if still valid under ``policy``."""
+    def lookup(self, key: bytes, policy: Policy, *, counted: bool = True) -> User | None:
+        """The user ``key`` was verified as, if still valid under ``policy`` (``counted``:
+        whether the hit/miss counters see this lookup)."""
         entry = self._entries.get(key)
         if entry is not None:
             user = policy.users.get(entry[2])
             if user is not None and user.password_hash == entry[1] and entry[0] > time.monotonic():
-                self.hits += 1
+                self.hits += counted
                 return user
-        self.misses += 1
+        self.misses += counted
         return None
 
     def put(self, key: bytes, user: User) -> None:
@@ -233,7 +234,7 @@ class Authenticator:
         # The same credentials spelled another way (``basic``, other padding...) were maybe
         # verified already: one key for the decoded credentials too, so no bcrypt runs again.
         creds_key = self.cache.key_of(creds)
-        cached = self.cache.lookup(creds_key, policy)
+        cached = self.cache.lookup(creds_key, policy, counted=False)
         if cached is not None and cached is user:
             if key is not None:
                 self.cache.put(key, user)

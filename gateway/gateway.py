@@ -92,6 +92,7 @@ class Gateway:
             size=s.pool_size,
             connect_timeout=s.connect_timeout,
             read_timeout=s.upstream_timeout,
+            per_client=s.max_upstream_per_client,
         )
         self._forwarder = Forwarder(self._pool, self.upstream_authority, s.max_body)
         self._tasks.append(asyncio.create_task(self.audit.flush_every(0.5)))

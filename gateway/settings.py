@@ -58,6 +58,7 @@ class Settings:
     min_upload_rate: int = 1024
     max_connections: int = 0  # 0: derived from the file-descriptor limit
     pool_size: int = 256
+    max_upstream_per_client: int = 0  # 0: no limit (many users may share one address)
     shutdown_grace: float = 35.0  # more than the upstream timeout: answers in flight finish
     # decision mode (gateway/decision.py)
     mode: str = "proxy"  # "decide": answer front proxies' check requests
@@ -325,6 +326,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help="upstream connections per process (default 256); uploads may hold half",
     )
     add(
+        "--max-upstream-per-client",
+        "GATEWAY_MAX_UPSTREAM_PER_CLIENT",
+        d.max_upstream_per_client,
+        help="upstream connections one client address may hold at once, else 503"
+        " (default 0: no limit, as users behind one proxy or NAT share an address)",
+    )
+    add(
         "--shutdown-grace",
         "GATEWAY_SHUTDOWN_GRACE",
         d.shutdown_grace,
@@ -445,6 +453,9 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
         min_upload_rate=conv("min_upload_rate", _positive(_integer), args.min_upload_rate),
         max_connections=conv("max_connections", _positive(_integer), args.max_connections),
         pool_size=conv("pool_size", _at_least(_integer, 1), args.pool_size),
+        max_upstream_per_client=conv(
+            "max_upstream_per_client", _positive(_integer), args.max_upstream_per_client
+        ),
         shutdown_grace=conv("shutdown_grace", _positive(_number), args.shutdown_grace),
         mode=args.mode,
         decision_prefix=args.decision_prefix,

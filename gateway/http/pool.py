@@ -37,6 +37,7 @@ class Pool:
         size: int = 256,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
+        per_client: int = 0,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.host, self.port = host, port
@@ -45,6 +46,10 @@ class Pool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.streaming_limit = max(1, size // 2)
+        # One client address may hold at most this many connections; 0: no such limit (the
+        # default: behind a proxy or NAT many users share one address).
+        self.per_client = per_client
+        self._held: dict[str, int] = {}
         self.streaming = 0
         self._free = size
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -118,6 +123,23 @@ class Pool:
                 return conn
             conn.close()
         return None
+
+    def hold(self, client: str) -> None:
+        """Count a connection lent to ``client``; 503 past its share of the pool."""
+        held = self._held.get(client, 0)
+        if held >= self.per_client:
+            raise Overloaded(
+                f"this client holds {held} upstream connections already; retry shortly",
+                code="upstream_client_limit",
+            )
+        self._held[client] = held + 1
+
+    def unhold(self, client: str) -> None:
+        left = self._held[client] - 1
+        if left:
+            self._held[client] = left
+        else:
+            del self._held[client]
 
     async def acquire(self, streaming: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused from the pool."""
@@ -241,38 +263,49 @@ async def exchange(
     stream: Any = None,
     *,
     retry: bool = False,
+    client: str | None = None,
 ) -> int:
     """Send one request (``head`` + ``body``, or the client's body streamed from ``stream``,
     a :class:`~gateway.http.server.Body` whose framing ``head`` announced) and relay its answer
     into ``req``. Returns the status. Raises :class:`GatewayError` before any byte of the
     answer left, :class:`ClientGone` when the client disappeared."""
     streaming = stream is not None
-    for attempt in (0, 1):
-        conn = pool.try_acquire() if not streaming and attempt == 0 else None
-        if conn is not None:
-            reused = True
-        else:
-            conn, reused = await pool.acquire(streaming)
-        done = conn.start(req)
-        if req is not None:
-            req.conn.relay_source = conn.transport
-        try:
-            assert conn.transport is not None
-            conn.transport.write(head + body if body else head)
-            if streaming:
-                await _send_body(conn, stream, head)
-            return await done
-        except Stale:
-            if attempt == 0 and reused and retry and not streaming:
-                continue
-            raise BadGateway("the upstream closed the connection", code="upstream_broke") from None
-        except BaseException:
-            conn.broken = True
-            raise
-        finally:
+    if client is not None and pool.per_client:
+        pool.hold(client)
+    else:
+        client = None
+    try:
+        for attempt in (0, 1):
+            conn = pool.try_acquire() if not streaming and attempt == 0 else None
+            if conn is not None:
+                reused = True
+            else:
+                conn, reused = await pool.acquire(streaming)
+            done = conn.start(req)
             if req is not None:
-                req.conn.relay_source = None
-            pool.release(conn, streaming)
+                req.conn.relay_source = conn.transport
+            try:
+                assert conn.transport is not None
+                conn.transport.write(head + body if body else head)
+                if streaming:
+                    await _send_body(conn, stream, head)
+                return await done
+            except Stale:
+                if attempt == 0 and reused and retry and not streaming:
+                    continue
+                raise BadGateway(
+                    "the upstream closed the connection", code="upstream_broke"
+                ) from None
+            except BaseException:
+                conn.broken = True
+                raise
+            finally:
+                if req is not None:
+                    req.conn.relay_source = None
+                pool.release(conn, streaming)
+    finally:
+        if client is not None:
+            pool.unhold(client)
     raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -382,3 +382,27 @@ async def test_public_rule_for_health_endpoints_is_the_policys_decision(
 
     decision, _ = load_policy(policy).decide_request(None, "GET", "/-/healthz")
     assert not decision.allowed
+
+
+async def test_one_client_cannot_hold_every_upstream_connection(make_gateway, upstream) -> None:
+    """Two clients behind a trusted proxy: the first holds its share of the pool with slow
+    requests; its next one is refused at once (503), the other client is still served."""
+    import ipaddress
+
+    gw = await make_gateway(
+        pool_size=4,
+        max_upstream_per_client=2,
+        upstream_timeout=10.0,
+        trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
+    )
+    tester = basic("tester", "testerpw")
+    first = {**tester, "X-Forwarded-For": "10.0.0.1"}
+    slow = [asyncio.ensure_future(gw.get("/test/slow", headers=first)) for _ in range(2)]
+    await eventually(lambda: gw.gw.pool.in_use == 2)
+    resp = await gw.get("/test/fast", headers=first)
+    assert resp.status == 503
+    assert (await resp.json())["code"] == "upstream_client_limit"
+    other = await gw.get("/test/fast", headers={**tester, "X-Forwarded-For": "10.0.0.2"})
+    assert other.status == 200
+    for task in slow:
+        task.cancel()
