@@ -188,10 +188,13 @@ class Pipeline:
             if not decision.allowed:
                 raise Unauthenticated("authentication required", realm=realm)
             return None, decision
-        key = self.auth.cache.key(header)
+        cache = self.auth.cache
+        key = cache.key(header)
         user = self.auth.cached(policy, key)
         if user is None:
             user = await self.authenticate(req, target, client, policy, header, key)
+        elif cache.due(key):
+            self.auth.refresh(policy, header, key, client)
         record["user"] = user.name
         if policy is not self._memo_policy:  # a reload: decisions start afresh
             self._memo.clear()

@@ -14,7 +14,7 @@ from gateway.auth import Authenticator, Credentials, FailureThrottle
 from gateway.errors import Overloaded, TooManyRequests, Unauthenticated
 from gateway.policy import parse_policy
 from tests.conftest import raw_get
-from tests.helpers import basic
+from tests.helpers import basic, eventually
 
 SALES = basic("sales", "imsales")
 MANAGER = basic("manager", "imthemanager")
@@ -497,3 +497,23 @@ async def test_credentials_verified_once_whatever_the_header_spelling(make_gatew
         resp = await gw.get("/api/inventory", headers={"Authorization": spelling})
         assert resp.status == 200, spelling
     assert gw.gw.auth.bcrypt_checks == 1
+
+
+async def test_an_active_user_never_waits_for_bcrypt_when_the_cache_entry_expires(
+    make_gateway,
+) -> None:
+    """In the last tenth of its TTL an entry is checked again in the background while the
+    request is served from the cache; the renewed entry outlives the original TTL."""
+    gw = await make_gateway(cache_ttl=1.0)
+    auth = gw.gw.auth
+    header = basic("sales", "imsales")["Authorization"].encode()
+    key = auth.cache.key(header)
+    assert (await gw.get("/api/inventory", headers=SALES)).status == 200
+    assert auth.bcrypt_checks == 1
+    await eventually(lambda: auth.cache.due(key), timeout=2.0)
+    assert (await gw.get("/api/inventory", headers=SALES)).status == 200  # from the cache
+    await eventually(lambda: auth.bcrypt_checks == 2 and not auth.cache.due(key), timeout=2.0)
+    hits = auth.cache.hits
+    await eventually(lambda: auth.cache.due(key), timeout=2.0)  # past the first expiry now
+    assert (await gw.get("/api/inventory", headers=SALES)).status == 200
+    assert auth.cache.hits == hits + 1  # still a hit: no request waited for bcrypt
