@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import os
 import re
 import subprocess
@@ -11,9 +12,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import bcrypt
 import yaml
@@ -30,25 +31,61 @@ PASSWORDS = {
 }
 
 
+T = TypeVar("T")
+
+
+def _describe(what: str | Callable[[], str] | None, condition: object) -> str:
+    if what is None:
+        return str(condition)
+    return what if isinstance(what, str) else what()
+
+
 async def eventually(
-    condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01
-) -> None:
+    condition: Callable[[], T | Awaitable[T]],
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    *,
+    what: str | Callable[[], str] | None = None,
+) -> T:
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds.
-    The one way tests wait for something that happens in the background."""
+    The one way tests wait for something that happens in the background.
+
+    ``condition`` may return an awaitable (an ``async def`` predicate): it is awaited.
+    Returns the first truthy value. ``what`` (a string, or a callable giving one when the
+    wait fails, to show the last state seen) names what was awaited."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not condition():
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return cast(T, value)
         if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+            raise AssertionError(
+                f"condition not met within {timeout}s: {_describe(what, condition)}"
+            )
         await asyncio.sleep(interval)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0, interval: float = 0.02) -> None:
-    """:func:`eventually` for code outside an event loop (integration tests)."""
+def wait_until(
+    condition: Callable[[], T],
+    timeout: float = 5.0,
+    interval: float = 0.02,
+    *,
+    what: str | Callable[[], str] | None = None,
+) -> T:
+    """:func:`eventually` for code outside an event loop (integration tests).
+    Returns the first truthy value of ``condition``."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        value = condition()
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+            raise AssertionError(
+                f"condition not met within {timeout}s: {_describe(what, condition)}"
+            )
         time.sleep(interval)
 
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, wait_until
 
 NGINX = Path("/usr/sbin/nginx")
 CADDY = Path("/usr/bin/caddy")
@@ -132,8 +132,8 @@ class FrontProxy:
         return front
 
     def wait_listening(self, port: int, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def listening() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"{self.kind} exited {self.proc.returncode}:\n"
@@ -141,11 +141,15 @@ class FrontProxy:
                 )
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return
+                    return True
             except OSError:
-                time.sleep(0.05)  # polling for the listener, with a deadline
-        self.stop()
-        raise TimeoutError(f"{self.kind} did not listen on {port}")
+                return False
+
+        try:
+            wait_until(listening, timeout, 0.05)
+        except AssertionError:
+            self.stop()
+            raise TimeoutError(f"{self.kind} did not listen on {port}") from None
 
     def stop(self) -> int:
         if self.proc.poll() is None:

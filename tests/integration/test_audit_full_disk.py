@@ -10,13 +10,12 @@ import os
 import re
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import SHIPPED_POLICY, Process, basic
+from tests.helpers import SHIPPED_POLICY, Process, basic, wait_until
 from tests.integration.conftest import start_backend
 
 pytestmark = pytest.mark.skipif(
@@ -152,10 +151,12 @@ def test_a_full_audit_disk_fails_no_request_and_writing_resumes(
         filler = fill(tiny_disk)
         problems = load(url, "full", per_thread=150)
         assert problems == [], problems[:10]
-        deadline = time.monotonic() + 10
-        while metric(url, "gateway_audit_write_errors_total") == 0:
-            assert time.monotonic() < deadline, "no audit write error counted"
-            time.sleep(0.05)  # polling the metric, with a deadline
+        wait_until(
+            lambda: metric(url, "gateway_audit_write_errors_total") != 0,
+            10,
+            0.05,
+            what="no audit write error counted",
+        )
         assert metric(url, "gateway_audit_dropped_lines_total") >= 1
         # No request is missing from the metrics either.
         assert metric(url, r'gateway_requests_total\{decision="allow",status="201"\}') == 600
@@ -168,19 +169,18 @@ def test_a_full_audit_disk_fails_no_request_and_writing_resumes(
 
         filler.unlink()  # space returns
         assert load(url, "after", per_thread=10) == []
-        deadline = time.monotonic() + 10
-        while True:
+
+        def written_again() -> bool:
             text = audit.read_bytes()
             lines = [json.loads(line) for line in text.splitlines()]  # every line whole
-            if any(
+            return text.endswith(b"\n") and any(
                 str(r.get("path")) == "/api/inventory"
                 and r.get("method") == "POST"
                 and r.get("status") == 201
                 for r in lines[-40:]
-            ) and text.endswith(b"\n"):
-                break
-            assert time.monotonic() < deadline, "audit lines not written after space returned"
-            time.sleep(0.05)  # polling the file, with a deadline
+            )
+
+        wait_until(written_again, 10, 0.05, what="audit lines not written after space returned")
     finally:
         rc = gw.stop()
         backend.stop()

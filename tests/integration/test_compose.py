@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.helpers import wait_until
+
 GATEWAY_URL = os.environ.get("GATEWAY_URL", "")
 PROJECT_DIR = os.environ.get("COMPOSE_PROJECT_DIR", "")
 
@@ -104,14 +106,19 @@ def wait_for(
     interval: float = 0.2,
 ) -> T:
     """Call ``probe`` until ``done(result)`` or the deadline; fail with the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if done(result):
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last: {result!r}")
-        time.sleep(interval)  # polling an outside process with a deadline
+    last: list[T] = []
+
+    def finished() -> bool:
+        last[:] = [probe()]
+        return done(last[0])
+
+    wait_until(
+        finished,
+        timeout,
+        interval,
+        what=lambda: f"timed out after {timeout:.0f}s waiting for {what}; last: {last[0]!r}",
+    )
+    return last[0]
 
 
 # --- compose / docker -----------------------------------------------------------------------

@@ -23,7 +23,15 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Process, basic, policy_doc, wait_for_status, wait_until, write_policy
+from tests.helpers import (
+    Process,
+    basic,
+    eventually,
+    policy_doc,
+    wait_for_status,
+    wait_until,
+    write_policy,
+)
 
 pytestmark = [
     pytest.mark.skipif(bool(os.environ.get("GATEWAY_URL")), reason="starts its own processes"),
@@ -215,16 +223,6 @@ async def status_doc(addr: tuple[str, int]) -> dict[str, Any]:
     return a.json()
 
 
-async def until(condition: Any, timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll an async condition with a deadline."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        await asyncio.sleep(interval)  # polling a condition, with a deadline
-
-
 # -- 4. trickling uploads ------------------------------------------------------------------------
 
 UPLOADS = 260
@@ -304,7 +302,7 @@ async def test_trickling_uploads_leave_room_for_others(procs: Procs) -> None:
             up_doc = (await status_doc(addr))["upstream"]
             return up_doc["busy"] >= 4
 
-        await until(holding, 3.0, "uploads hold half the pool")
+        await eventually(holding, 3.0, 0.05, what="uploads hold half the pool")
         assert not any(u.done() and u.result()[0] == "small" for u in uploads)
 
         # Meanwhile a cached GET is answered at once, and the gateway says it is ready.
@@ -369,7 +367,7 @@ async def test_ready_says_pool_exhausted(procs: Procs) -> None:
         async def exhausted() -> bool:
             return bool((await status_doc(addr))["upstream"]["exhausted"])
 
-        await until(exhausted, 3.0, "the pool is exhausted")
+        await eventually(exhausted, 3.0, 0.05, what="the pool is exhausted")
         t = time.monotonic()
         ready = await fetch(addr, "GET", "/-/ready", timeout=5.0)
         took = time.monotonic() - t
@@ -432,7 +430,7 @@ async def test_slow_heads_under_small_fd_limit(procs: Procs) -> None:
             attackers.append(asyncio.ensure_future(slow_head()))
             if i % 100 == 99:
                 await asyncio.sleep(0.02)  # let the connections open in waves
-        await until(lambda: _true(held["opened"] >= 2000), 10.0, "2,000 slow heads opened")
+        await eventually(lambda: held["opened"] >= 2000, 10.0, 0.05, what="2,000 slow heads opened")
 
         ok, times, failures = 0, [], []
         for _ in range(40):
@@ -457,10 +455,6 @@ async def test_slow_heads_under_small_fd_limit(procs: Procs) -> None:
     assert gw.proc.poll() is None
     out = gw.output()
     assert "Too many open files" not in out and "Traceback" not in out, out[-3000:]
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # -- 5. header timeout --------------------------------------------------------------------------
@@ -554,7 +548,9 @@ async def test_sigterm_finishes_in_flight_and_cuts_after_grace(procs: Procs) -> 
     slow = [asyncio.ensure_future(one_request(r, w, ITEMS + "?delay=1.5")) for r, w in in_flight]
     cut = asyncio.ensure_future(one_request(*too_long, ITEMS + "?delay=20"))
     try:
-        await until(lambda: _busy_at_least(addr, old.pid, 4), 3.0, "requests in flight")
+        await eventually(
+            lambda: _busy_at_least(addr, old.pid, 4), 3.0, 0.05, what="requests in flight"
+        )
         t_term = loop.time()
         os.kill(old.pid, signal.SIGTERM)
         exited = await loop.run_in_executor(None, lambda: _wait_exit(old, grace + 5))
@@ -631,16 +627,19 @@ async def test_sigterm_keepalive_clients_see_no_connection_errors(procs: Procs) 
     loops.append(asyncio.ensure_future(keepalive_client(*thinking, pause_at_term=0.3)))
     slow = asyncio.ensure_future(one_request(*in_flight, ITEMS + "?delay=1.2"))
     try:
-        await until(lambda: _busy_at_least(addr, old.pid, 1), 3.0, "a request in flight")
-        await until(lambda: _true(stats["ok"] >= 40), 3.0, "keep-alive load running")
+        await eventually(
+            lambda: _busy_at_least(addr, old.pid, 1), 3.0, 0.05, what="a request in flight"
+        )
+        await eventually(lambda: stats["ok"] >= 40, 3.0, 0.05, what="keep-alive load running")
         os.kill(old.pid, signal.SIGTERM)
         termed.set()
         exited = await loop.run_in_executor(None, lambda: _wait_exit(old, grace + 5))
         ok_before = stats["ok"]
-        await until(
-            lambda: _true(stats["ok"] >= ok_before + 40 or not stats["reconnects"]),
+        await eventually(
+            lambda: stats["ok"] >= ok_before + 40 or not stats["reconnects"],
             3.0,
-            "the load goes on on the new generation",
+            0.05,
+            what="the load goes on on the new generation",
         )
         stop.set()
         await asyncio.wait_for(asyncio.gather(*loops), 6)

@@ -7,12 +7,11 @@ import http.client
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import SHIPPED_POLICY, Process, basic
+from tests.helpers import SHIPPED_POLICY, Process, basic, wait_until
 
 pytestmark = [
     pytest.mark.skipif(bool(os.environ.get("GATEWAY_URL")), reason="starts its own processes"),
@@ -44,17 +43,6 @@ def workers_of(supervisor: int) -> list[int]:
             if st is not None and st[1] == supervisor and st[0] not in ("Z", "X"):
                 kids.append((st[2], int(entry)))
     return [pid for _, pid in sorted(kids)]
-
-
-def wait_until(cond, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.02)  # polling a condition, with a deadline
 
 
 def serving_pids(url: str, n: int = 30) -> set[int]:
@@ -129,7 +117,7 @@ def start_serving(tmp: Path, name: str, *extra: str, port: int = 0) -> tuple[Pro
     gw = start(tmp, name, "--port", str(port), *extra)
     gw.wait_listening()
     gw.wait_healthy("/-/healthz")
-    wait_until(lambda: len(serving_pids(gw.url)) == 2, 30, "both workers serving")
+    wait_until(lambda: len(serving_pids(gw.url)) == 2, 30, what="both workers serving")
     return gw, workers_of(gw.pid)
 
 
@@ -146,13 +134,13 @@ def test_a_killed_worker_is_replaced_and_clients_that_retry_see_no_failure(
         fresh = wait_until(
             lambda: (lambda w: w if len(w) == 2 and dead not in w else None)(workers_of(gw.pid)),
             2.0,
-            "worker replaced",
+            what="worker replaced",
         )
         assert _stat(dead) is None, "the dead worker was not reaped (zombie)"
         assert gw.proc.poll() is None, gw.output()
         failures = [s for s in (get_retrying_once(gw.url) for _ in range(200)) if s != 200]
         assert failures == []
-        wait_until(lambda: serving_pids(gw.url) == set(fresh), 20, "the new worker serves")
+        wait_until(lambda: serving_pids(gw.url) == set(fresh), 20, what="the new worker serves")
         new = (set(fresh) - set(workers)).pop()
         assert worker_statuses(gw.url, 40).get(new) == {
             "supervisor": gw.pid,
@@ -180,7 +168,7 @@ def test_workers_exit_when_their_supervisor_is_killed(tmp_path) -> None:
         wait_until(
             lambda: not any(running(p) for p in workers),
             2.0,
-            f"workers {workers} gone after their supervisor's death",
+            what=f"workers {workers} gone after their supervisor's death",
         )
     finally:
         kill_leftovers(workers)
@@ -235,12 +223,12 @@ def test_a_worker_that_keeps_dying_is_retried_with_back_off(tmp_path) -> None:
     try:
         policy.write_text("version: 1\nroles: [not, a, mapping]\n")  # new workers refuse it
         os.kill(workers[0], signal.SIGKILL)
-        wait_until(lambda: "restarting in 0.8 s" in gw.output(), 20, "back-off reached 0.8 s")
+        wait_until(lambda: "restarting in 0.8 s" in gw.output(), 20, what="back-off reached 0.8 s")
         out = gw.output()
         assert [d for d in ("0.1", "0.2", "0.4") if f"restarting in {d} s" not in out] == []
         assert gw.proc.poll() is None and serving_pids(gw.url) == {workers[1]}
         policy.write_bytes(SHIPPED_POLICY.read_bytes())  # fixed: the next restart stays up
-        wait_until(lambda: len(serving_pids(gw.url)) == 2, 20, "the slot serves again")
+        wait_until(lambda: len(serving_pids(gw.url)) == 2, 20, what="the slot serves again")
     finally:
         rc = gw.stop()
         kill_leftovers(workers)

@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import signal
-import time
 import urllib.request
 
 import pytest
 import yaml
 
-from tests.helpers import SHIPPED_POLICY, Process, basic, write_policy
+from tests.helpers import SHIPPED_POLICY, Process, basic, wait_until, write_policy
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("GATEWAY_URL")), reason="starts its own processes"
@@ -30,14 +29,21 @@ def statuses(url: str, n: int = 40) -> list[dict]:
 
 
 def wait_all_workers(url: str, sha: str, workers: int, timeout: float = 30) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        seen = statuses(url)
+    seen: list[dict] = []
+
+    def all_there() -> set[int] | None:
+        seen[:] = statuses(url)
         pids = {s["pid"] for s in seen}
         if len(pids) == workers and all(s["sha256"] == sha for s in seen):
             return pids
-        time.sleep(0.05)  # polling a condition with a deadline
-    raise AssertionError(f"not all {workers} workers reached {sha[:12]}: {seen[-3:]}")
+        return None
+
+    return wait_until(
+        all_there,
+        timeout,
+        0.05,
+        what=lambda: f"not all {workers} workers reached {sha[:12]}: {seen[-3:]}",
+    )
 
 
 @pytest.mark.parametrize("trigger", ["SIGHUP", "api"])
@@ -78,10 +84,12 @@ def test_reload_reaches_every_worker(tmp_path, stack, trigger) -> None:
             req = urllib.request.Request(url + "/-/reload", method="POST", headers=OPS)
             with urllib.request.urlopen(req, timeout=10) as r:
                 assert json.loads(r.read())["status"] == "reloaded"
-        new = [s for s in statuses(url, 1)][0]["sha256"]
-        deadline = time.monotonic() + 20
-        while new == first and time.monotonic() < deadline:
-            new = statuses(url, 1)[0]["sha256"]
+
+        def changed() -> str | None:
+            sha: str = statuses(url, 1)[0]["sha256"]
+            return sha if sha != first else None
+
+        new = wait_until(changed, 20, what="the policy's sha256 changed")
         assert new != first
         assert wait_all_workers(url, new, 2) == pids
     finally:

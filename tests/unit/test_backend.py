@@ -25,6 +25,7 @@ from inventory_backend import create_app
 from inventory_backend.__main__ import parse_args
 from inventory_backend.app import INVENTORY
 from inventory_backend.records import parse_record
+from tests.helpers import eventually
 
 Client = TestClient[Any, Any]
 ITEMS = "/api/inventory"
@@ -447,16 +448,15 @@ async def start_backend(
 
 
 async def wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
-    deadline = time.monotonic() + 10
-    while True:
+
+    async def healthy() -> bool:
         try:
             async with session.get(f"{url}/healthz") as resp:
-                if resp.status == 200:
-                    return
+                return resp.status == 200
         except aiohttp.ClientConnectionError:
-            pass
-        assert time.monotonic() < deadline, "backend never became healthy"
-        await asyncio.sleep(0.05)  # polling the health endpoint, with a deadline
+            return False
+
+    await eventually(healthy, 10, 0.05, what="backend never became healthy")
 
 
 async def stop_backend(proc: asyncio.subprocess.Process, signum: int) -> tuple[int, str]:

@@ -12,20 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import basic, fast_hash, policy_doc, write_policy
+from tests.helpers import basic, eventually, fast_hash, policy_doc, write_policy
 
 OPS = basic("ops", "imtheops")
 SALES = basic("sales", "imsales")
-
-
-async def eventually(predicate, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` until true, with a deadline (never a fixed sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def revoke_sales_get(doc: dict) -> dict:
@@ -128,7 +118,7 @@ async def test_sighup_reloads(make_gateway, policy_path, base_doc):
     async def denied() -> bool:
         return (await gw.get("/api/inventory", headers=SALES)).status == 403
 
-    await eventually(denied)
+    await eventually(denied, timeout=10.0, interval=0.02)
 
 
 @pytest.mark.parametrize("how", ["in-place write", "rename over", "symlink swap"])
@@ -159,7 +149,7 @@ async def test_watcher_sees_every_kind_of_edit(make_gateway, policy_path, base_d
     async def denied() -> bool:
         return (await gw.get("/api/inventory", headers=SALES)).status == 403
 
-    await eventually(denied)
+    await eventually(denied, timeout=10.0, interval=0.02)
     assert gw.gw.store.stats.ok == 1
 
 
@@ -172,7 +162,7 @@ async def test_watcher_keeps_old_policy_on_a_broken_save_and_takes_the_fix(
     async def refused() -> bool:
         return gw.gw.store.stats.failed >= 1
 
-    await eventually(refused)
+    await eventually(refused, timeout=10.0, interval=0.02)
     assert (await gw.get("/api/inventory", headers=SALES)).status == 200
     failed = gw.gw.store.stats.failed
     write_policy(policy_path, revoke_sales_get(base_doc))
@@ -180,7 +170,7 @@ async def test_watcher_keeps_old_policy_on_a_broken_save_and_takes_the_fix(
     async def denied() -> bool:
         return (await gw.get("/api/inventory", headers=SALES)).status == 403
 
-    await eventually(denied)
+    await eventually(denied, timeout=10.0, interval=0.02)
     assert gw.gw.store.stats.failed == failed  # the broken content was tried once only
 
 
@@ -285,7 +275,7 @@ async def test_undoing_a_typo_clears_the_failure_flag_and_tells_listeners(tmp_pa
         async def refused() -> bool:
             return store.stats.last_error is not None
 
-        await eventually(refused)
+        await eventually(refused, timeout=10.0, interval=0.02)
         assert told[-1].ok is False and "alow" in told[-1].errors[0]
         with caplog.at_level(logging.INFO, logger="gateway.policy.store"):
             path.write_bytes(good)
@@ -293,7 +283,7 @@ async def test_undoing_a_typo_clears_the_failure_flag_and_tells_listeners(tmp_pa
             async def cleared() -> bool:
                 return store.stats.last_error is None
 
-            await eventually(cleared)
+            await eventually(cleared, timeout=10.0, interval=0.02)
     finally:
         task.cancel()
     assert told[-1].ok and not told[-1].changed and told[-1].recovered
@@ -310,9 +300,9 @@ async def test_watcher_restoring_the_content_in_force_resets_the_metric(make_gat
         text = await (await gw.get("/-/metrics", headers=OPS)).text()
         return f"gateway_policy_last_reload_failed {value}" in text
 
-    await eventually(lambda: failed_metric("1.0"))
+    await eventually(lambda: failed_metric("1.0"), timeout=10.0, interval=0.02)
     policy_path.write_bytes(good)
-    await eventually(lambda: failed_metric("0.0"))
+    await eventually(lambda: failed_metric("0.0"), timeout=10.0, interval=0.02)
     assert (await status_of(gw))["last_reload_error"] is None
 
 

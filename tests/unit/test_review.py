@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import httptools
 import pytest
 
-from tests.helpers import basic
+from tests.helpers import basic, eventually
 from tests.unit.test_smuggling import parse_answers
 
 TESTER = basic("tester", "testerpw")["Authorization"]
@@ -298,18 +298,13 @@ async def test_a_client_that_never_reads_does_not_hold_its_upstream_connection_f
         s.sendall(get("/test/big", close=True))
         socks.append(s)
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while gw.gw._pool.in_use < 2 and loop.time() < deadline:  # both answers under way
-            await asyncio.sleep(0.05)
+        # both answers under way
+        await eventually(lambda: gw.gw._pool.in_use >= 2, 5, 0.05, what="both answers under way")
         assert gw.gw._pool.in_use == 2
-        deadline = loop.time() + 5
-        while gw.server.connections and loop.time() < deadline:  # both cut by send_timeout
-            await asyncio.sleep(0.05)
+        # both cut by send_timeout
+        await eventually(lambda: not gw.server.connections, 5, 0.05, what="both connections cut")
         assert not gw.server.connections
-        deadline = loop.time() + 5
-        while gw.gw._pool.in_use and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await eventually(lambda: not gw.gw._pool.in_use, 5, 0.05, what="the pool released")
         out = await roundtrip(gw.port, get("/test/small", close=True), timeout=4)
         assert out.startswith(b"HTTP/1.1 200"), out[:120]
     finally:
