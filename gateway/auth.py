@@ -252,8 +252,10 @@ class Authenticator:
             creds = parse_basic(header.decode("latin-1"), policy.realm)
         except Unauthenticated:
             return
-        if creds is None:
-            return
+        if creds is not None:
+            self._start_refresh(policy, creds, key, address)
+
+    def _start_refresh(self, policy: Policy, creds: Credentials, key: bytes, address: str) -> None:
         self.cache.refreshing(key, True)
         task = asyncio.get_running_loop().create_task(self._refresh(policy, creds, key, address))
         self._background.add(task)
@@ -291,6 +293,8 @@ class Authenticator:
         if cached is not None and cached is user:
             if key is not None:
                 self.cache.put(key, user)
+            elif self.cache.due(creds_key):  # decision mode: no raw-header key, same refresh
+                self._start_refresh(policy, creds, creds_key, address)
             return user
         key = key or creds_key
         self.throttle.check(address, creds.user)

@@ -364,13 +364,9 @@ async def test_tarpitted_pipelines_cannot_lock_legitimate_clients_out(
         w.write(flood)
         await w.drain()
         held.append(w)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while (
-        not (len(gw.server.connections) == 2 and all(c.state == 1 for c in gw.server.connections))
-        and loop.time() < deadline
-    ):
-        await asyncio.sleep(0.05)
+    # Both floods parsed: each connection is busy with its queue, or (since the fix) refused
+    # past the pipelining limit and closing.
+    await eventually(lambda: all(c.state != 0 for c in gw.server.connections), timeout=5)
     try:
         out = b""
         try:

@@ -517,3 +517,22 @@ async def test_an_active_user_never_waits_for_bcrypt_when_the_cache_entry_expire
     await eventually(lambda: auth.cache.due(key), timeout=2.0)  # past the first expiry now
     assert (await gw.get("/api/inventory", headers=SALES)).status == 200
     assert auth.cache.hits == hits + 1  # still a hit: no request waited for bcrypt
+
+
+async def test_decoded_credentials_are_refreshed_ahead_too() -> None:
+    """Decision mode looks credentials up by their decoded key: the same refresh applies."""
+    from gateway.auth import CredentialCache
+
+    policy = policy_with_cost(4)
+    auth = Authenticator(cache=CredentialCache(ttl=1.0))
+    await auth.prepare(policy)
+    creds = Credentials("alice", "right")
+    key = auth.cache.key_of(creds)
+    try:
+        await auth.authenticate(policy, creds, "addr")
+        assert auth.bcrypt_checks == 1
+        await eventually(lambda: auth.cache.due(key), timeout=2.0)
+        await auth.authenticate(policy, creds, "addr")  # served from the cache
+        await eventually(lambda: auth.bcrypt_checks == 2 and not auth.cache.due(key), timeout=2.0)
+    finally:
+        auth.close()
