@@ -6,96 +6,20 @@ goes when the fix lands)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 
-import httptools
 import pytest
 
 from tests.helpers import basic, eventually
-from tests.unit.test_smuggling import parse_answers
+from tests.rawupstream import ScriptedUpstream, Seen, parse_answers, serving
 
 TESTER = basic("tester", "testerpw")["Authorization"]
 
 
-@dataclass
-class Req:
-    conn: int
-    method: str
-    target: str
-    headers: list[tuple[str, str]]
-    body: bytes
-
-
-@dataclass
-class ScriptedUpstream:
-    """A raw upstream: parses requests with llhttp, answers with ``script(req)`` bytes."""
-
-    port: int = 0
-    seen: list[Req] = field(default_factory=list)
-    script: Callable[[Req], bytes] = lambda r: b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-    conns: int = 0
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-class _P:
-    def __init__(self, up: ScriptedUpstream, n: int, writer: asyncio.StreamWriter) -> None:
-        self.up, self.n, self.writer = up, n, writer
-        self.parser = httptools.HttpRequestParser(self)
-
-    def on_message_begin(self) -> None:
-        self.url, self.headers, self.body = b"", [], b""
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        r = Req(
-            self.n,
-            self.parser.get_method().decode(),
-            self.url.decode("latin-1"),
-            self.headers,
-            self.body,
-        )
-        self.up.seen.append(r)
-        out = self.up.script(r)
-        if out is None:
-            self.writer.close()
-        else:
-            self.writer.write(out)
-
-
 @pytest.fixture
 async def scripted() -> AsyncIterator[ScriptedUpstream]:
-    up = ScriptedUpstream()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up.conns += 1
-        p = _P(up, up.conns, writer)
-        try:
-            while data := await reader.read(65536):
-                p.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            up.errors.append(str(exc))
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    up.port = server.sockets[0].getsockname()[1]
-    yield up
-    server.close()
+    async with serving(ScriptedUpstream()) as up:
+        yield up
 
 
 async def roundtrip(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -157,7 +81,7 @@ async def test_slow_reader_does_not_leave_a_paused_connection_in_the_pool(
     after --upstream-timeout, and the pool slowly fills with dead connections."""
     size = 5_000_000
 
-    def script(r: Req) -> bytes:
+    def script(r: Seen) -> bytes:
         if r.target == "/test/big":
             return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
         return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -281,7 +205,7 @@ async def test_a_client_that_never_reads_does_not_hold_its_upstream_connection_f
 
     size = 8_000_000
 
-    def script(r: Req) -> bytes:
+    def script(r: Seen) -> bytes:
         if r.target == "/test/big":
             return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
         return b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

@@ -15,15 +15,15 @@ import asyncio
 import gzip
 import zlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import httptools
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from tests.helpers import basic, policy_doc, write_policy
+from tests.rawupstream import ScriptedUpstream, parse_answers, serving
 
 SALES = basic("sales", "imsales")["Authorization"]
 TESTER = basic("tester", "testerpw")["Authorization"]
@@ -35,30 +35,17 @@ SMUGGLED = (
 
 
 @dataclass
-class Seen:
-    conn: int
-    method: str
-    target: str
-    headers: list[tuple[str, str]]
-    body: bytes
+class RawUpstream(ScriptedUpstream):
+    """Answers every request in a chosen framing (length, chunked, or delimited by close)."""
 
-    def header(self, name: str) -> list[str]:
-        return [v for k, v in self.headers if k.lower() == name.lower()]
-
-
-@dataclass
-class RawUpstream:
-    """Parses requests with its own parser (llhttp) and answers in a chosen framing."""
-
-    port: int = 0
-    seen: list[Seen] = field(default_factory=list)
     answer: str = "length"  # length | chunked | close
     answer_body: bytes = b'{"ok": true}'
-    errors: list[str] = field(default_factory=list)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def __post_init__(self) -> None:
+        self.script = lambda _seen: self.answer_bytes()
+
+    def closes_after(self) -> bool:
+        return self.answer == "close"
 
     def answer_bytes(self) -> bytes:
         body = self.answer_body
@@ -72,65 +59,10 @@ class RawUpstream:
         return b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n%s" % body
 
 
-class _Parse:
-    def __init__(self, up: RawUpstream, conn: int, writer: asyncio.StreamWriter) -> None:
-        self.up, self.conn, self.writer = up, conn, writer
-        self.parser = httptools.HttpRequestParser(self)
-        self.url = b""
-        self.headers: list[tuple[str, str]] = []
-        self.body = b""
-
-    def on_message_begin(self) -> None:
-        self.url, self.headers, self.body = b"", [], b""
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        self.up.seen.append(
-            Seen(
-                self.conn,
-                self.parser.get_method().decode(),
-                self.url.decode("latin-1"),
-                self.headers,
-                self.body,
-            )
-        )
-        self.writer.write(self.up.answer_bytes())
-        if self.up.answer == "close":
-            self.writer.close()
-
-
 @pytest.fixture
 async def raw_upstream() -> AsyncIterator[RawUpstream]:
-    up = RawUpstream()
-    count = 0
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal count
-        count += 1
-        p = _Parse(up, count, writer)
-        try:
-            while data := await reader.read(65536):
-                p.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            up.errors.append(str(exc))
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    up.port = server.sockets[0].getsockname()[1]
-    yield up
-    server.close()
-    await server.wait_closed()
+    async with serving(RawUpstream()) as up:
+        yield up
 
 
 async def send_raw(port: int, data: bytes, *, close: bool = True) -> bytes:
@@ -153,32 +85,6 @@ async def _read_all(reader: asyncio.StreamReader) -> bytes:
     while chunk := await reader.read(65536):
         out += chunk
     return out
-
-
-def parse_answers(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
-    """Every answer in a byte stream, parsed by llhttp (the client's view of the framing)."""
-    answers: list[tuple[int, dict[str, str], bytes]] = []
-
-    class P:
-        headers: dict[str, str]
-        body: bytes
-
-        def on_message_begin(self) -> None:
-            self.headers, self.body = {}, b""
-
-        def on_header(self, n: bytes, v: bytes) -> None:
-            self.headers[n.decode().lower()] = v.decode("latin-1")
-
-        def on_body(self, b: bytes) -> None:
-            self.body += b
-
-        def on_message_complete(self) -> None:
-            answers.append((parser.get_status_code(), self.headers, self.body))
-
-    p = P()
-    parser = httptools.HttpResponseParser(p)
-    parser.feed_data(data)
-    return answers
 
 
 def request(
