@@ -25,6 +25,7 @@ from typing import Any
 from .errors import PolicyError
 from .gateway import Gateway
 from .http.server import Limits, Server
+from .memory import keep_freed_memory
 from .policy import PolicyStore
 from .settings import Settings, SettingsError, tls_context
 from .supervisor import WORKER_ENV, check_port, supervise, watch_parent
@@ -100,6 +101,7 @@ def serve(settings: Settings) -> int:
         if settings.workers > 1:
             # the supervisor outwaits the workers' own drain before it kills them
             return supervise(settings, grace=settings.shutdown_grace + 5)
+    log.debug("%s", keep_freed_memory())
     try:
         audit_open = Gateway.open_audit(settings)
     except OSError as exc:
