@@ -17,7 +17,6 @@ import yaml
 
 from ..errors import PolicyError, Problem
 
-
 # the same safe constructors either way; only the scanner and parser differ
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
