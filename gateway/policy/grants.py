@@ -92,12 +92,25 @@ def describe_changes(old: Policy, new: Policy) -> list[str]:
             out.append(f"{kind}s added: {', '.join(added)}")
         if removed:
             out.append(f"{kind}s removed: {', '.join(removed)}")
-    rows = routes(old, new)
+    rows: list[Route] | None = None
+    samples: dict[Route, tuple[str, ...]] = {}
     for name in [None, *sorted(set(old.users) & set(new.users))]:
-        before, after = user_grants(old, name, rows), user_grants(new, name, rows)
+        if name is not None and old.users[name].password_hash != new.users[name].password_hash:
+            password = f"user {name}: password changed (cached credentials dropped)"
+        else:
+            password = None
+        if _signature(old, name) == _signature(new, name):
+            # the same rules in the same order: the server decides every row the same way
+            if password:
+                out.append(password)
+            continue
+        if rows is None:
+            rows = routes(old, new)
+            samples = {row: _segments(row) for row in rows}
         gained, lost, changed = [], [], []
         for row in rows:
-            was, now = verdict(before[row]), verdict(after[row])
+            was = verdict(old.decide(name, row.method, samples[row]))
+            now = verdict(new.decide(name, row.method, samples[row]))
             if was == now:
                 continue
             what = f"{row.method} {row.pattern}"
@@ -114,6 +127,15 @@ def describe_changes(old: Policy, new: Policy) -> list[str]:
             out.append(f"{who} loses: {'; '.join(lost)}")
         if changed:
             out.append(f"{who} changes: {'; '.join(changed)}")
-        if name is not None and old.users[name].password_hash != new.users[name].password_hash:
-            out.append(f"user {name}: password changed (cached credentials dropped)")
+        if password:
+            out.append(password)
     return out
+
+
+def _signature(policy: Policy, user: str | None) -> list[tuple[object, ...]]:
+    """What ``user``'s decisions depend on: the rules that apply, in file order, without their
+    position or line (an edit elsewhere in the file moves those)."""
+    return [
+        (r.effect, r.methods, tuple(p.text for p in r.patterns), r.body_keys)
+        for r in policy.rules_of(user)
+    ]

@@ -259,24 +259,31 @@ class _Builder:
 
     def effective_roles(self, roles: dict[str, Role]) -> dict[str, frozenset[str]]:
         done: dict[str, frozenset[str]] = {}
-
-        def visit(name: str, trail: tuple[str, ...]) -> frozenset[str]:
-            if name in done:
-                return done[name]
-            if name in trail:
-                cycle = " -> ".join(trail[trail.index(name) :] + (name,))
-                self.err(f"roles.{trail[-1]}.inherits", f"inheritance cycle: {cycle}")
-                return frozenset()
-            acc = {name}
-            for parent in roles[name].inherits:
-                if parent in roles:
-                    acc |= visit(parent, trail + (name,))
-            done[name] = frozenset(acc)
-            return done[name]
-
         for name in roles:
-            visit(name, ())
+            self._inherit(name, (), roles, done)
         return done
+
+    def _inherit(
+        self,
+        name: str,
+        trail: tuple[str, ...],
+        roles: dict[str, Role],
+        done: dict[str, frozenset[str]],
+    ) -> frozenset[str]:
+        # A method, not a closure: a recursive nested function is a reference cycle that would
+        # keep the whole builder (every rule) alive until a full collection finds it.
+        if name in done:
+            return done[name]
+        if name in trail:
+            cycle = " -> ".join(trail[trail.index(name) :] + (name,))
+            self.err(f"roles.{trail[-1]}.inherits", f"inheritance cycle: {cycle}")
+            return frozenset()
+        acc = {name}
+        for parent in roles[name].inherits:
+            if parent in roles:
+                acc |= self._inherit(parent, trail + (name,), roles, done)
+        done[name] = frozenset(acc)
+        return done[name]
 
     # -- users
     def users_file(self, obj: Any) -> tuple[dict[str, bytes], list[str], list[bytes]]:
