@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class BenchError(Exception):
@@ -176,8 +177,8 @@ def _stat_fields(pid: str) -> tuple[int, list[str]] | None:
     return int(rest[1]), rest  # rest[0] is state, rest[1] ppid
 
 
-def tree_cpu_ticks(roots: Iterable[int]) -> int:
-    """utime+stime+cutime+cstime summed over the process trees under `roots` (clock ticks)."""
+def _tree(roots: Iterable[int]) -> list[list[str]]:
+    """The stat fields (from field 3 on) of every process in the trees under `roots`."""
     children: dict[int, list[int]] = {}
     fields: dict[int, list[str]] = {}
     for entry in os.listdir("/proc"):
@@ -190,7 +191,7 @@ def tree_cpu_ticks(roots: Iterable[int]) -> int:
         pid = int(entry)
         fields[pid] = rest
         children.setdefault(ppid, []).append(pid)
-    total = 0
+    out: list[list[str]] = []
     seen: set[int] = set()
     todo = [r for r in roots if r in fields]
     while todo:
@@ -198,11 +199,20 @@ def tree_cpu_ticks(roots: Iterable[int]) -> int:
         if pid in seen:
             continue
         seen.add(pid)
-        rest = fields[pid]
-        # Fields 14-17 of stat (1-based) are utime, stime, cutime, cstime; rest starts at 3.
-        total += int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
+        out.append(fields[pid])
         todo.extend(children.get(pid, ()))
-    return total
+    return out
+
+
+def tree_cpu_ticks(roots: Iterable[int]) -> int:
+    """utime+stime+cutime+cstime summed over the process trees under `roots` (clock ticks)."""
+    # Fields 14-17 of stat (1-based) are utime, stime, cutime, cstime; rest starts at 3.
+    return sum(int(r[11]) + int(r[12]) + int(r[13]) + int(r[14]) for r in _tree(roots))
+
+
+def tree_rss_bytes(roots: Iterable[int]) -> int:
+    """Resident memory summed over the process trees under `roots` (stat field 24, pages)."""
+    return sum(int(r[21]) for r in _tree(roots)) * PAGE_SIZE
 
 
 def tree_cpu_seconds(roots: Iterable[int]) -> float:
