@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -147,78 +146,62 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     tool = "wrk" if wrk_available() else "python"
-    tmp = Path(tempfile.mkdtemp(prefix="rbac-profile-"))
-    tmp.chmod(0o711)
-    creds = policies.make_credentials(cost=12)
-    files = policies.write_policies(tmp, creds)
-    started: list[servers.Server] = []
     try:
-        up = servers.start_upstream(tmp, workers=1)
-        started.append(up)
-        gw = servers.start_gateway(
-            tmp,
-            "gateway",
-            policy=files[args.policy],
-            upstream=up.base_url,
-            workers=args.workers,
-            cli=servers.GatewayCli.probe(),
-            creds=creds,
-            extra_args=[],
-        )
-        started.append(gw)
-        load = Load(
-            policies.BENCH_PATH,
-            creds.header(),
-            method="POST" if args.post_bytes else "GET",
-            body_bytes=args.post_bytes,
-            connections=args.connections,
-        )
-        servers.prime(gw, load.path, load.auth)
-        run_load(tool, gw.base_url, load, 2, 10)  # fill every worker's cache
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        raw = RESULTS / f"profile-{stamp}.txt"
-        spy_cmd = [
-            spy,
-            "record",
-            "--format",
-            "raw",
-            "--rate",
-            str(args.rate),
-            "--duration",
-            str(args.seconds),
-            "--subprocesses",
-            "--pid",
-            str(gw.procs[0].pid),
-            "--output",
-            str(raw),
-            "--nonblocking",
-        ]
-        spy_proc = subprocess.Popen(
-            spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        try:
-            result = run_load(tool, gw.base_url, load, args.seconds + 2, 10)
-        finally:
-            _, err = spy_proc.communicate(timeout=args.seconds + 60)
-        if spy_proc.returncode != 0 or not raw.exists():
-            print(f"py-spy failed ({spy_proc.returncode}): {err.strip()[-500:]}", file=sys.stderr)
-            return 1
-        dur = result["duration_us"] / 1e6
-        print(
-            f"load: {tool}, {result['requests'] / dur:,.0f} req/s, p99 {result['latency_us']['p99'] / 1000:.2f} ms "
-            f"(while sampled; py-spy costs some)\n"
-        )
-        print(summarize(raw, args.top))
-        print(f"\ncollapsed stacks: {raw} (flamegraph.pl or speedscope.app read them)")
-        return 0
+        with servers.scratch("rbac-profile-") as (tmp, creds, files, started):
+            gw = servers.start_gateway_on_upstream(
+                tmp, creds, files[args.policy], args.workers, started
+            )
+            load = Load(
+                policies.BENCH_PATH,
+                creds.header(),
+                method="POST" if args.post_bytes else "GET",
+                body_bytes=args.post_bytes,
+                connections=args.connections,
+            )
+            servers.prime(gw, load.path, load.auth)
+            run_load(tool, gw.base_url, load, 2, 10)  # fill every worker's cache
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            raw = RESULTS / f"profile-{stamp}.txt"
+            spy_cmd = [
+                spy,
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                str(args.rate),
+                "--duration",
+                str(args.seconds),
+                "--subprocesses",
+                "--pid",
+                str(gw.procs[0].pid),
+                "--output",
+                str(raw),
+                "--nonblocking",
+            ]
+            spy_proc = subprocess.Popen(
+                spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            )
+            try:
+                result = run_load(tool, gw.base_url, load, args.seconds + 2, 10)
+            finally:
+                _, err = spy_proc.communicate(timeout=args.seconds + 60)
+            if spy_proc.returncode != 0 or not raw.exists():
+                print(
+                    f"py-spy failed ({spy_proc.returncode}): {err.strip()[-500:]}", file=sys.stderr
+                )
+                return 1
+            dur = result["duration_us"] / 1e6
+            print(
+                f"load: {tool}, {result['requests'] / dur:,.0f} req/s, p99 {result['latency_us']['p99'] / 1000:.2f} ms "
+                f"(while sampled; py-spy costs some)\n"
+            )
+            print(summarize(raw, args.top))
+            print(f"\ncollapsed stacks: {raw} (flamegraph.pl or speedscope.app read them)")
+            return 0
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        for s in reversed(started):
-            s.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

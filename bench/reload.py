@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -111,51 +109,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=32)
     args = p.parse_args(argv)
     tool = "wrk" if wrk_available() else "python"
-    tmp = Path(tempfile.mkdtemp(prefix="rbac-reload-"))
-    tmp.chmod(0o711)
-    creds = policies.make_credentials(cost=12)
-    files = policies.write_policies(tmp, creds)
-    policy = files[args.policy]
-    doc = yaml.safe_load(policy.read_text())
-    doc["users"][creds.user]["roles"].append("ops")  # to read /-/status
-    policy.write_text(yaml.safe_dump(doc, sort_keys=False, width=200))
-    started: list[servers.Server] = []
     try:
-        up = servers.start_upstream(tmp, workers=1)
-        started.append(up)
-        gw = servers.start_gateway(
-            tmp,
-            "gateway",
-            policy=policy,
-            upstream=up.base_url,
-            workers=args.workers,
-            cli=servers.GatewayCli.probe(),
-            creds=creds,
-            extra_args=[],
-        )
-        started.append(gw)
-        load = Load(policies.BENCH_PATH, creds.header(), connections=args.connections)
-        servers.prime(gw, load.path, load.auth)
-        run_load(tool, gw.base_url, load, 2, 10)  # fill every worker's cache
-        print(
-            f"{args.policy}: {args.reloads} reloads in {args.seconds} s of {tool} load, "
-            f"{args.connections} connections\n"
-        )
-        print(
-            f"{'window':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-            f"{'errors':>7} {'RSS MiB':>8}   reloads (one worker)"
-        )
-        for mode in ("steady", "unchanged", "edited"):
-            result = _window(tool, gw, load, policy, mode, args)
-            print(_row(mode, result, tree_rss_bytes(gw.cpu_roots)), flush=True)
-        return 0
+        with servers.scratch("rbac-reload-") as (tmp, creds, files, started):
+            policy = files[args.policy]
+            doc = yaml.safe_load(policy.read_text())
+            doc["users"][creds.user]["roles"].append("ops")  # to read /-/status
+            policy.write_text(yaml.safe_dump(doc, sort_keys=False, width=200))
+            gw = servers.start_gateway_on_upstream(tmp, creds, policy, args.workers, started)
+            load = Load(policies.BENCH_PATH, creds.header(), connections=args.connections)
+            servers.prime(gw, load.path, load.auth)
+            run_load(tool, gw.base_url, load, 2, 10)  # fill every worker's cache
+            print(
+                f"{args.policy}: {args.reloads} reloads in {args.seconds} s of {tool} load, "
+                f"{args.connections} connections\n"
+            )
+            print(
+                f"{'window':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+                f"{'errors':>7} {'RSS MiB':>8}   reloads (one worker)"
+            )
+            for mode in ("steady", "unchanged", "edited"):
+                result = _window(tool, gw, load, policy, mode, args)
+                print(_row(mode, result, tree_rss_bytes(gw.cpu_roots)), flush=True)
+            return 0
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        for s in reversed(started):
-            s.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,13 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import policies
 from bench.policies import Credentials
 from bench.procs import BenchError, Proc, free_port, http_status, start, wait_http
 
@@ -253,6 +256,46 @@ def start_gateway(
     proc = start(key, argv, tmp / f"{key}.log", env=env, cwd=ROOT)
     server = Server(key, label, f"http://127.0.0.1:{port}", [proc], notes)
     return _ready(server, proc, "/-/healthz", deadline_s=60)
+
+
+@contextmanager
+def scratch(
+    prefix: str,
+) -> Iterator[tuple[Path, Credentials, dict[str, Path], list[Server]]]:
+    """A private temporary folder with the bench credentials and policies written in it, and a
+    list for the servers the caller starts: all of them are stopped, and the folder removed,
+    when the block ends, however it ends."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    tmp.chmod(0o711)
+    started: list[Server] = []
+    try:
+        creds = policies.make_credentials(cost=12)
+        yield tmp, creds, policies.write_policies(tmp, creds), started
+    finally:
+        for s in reversed(started):
+            s.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def start_gateway_on_upstream(
+    tmp: Path, creds: Credentials, policy: Path, workers: int | None, started: list[Server]
+) -> Server:
+    """The fixed upstream and one gateway in front of it, started as `make bench` starts them
+    (audit log to a file); both go on `started`, for the caller to stop."""
+    up = start_upstream(tmp, workers=1)
+    started.append(up)
+    gw = start_gateway(
+        tmp,
+        "gateway",
+        policy=policy,
+        upstream=up.base_url,
+        workers=workers,
+        cli=GatewayCli.probe(),
+        creds=creds,
+        extra_args=[],
+    )
+    started.append(gw)
+    return gw
 
 
 def caddy_supports_plain_hash(version: str) -> bool:

@@ -41,7 +41,9 @@ def start_backend(tmp: Path) -> Process:
     return p
 
 
-def start_gateway(tmp: Path, upstream: str, policy: Path, *extra: str) -> Process:
+def start_gateway(
+    tmp: Path, upstream: str, policy: Path, *extra: str, env: dict[str, str] | None = None
+) -> Process:
     p = Process(
         [
             "-m",
@@ -58,6 +60,7 @@ def start_gateway(tmp: Path, upstream: str, policy: Path, *extra: str) -> Proces
             *extra,
         ],
         tmp / "gateway.log",
+        env=env,
     )
     p.wait_listening()
     p.wait_healthy("/-/healthz")

@@ -21,6 +21,7 @@ import pytest
 
 from gateway.memory import keep_freed_memory
 from tests.helpers import SHIPPED_POLICY, Process, basic
+from tests.integration.conftest import start_gateway
 
 pytestmark = [
     pytest.mark.skipif(bool(os.environ.get("GATEWAY_URL")), reason="starts its own processes"),
@@ -86,28 +87,7 @@ def recorder(tmp_path: Path):
 def start(tmp_path: Path, upstream: str, env: dict[str, str]) -> Process:
     policy = tmp_path / "rbac.yaml"
     shutil.copy(SHIPPED_POLICY, policy)
-    p = Process(
-        [
-            "-m",
-            "gateway",
-            "serve",
-            "--port",
-            "0",
-            "--upstream",
-            upstream,
-            "--policy",
-            str(policy),
-            "--audit-log",
-            str(tmp_path / "audit.log"),
-            "--log-level",
-            "DEBUG",
-        ],
-        tmp_path / "gateway.log",
-        env=env,
-    )
-    p.wait_listening()
-    p.wait_healthy("/-/healthz")
-    return p
+    return start_gateway(tmp_path, upstream, policy, "--log-level", "DEBUG", env=env)
 
 
 def test_uploads_reuse_freed_heap_and_an_operator_setting_wins(tmp_path, recorder) -> None:
