@@ -289,7 +289,8 @@ class Authenticator:
         # The same credentials spelled another way (``basic``, other padding...) were maybe
         # verified already: one key for the decoded credentials too, so no bcrypt runs again.
         creds_key = self.cache.key_of(creds)
-        cached = self.cache.lookup(creds_key, policy, counted=False)
+        # Counted when it is the only lookup (decision mode); proxy mode counted its raw key.
+        cached = self.cache.lookup(creds_key, policy, counted=key is None)
         if cached is not None and cached is user:
             if key is not None:
                 self.cache.put(key, user)

@@ -50,7 +50,16 @@ from typing import Protocol
 from .audit import AuditLog, Metrics, now_iso
 from .auth import Authenticator, client_behind_proxies, parse_basic
 from .errors import Forbidden, GatewayError, NotFound, TooManyRequests, Unauthenticated
-from .guard import Rejected, canonical_target, check_header_sizes, check_method
+from .guard import (
+    Rejected,
+    canonical_target,
+    check_header_sizes,
+    check_method,
+    claims_identity,
+    fold_name,
+    is_gateway_path,
+    is_override_lookalike,
+)
 from .http.message import JSON_TYPE, json_body
 from .policy import Decision, Policy, PolicyStore, User
 from .settings import Network, Settings
@@ -165,6 +174,26 @@ def original_request(
     return OriginalRequest(orig_method, target, host, proto, form)
 
 
+def check_client_headers(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    """400 for a check request carrying a header the service could read as an identity or a
+    method override, in any spelling a punctuation-folding service reads as one.
+
+    Proxy mode drops these before forwarding; in decision mode the front proxy forwards the
+    client's headers itself, so refusing the check is the only way to keep them from the
+    service. (The shipped nginx and Caddy configs also strip the common ones.)
+    """
+    for raw_name, _ in raw_headers:
+        name = raw_name.decode("latin-1")
+        folded = fold_name(name)
+        if is_override_lookalike(folded):
+            raise Rejected(f"method-override header {name} is not allowed", code="method_override")
+        if claims_identity(folded):
+            raise Rejected(
+                f"header {name} claims an identity; only the gateway asserts who the user is",
+                code="identity_header",
+            )
+
+
 def _single(headers: Headers, name: str) -> str | None:
     values = headers.getall(name, ())
     if len(values) > 1:
@@ -258,13 +287,21 @@ class Decider:
         # The proxies pass the client's headers on the check request: an override header
         # the client sent is refused here as it is in proxy mode.
         check_method(orig.method, headers)
+        check_client_headers(raw_headers)
         target = canonical_target(orig.raw_target)
         record["path"] = target.path
+        if is_gateway_path(target.path):
+            # Grants under /- are for the gateway's own endpoints; the front proxy would
+            # pass such a request to the service, which proxy mode never does.
+            raise Forbidden(
+                f"{target.path} is under /-, the gateway's own paths: never passed to the "
+                f"service (ask the gateway's listener itself)",
+                code="gateway_path",
+            )
         policy = self.store.policy  # one snapshot for the whole decision
         user, decision = await self._authorize(
-            orig.method, target.path, target.segments, headers, client, policy
+            orig.method, target.path, target.segments, headers, client, policy, record
         )
-        record["user"] = user.name if user else None
         record["rule"] = decision.rule.id if decision.rule else None
         if decision.body_keys:
             who = user.name if user else "anonymous"
@@ -294,6 +331,7 @@ class Decider:
         headers: Headers,
         client: str,
         policy: Policy,
+        record: dict[str, object],
     ) -> tuple[User | None, Decision]:
         creds = parse_basic(headers.get("Authorization"), policy.realm)
         if creds is None:
@@ -322,6 +360,7 @@ class Decider:
             if self.settings.throttle_delay:  # the tarpit, as in proxy mode
                 await asyncio.sleep(self.settings.throttle_delay)
             raise
+        record["user"] = user.name  # verified: a refusal below is audited with it
         decision = policy.decide(user.name, method, segments)
         if not decision.allowed:
             raise Forbidden(f"user {user.name!r} may not {method} {path}")

@@ -3,7 +3,9 @@
 Request headers lose the hop-by-hop set (and every header named in ``Connection``),
 ``Authorization``, framing (re-made here), every client-supplied identity header — also its
 look-alikes (``X-Authenticated.User``, ``X-AuthenticatedUser``, any name with ``_``) that an
-upstream folding punctuation could read as identity — and the forwarding headers; the gateway
+upstream folding punctuation could read as identity, and likewise method-override look-alikes
+(``X-HTTP-Method.Override``; the exact names are refused by the guard) — and the forwarding
+headers; the gateway
 then sets ``X-Authenticated-User``/``-Roles`` and ``X-Forwarded-For/-Proto/-Host``. The query
 string is passed through unchanged; the body byte for byte.
 
@@ -18,43 +20,49 @@ import re
 from typing import Any
 
 from .errors import PayloadTooLarge
-from .guard import Target
+from .guard import (
+    IDENTITY_HEADERS,
+    Target,
+    claims_identity,
+    fold_name,
+    is_override_lookalike,
+)
 from .http.message import HOP_BY_HOP, connection_tokens
 from .http.pool import Pool, exchange, request_head
 from .http.request import Request
 from .policy import User
 
-_DROP = HOP_BY_HOP | frozenset(
-    h.encode()
-    for h in (
-        "authorization",
-        "host",
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-real-ip",
-        "content-length",
-        "expect",
-        # other spellings of "who is this" that upstreams behind proxies are known to trust
-        "remote-user",
-        "x-remote-user",
-        "x-user",
-        "x-forwarded-user",
+_DROP = (
+    HOP_BY_HOP
+    | frozenset(
+        h.encode()
+        for h in (
+            "authorization",
+            "host",
+            "forwarded",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-real-ip",
+            "content-length",
+            "expect",
+        )
     )
+    | frozenset(h.lower().encode() for h in IDENTITY_HEADERS)
 )
-_IDENTITY = b"xauthenticated"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 BUFFER_BODY = 16 * 1024
 
 
-def is_identity_lookalike(low: bytes) -> bool:
-    """True for a lower-cased header name that reads as an identity header once ``-``,
-    ``_`` and ``.`` are dropped (``x-authenticated-user``, ``x.authenticated_user``...)."""
-    return b"authenticated" in low and low.replace(b"-", b"").replace(b"_", b"").replace(
-        b".", b""
-    ).startswith(_IDENTITY)
+def is_folded_lookalike(low: bytes) -> bool:
+    """True for a lower-cased header name that a punctuation-folding upstream reads as an
+    identity header or a method override (``x-authenticated.user``, ``x-http-method.override``);
+    the cheap substring test keeps the fold off ordinary headers."""
+    if b"authenticated" in low or b"user" in low or b"method" in low:
+        folded = fold_name(low.decode("latin-1"))
+        return claims_identity(folded) or is_override_lookalike(folded)
+    return False
 
 
 class Forwarder:
@@ -78,12 +86,7 @@ class Forwarder:
         out = []
         for name, value in req.headers.raw:
             low = name.lower()
-            if (
-                low in _DROP
-                or b"_" in low
-                or (named and low in named)
-                or is_identity_lookalike(low)
-            ):
+            if low in _DROP or b"_" in low or (named and low in named) or is_folded_lookalike(low):
                 continue
             out.append(b"%s: %s\r\n" % (name, value))
         if user is not None:

@@ -21,6 +21,36 @@ from .errors import BadRequest, HeadersTooLarge
 
 REJECTED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
 OVERRIDE_HEADERS = ("X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method")
+# Other spellings of "who is this" that services behind proxies are known to trust, besides
+# the gateway's own X-Authenticated-User/-Roles.
+IDENTITY_HEADERS = ("Remote-User", "X-Remote-User", "X-User", "X-Forwarded-User")
+
+
+def fold_name(name: str) -> str:
+    """A header name as a service that folds punctuation reads it (CGI and FastCGI turn
+    ``-`` and ``.`` into ``_``; some frameworks then drop it): lower case, no ``-_.``."""
+    return name.lower().replace("-", "").replace("_", "").replace(".", "")
+
+
+_FOLDED_OVERRIDES = frozenset(fold_name(h) for h in OVERRIDE_HEADERS)
+_FOLDED_IDENTITY = frozenset(fold_name(h) for h in IDENTITY_HEADERS)
+
+
+def is_override_lookalike(folded: str) -> bool:
+    """True for a folded header name a service could read as a method override."""
+    return folded in _FOLDED_OVERRIDES
+
+
+def claims_identity(folded: str) -> bool:
+    """True for a folded header name a service could read as the authenticated identity:
+    ``X-Authenticated-*`` in any spelling, or one of :data:`IDENTITY_HEADERS`."""
+    return folded.startswith("xauthenticated") or folded in _FOLDED_IDENTITY
+
+
+def is_gateway_path(path: str) -> bool:
+    """``/-`` and everything below it belong to the gateway, never to the upstream."""
+    return path == "/-" or path.startswith("/-/")
+
 
 # RFC 3986 pchar without ';' (path parameters are rejected) and without '%' (handled apart).
 _PCHAR = frozenset(string.ascii_letters + string.digits + "-._~" + "!$&'()*+,=" + ":@")
@@ -64,9 +94,15 @@ class HeaderLookup(Protocol):
 
 
 def check_method(method: str, headers: HeaderLookup) -> None:
-    """Refuse tunnelling/echo methods and every method-override header."""
+    """Refuse tunnelling/echo methods, methods not in upper case and every method-override
+    header."""
     if method in REJECTED_METHODS:
         raise Rejected(f"method {method} is not allowed through the gateway", code="method")
+    if not method.isupper():
+        # Rules name methods in upper case and services often upper-case what they get, so
+        # "delete" would be decided as an unknown method and then run as DELETE. llhttp
+        # refuses such a request line; a method given in a header (decision mode) must too.
+        raise Rejected(f"method {method[:20]!r} is not in upper case", code="method")
     for name in OVERRIDE_HEADERS:
         if name in headers:
             raise Rejected(f"method-override header {name} is not allowed", code="method_override")

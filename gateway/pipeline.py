@@ -38,6 +38,7 @@ from .guard import (
     canonical_target,
     check_framing,
     check_method,
+    is_gateway_path,
 )
 from .http.message import JSON_TYPE, json_body
 from .http.request import Request
@@ -52,11 +53,6 @@ log = logging.getLogger(__name__)
 _perf = time.perf_counter
 _TARGET_CACHE = 4096
 _OVERRIDES = frozenset(h.lower().encode() for h in OVERRIDE_HEADERS)
-
-
-def is_gateway_path(path: str) -> bool:
-    """``/-`` and everything below it belong to the gateway, never to the upstream."""
-    return path == "/-" or path.startswith("/-/")
 
 
 class Pipeline:

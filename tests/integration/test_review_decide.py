@@ -1,7 +1,7 @@
 """Adversarial review of decision mode, end to end: the shipped nginx and Caddy configs in
 front of a recording upstream, a real ``serve --mode decide`` (the stack of
 ``tests/integration/test_decision.py``). Regression tests for the confirmed findings that
-show only through a front proxy; xfail(strict) marks open findings."""
+show only through a front proxy; each was a strict xfail until its fix landed."""
 
 # ruff: noqa: F811 - dstack and front are fixtures imported from test_decision
 
@@ -29,12 +29,6 @@ def _names_seen(dstack: DecisionStack, offset: int) -> list[set[str]]:
     return [{str(k).lower() for k, _ in entry["headers"]} for entry in seen]  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 1: a sales request carrying Remote-User/X-Forwarded-User/X-User/"
-    "X-Remote-User/X-AuthenticatedUser: manager is allowed by the gateway and reaches the "
-    "service with that header, through nginx and Caddy alike",
-)
 @pytest.mark.parametrize("name", IDENTITY_LOOKALIKES)
 def test_identity_lookalikes_never_reach_the_service(front, dstack: DecisionStack, name) -> None:
     _, offset = dstack.seen_since(0)
@@ -43,12 +37,6 @@ def test_identity_lookalikes_never_reach_the_service(front, dstack: DecisionStac
         assert name.lower() not in names, f"{front[1].kind}: {name} reached the service"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 2: behind the shipped Caddyfile, X_HTTP_Method_Override: DELETE (and "
-    "X-HTTP-Method.Override) on a sales GET is allowed and reaches the service; nginx drops "
-    "such names, Caddy does not, and the gateway refuses only the dashed spellings",
-)
 @pytest.mark.parametrize("name", ["X_HTTP_Method_Override", "X-HTTP-Method.Override"])
 def test_method_override_lookalikes_never_reach_the_service_behind_caddy(
     dstack: DecisionStack, name
@@ -62,12 +50,6 @@ def test_method_override_lookalikes_never_reach_the_service_behind_caddy(
         assert name.lower() not in names, f"{name} reached the service"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 8: the gateway's 431 (more than 100 header lines, which nginx accepts) "
-    "becomes nginx's 502 'authorization service unavailable': the shipped config maps "
-    "only 400/429/503 back",
-)
 def test_a_431_from_the_gateway_reaches_the_client_through_nginx(dstack: DecisionStack) -> None:
     pair = dstack.fronts.get("nginx")
     if pair is None:

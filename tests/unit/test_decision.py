@@ -284,10 +284,23 @@ async def test_envoy_form_decides_on_the_path_after_the_prefix(decider) -> None:
     assert r.status == 403
 
 
-async def test_public_route_is_allowed_anonymously_with_empty_identity(decider) -> None:
-    r = await decider.get(DECIDE, headers=nginx_check("GET", "/-/healthz"))
+async def test_public_route_is_allowed_anonymously_with_empty_identity(
+    make_gateway, policy_path
+) -> None:
+    doc = policy_doc()
+    doc["public"].append({"methods": ["GET"], "paths": ["/docs/**"]})
+    write_policy(policy_path, doc)
+    gw = await make_gateway(mode="decide", trusted_proxies=LOCAL)
+    r = await gw.get(DECIDE, headers=nginx_check("GET", "/docs/intro"))
     assert r.status == 200
     assert r.headers["X-Authenticated-User"] == "" and r.headers["X-Authenticated-Roles"] == ""
+
+
+async def test_a_public_gateway_path_is_not_allowed_for_the_service(decider) -> None:
+    """/-/healthz is public for the gateway's own listener; a front proxy asking about it is
+    asking whether to pass it to the service, which the gateway never does."""
+    r = await decider.get(DECIDE, headers=nginx_check("GET", "/-/healthz"))
+    assert r.status == 403 and (await r.json())["code"] == "gateway_path"
 
 
 async def test_untrusted_peer_gets_403_with_a_reason(make_gateway) -> None:

@@ -95,6 +95,15 @@ def test_method_override_headers_are_rejected(header) -> None:
     assert exc.value.code == "method_override"
 
 
+@pytest.mark.parametrize("method", ["delete", "Delete", "get", "123"])
+def test_methods_not_in_upper_case_are_rejected(method) -> None:
+    """Rules name methods in upper case; "delete" would be decided as an unknown method and
+    then run as DELETE by a service that upper-cases it (decision mode takes it from a header)."""
+    with pytest.raises(Rejected) as exc:
+        check_method(method, {})
+    assert exc.value.code == "method"
+
+
 def test_ordinary_methods_pass() -> None:
     for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
         check_method(m, {})

@@ -1,8 +1,7 @@
 """Adversarial review of decision mode (``serve --mode decide``) after 26a2d1c, f6f21ad,
 0dde331 and 064d5c0: regression tests for the confirmed findings.
 
-Each test states what must happen; the ones marked xfail(strict) are open findings (the mark
-goes when the fix lands). A real decision-mode gateway on 127.0.0.1, port 0, in-process."""
+Each test states what must happen; each was a strict xfail until its fix landed. A real decision-mode gateway on 127.0.0.1, port 0, in-process."""
 
 from __future__ import annotations
 
@@ -51,12 +50,6 @@ IDENTITY_LOOKALIKES = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 1: decision mode allows a check that carries a client identity "
-    "look-alike header (Remote-User, X-Forwarded-User, ...) which nginx/Caddy then forward "
-    "to the service; proxy mode strips them",
-)
 @pytest.mark.parametrize("name", IDENTITY_LOOKALIKES)
 async def test_a_check_carrying_an_identity_lookalike_is_not_allowed(decider, name) -> None:
     r = await decider.get(
@@ -75,12 +68,6 @@ OVERRIDE_LOOKALIKES = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 2: decision mode refuses only the dashed method-override headers; "
-    "X_HTTP_Method_Override (read as X-HTTP-Method-Override by CGI/FastCGI-style services) "
-    "passes the check and Caddy forwards it; proxy mode drops every '_' header",
-)
 @pytest.mark.parametrize("name", OVERRIDE_LOOKALIKES)
 async def test_a_check_carrying_a_method_override_lookalike_is_refused(decider, name) -> None:
     r = await decider.get(
@@ -103,12 +90,6 @@ LOCKED = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 3: X-Original-Method: delete is matched against the '*' rules only "
-    "(Matcher falls back to its ANY index for a method no rule names), so a role with "
-    "allow '*' + deny DELETE is allowed 'delete'",
-)
 @pytest.mark.parametrize("spelling", ["delete", "Delete"])
 async def test_a_lower_case_method_does_not_escape_a_deny_rule(
     make_gateway, policy_path, spelling
@@ -125,12 +106,6 @@ async def test_a_lower_case_method_does_not_escape_a_deny_rule(
 # -- Finding 5 (LOW): an original target under /- is allowed -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 5: decision mode allows original targets under /- (the gateway's own "
-    "namespace, never forwarded in proxy mode), so the front proxy forwards e.g. ops' "
-    "POST /-/reload to the service with X-Authenticated-User: ops",
-)
 @pytest.mark.parametrize("method,uri", [("POST", "/-/reload"), ("GET", "/-/status")])
 async def test_a_check_for_a_gateway_path_is_not_allowed(decider, method, uri) -> None:
     r = await decider.get(DECIDE, headers={**nginx_check(method, uri), **OPS})
@@ -140,11 +115,6 @@ async def test_a_check_for_a_gateway_path_is_not_allowed(decider, method, uri) -
 # -- Finding 6 (LOW): the audit line of a refused check does not name the user -----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 6: in decision mode the audit line of a 403 (and of a throttled 429) "
-    "has user null: record['user'] is set only after _authorize returns",
-)
 async def test_a_denied_check_is_audited_with_its_user(decider) -> None:
     r = await decider.get(DECIDE, headers={**nginx_check("DELETE", "/api/inventory"), **SALES})
     assert r.status == 403
@@ -156,11 +126,6 @@ async def test_a_denied_check_is_audited_with_its_user(decider) -> None:
 # -- Finding 7 (LOW): credential-cache hits are never counted in decision mode -----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 7: decision mode looks credentials up only by the decoded key, which "
-    "f6f21ad made uncounted: gateway_credential_cache_total and /-/status report 0 hits",
-)
 async def test_cached_checks_count_as_cache_hits(decider) -> None:
     check = {**nginx_check("GET", "/api/inventory"), **SALES}
     for _ in range(3):
@@ -173,12 +138,6 @@ async def test_cached_checks_count_as_cache_hits(decider) -> None:
 # -- Finding 4 (MEDIUM): the documented Envoy config lets clients choose their address ---
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding 4: the Envoy ext_authz example passes x-forwarded-for to the gateway "
-    "without use_remote_address: true, so Envoy neither appends nor replaces it: the "
-    "client's own X-Forwarded-For keys the failed-login throttle",
-)
 def test_documented_envoy_config_sets_use_remote_address() -> None:
     doc = Path(ROOT / "docs" / "DECISION.md").read_text()
     envoy = doc.split("### Envoy", 1)[1].split("\n### ", 1)[0]

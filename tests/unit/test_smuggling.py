@@ -188,6 +188,24 @@ async def test_identity_header_lookalikes_never_reach_the_upstream(
     assert raw_upstream.seen[0].header("X-Authenticated-User") == ["tester"]
 
 
+async def test_other_identity_and_override_spellings_never_reach_the_upstream(
+    make_gateway, raw_upstream
+) -> None:
+    """The exact override names are refused (400); the spellings a punctuation-folding
+    upstream reads the same way are dropped, as are other proxies' identity headers."""
+    gw = await make_gateway(upstream=raw_upstream.url)
+    spoof = ["X-HTTP-Method.Override", "X.Method.Override", "Remote-User", "X-Forwarded-User"]
+    spoof += ["X-User", "X-Remote-User", "Remote.User", "X-Forwarded.User"]
+    head = "".join(f"{name}: DELETE\r\n" for name in spoof)
+    data = (
+        f"GET /test/x HTTP/1.1\r\nHost: t\r\nAuthorization: {TESTER}\r\n{head}"
+        f"Connection: close\r\n\r\n"
+    ).encode()
+    assert [a[0] for a in parse_answers(await send_raw(gw.port, data))] == [200]
+    names = {k.lower() for k, _ in raw_upstream.seen[0].headers}
+    assert not names & {n.lower() for n in spoof}, names
+
+
 @pytest.mark.parametrize("target", ["/-", "/-/", "/-/anything", "/-/healthz/x"])
 async def test_the_gateway_owns_dash_and_never_forwards_it(
     make_gateway, raw_upstream, tmp_path, target
