@@ -47,6 +47,12 @@ _MAX_HEADERS = 100
 _AUTH_FIELD_LIMIT = 128 * 1024  # an oversize credential is a bad credential (401), up to this
 _MAX_HEAD_BYTES = 32 * 1024  # the whole header block (an oversize Authorization aside)
 _PIPELINE_MAX = 64  # queued requests past which a connection is refused
+# Bytes the parser may swallow without finishing anything (a header line, a trailer, a chunk
+# size line): llhttp hands a field over only once its line ends, and httptools joins the
+# pieces with bytes += until then (quadratic copying, on the loop), so the per-field limits in
+# on_header come too late for a line that never ends. The longest legitimate line is one
+# oversize Authorization.
+_MAX_UNFINISHED_BYTES = _AUTH_FIELD_LIMIT + 8 * 1024
 # RFC 9110 Host: reg-name or IP literal, optional port (a repeated Host joins with ", ": refused)
 _HOST = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
@@ -86,9 +92,12 @@ class Connection(asyncio.Protocol):
         self._url = b""
         self._headers = Headers()
         self._head_bytes = 0
+        self._oversize_auth = False  # this head had its one oversize Authorization already
         self._body: Body | None = None
         self._error: GatewayError | None = None
         self._in_head = False
+        self._progressed = False  # a parser callback ran during the current feed
+        self._unfinished = 0  # bytes fed since the parser last finished something
         self.client_done = False  # the client half-closed (sent EOF)
         self._host_ok: bytes | None = None  # the last Host value found valid here
 
@@ -129,12 +138,27 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        self._progressed = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.closing = True  # answer what was asked (Upgrade is not proxied), then close
+            return
         except httptools.HttpParserError as exc:
             self._refuse(self._error or BadRequest(_parser_message(exc), code="framing"))
+            return
+        if self._progressed:
+            self._unfinished = 0
+            return
+        self._unfinished += len(data)
+        if self._unfinished > _MAX_UNFINISHED_BYTES:
+            where = "header line" if self._in_head else "trailer or chunk line"
+            message = f"a {where} over {_MAX_UNFINISHED_BYTES} bytes"
+            self._refuse(
+                HeadersTooLarge(message, code="headers_too_large")
+                if self._in_head
+                else BadRequest(message, code="framing")
+            )
 
     def eof_received(self) -> bool | None:
         self.client_done = True
@@ -147,27 +171,33 @@ class Connection(asyncio.Protocol):
 
     # -- httptools callbacks
     def on_message_begin(self) -> None:
+        self._progressed = True
         self._url = b""
         self._headers = Headers()
         self._head_bytes = 0
+        self._oversize_auth = False
         self._in_head = True
         if self.state == _IDLE:
             self.state = _HEAD
             self.since = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
+        self._progressed = True  # called per piece; the length check below bounds it
         self._url += url
         if len(self._url) > self.limits.max_header_bytes:
             self._error = HeadersTooLarge("request line too long", code="headers_too_large")
             raise self._error
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._progressed = True
         if not self._in_head:
             return  # a chunked body's trailer: never a header of the request
         size = len(name) + len(value)
         h = self._headers
         if size > self.limits.max_header_bytes and (
-            size > _AUTH_FIELD_LIMIT or name.lower() != b"authorization"
+            size > _AUTH_FIELD_LIMIT
+            or self._oversize_auth
+            or name.lower() != b"authorization"
         ):
             self._error = HeadersTooLarge(
                 f"header {name[:64].decode('latin-1')} is over {self.limits.max_header_bytes}"
@@ -180,7 +210,9 @@ class Connection(asyncio.Protocol):
                 f"more than {_MAX_HEADERS} header lines", code="headers_too_large"
             )
             raise self._error
-        if size <= self.limits.max_header_bytes:  # an oversize credential is not counted
+        if size > self.limits.max_header_bytes:
+            self._oversize_auth = True  # one is a bad credential (401); two are an attack
+        else:  # the one oversize credential is not counted
             self._head_bytes += size
             if self._head_bytes > _MAX_HEAD_BYTES:
                 self._error = HeadersTooLarge(
@@ -190,6 +222,7 @@ class Connection(asyncio.Protocol):
         h.add(name, value)
 
     def on_headers_complete(self) -> None:
+        self._progressed = True
         p = self.parser
         headers = self._headers
         req = Request(
@@ -243,11 +276,13 @@ class Connection(asyncio.Protocol):
             self.task = self.loop.create_task(self._serve())
 
     def on_body(self, data: bytes) -> None:
+        self._progressed = True
         body = self._body
         if body is not None:
             body.feed(data)
 
     def on_message_complete(self) -> None:
+        self._progressed = True
         body = self._body
         if body is not None:
             body.feed_eof()

@@ -318,14 +318,6 @@ async def test_one_user_cannot_evict_everyone_from_the_credential_cache(
     ],
     ids=["value", "name", "trailer"],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="F5: the header size limits are checked in on_header, i.e. only once a whole "
-    "field line has arrived; until then httptools accumulates the name/value with bytes += "
-    "(quadratic copying, on the event loop). One unauthenticated connection sending a "
-    "100 MB header value stalls every other client for ~9 s of the 10 s header timeout "
-    "and takes ~100 MB; a trailer field is not bounded at all",
-)
 async def test_an_endless_header_line_is_refused_while_it_arrives(
     make_gateway, scripted, prefix: bytes
 ) -> None:
@@ -353,12 +345,6 @@ async def test_an_endless_header_line_is_refused_while_it_arrives(
     assert scripted.seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F6: an oversize Authorization line (up to 128 KiB) is exempt from the 32 KiB "
-    "header-block limit, but so is every further one: 98 such lines make an 11.5 MB head "
-    "that is accepted, held and joined (Headers.add, quadratic) before a 401, not a 431",
-)
 async def test_only_one_oversize_authorization_escapes_the_header_block_limit(
     make_gateway, scripted
 ) -> None:
