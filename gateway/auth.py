@@ -3,8 +3,9 @@
 * bcrypt runs in a small thread pool (it releases the GIL; ~200 ms at cost 12), never on the
   event loop, and at most ``max_inflight`` checks run or wait at once: beyond that new
   uncached checks get 503 at once instead of queueing without end.
-* A successful check is cached under HMAC(per-process random key, user NUL password) together
-  with the hash it was verified against; an entry whose user's hash changed on reload (or whose
+* Parsing the header is ``credentials.py``'s. A successful check is cached under a keyed
+  BLAKE2b of the raw header (and of the decoded credentials) together with the hash it was
+  verified against; an entry whose user's hash changed on reload (or whose
   user vanished) is a miss, so a password change takes effect with the reload.
 * Unknown users are checked against a dummy hash of the same cost: same status, body, timing.
 * Failed attempts are throttled per client address and per address+user with exponential
@@ -15,54 +16,20 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import ipaddress
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import bcrypt
 
+from .credentials import Credentials, is_canonical, parse_basic
 from .errors import Overloaded, TooManyRequests, Unauthenticated
 from .policy import Policy, User
-
-MAX_AUTH_HEADER = 4096
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    user: str
-    password: str
-
-
-def parse_basic(header: str | None, realm: str) -> Credentials | None:
-    """``None`` when there is no header; :class:`Unauthenticated` when it is malformed."""
-    if header is None:
-        return None
-    if len(header) > MAX_AUTH_HEADER:
-        raise Unauthenticated("Authorization header too long", realm=realm)
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "basic" or not token.strip():
-        raise Unauthenticated("only HTTP Basic authentication is accepted", realm=realm)
-    try:
-        raw = base64.b64decode(token.strip(), validate=True)
-        text = raw.decode("utf-8")
-    except (binascii.Error, ValueError):
-        raise Unauthenticated("malformed Basic credentials", realm=realm) from None
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise Unauthenticated("malformed Basic credentials", realm=realm)
-    if _CONTROL.search(text):
-        raise Unauthenticated("malformed Basic credentials", realm=realm)
-    return Credentials(user, password)
 
 
 class CredentialCache:
@@ -281,10 +248,19 @@ class Authenticator:
         return self.cache.lookup(key, policy)
 
     async def authenticate(
-        self, policy: Policy, creds: Credentials, address: str, key: bytes | None = None
+        self,
+        policy: Policy,
+        creds: Credentials,
+        address: str,
+        key: bytes | None = None,
+        *,
+        remember_key: bool = True,
     ) -> User:
         """Return the user or raise 401 / 429 / 503; ``key`` is the cache key of the header
-        the credentials came from (by default one is made from the credentials)."""
+        the credentials came from (by default one is made from the credentials), remembered
+        only with ``remember_key``: an odd spelling of verified credentials (``basic``, extra
+        spaces) must not get entries of its own, or one user's endless spellings would push
+        every other user out of the cache."""
         user = policy.users.get(creds.user)
         # The same credentials spelled another way (``basic``, other padding...) were maybe
         # verified already: one key for the decoded credentials too, so no bcrypt runs again.
@@ -292,9 +268,9 @@ class Authenticator:
         # Counted when it is the only lookup (decision mode); proxy mode counted its raw key.
         cached = self.cache.lookup(creds_key, policy, counted=key is None)
         if cached is not None and cached is user:
-            if key is not None:
+            if key is not None and remember_key:
                 self.cache.put(key, user)
-            elif self.cache.due(creds_key):  # decision mode: no raw-header key, same refresh
+            elif self.cache.due(creds_key):  # no raw-header key to refresh ahead: this one
                 self._start_refresh(policy, creds, creds_key, address)
             return user
         key = key or creds_key
@@ -308,7 +284,7 @@ class Authenticator:
             )
         self.throttle.succeeded(address, creds.user)
         self.cache.put(creds_key, user)
-        if key != creds_key:
+        if key != creds_key and remember_key:
             self.cache.put(key, user)
         return user
 
@@ -392,3 +368,14 @@ def client_behind_proxies(
         if not any(ip in net for net in trusted):
             return hop
     return hop
+
+
+__all__ = [
+    "Authenticator",
+    "CredentialCache",
+    "Credentials",
+    "FailureThrottle",
+    "client_behind_proxies",
+    "is_canonical",
+    "parse_basic",
+]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .admin import Admin
 from .audit import now_iso
-from .auth import client_behind_proxies, parse_basic
+from .auth import client_behind_proxies, is_canonical, parse_basic
 from .decision import Decider
 from .errors import (
     BadRequest,
@@ -219,7 +219,9 @@ class Pipeline:
             raise
         assert creds is not None
         try:
-            return await self.auth.authenticate(policy, creds, client, key)
+            return await self.auth.authenticate(
+                policy, creds, client, key, remember_key=is_canonical(header, creds)
+            )
         except Unauthenticated:
             self.metrics.auth_failures.labels("invalid_credentials").inc()
             self.audit.write(

@@ -55,6 +55,12 @@ class Body:
         return self._eof and not self._chunks
 
     @property
+    def invited(self) -> bool:
+        """False while an ``Expect: 100-continue`` client still waits for our 100: the
+        gateway, not the client, is the one taking time."""
+        return not self._continue
+
+    @property
     def ended(self) -> bool:
         """Everything was received (maybe not read yet)."""
         return self._eof
@@ -86,7 +92,10 @@ class Body:
         """The next chunk of the body; ``b""`` once it is all read."""
         if self._continue:
             self._continue = False
-            self._conn.write_interim(_CONTINUE)
+            if self._exc is None:  # never invite a body that has failed already
+                self._conn.write_interim(_CONTINUE)
+                # the client was waiting for us: its deadlines run from the invitation
+                self.started_at = self._conn.loop.time()
         while not self._chunks:
             if self._exc is not None:
                 raise self._exc

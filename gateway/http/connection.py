@@ -195,9 +195,7 @@ class Connection(asyncio.Protocol):
         size = len(name) + len(value)
         h = self._headers
         if size > self.limits.max_header_bytes and (
-            size > _AUTH_FIELD_LIMIT
-            or self._oversize_auth
-            or name.lower() != b"authorization"
+            size > _AUTH_FIELD_LIMIT or self._oversize_auth or name.lower() != b"authorization"
         ):
             self._error = HeadersTooLarge(
                 f"header {name[:64].decode('latin-1')} is over {self.limits.max_header_bytes}"
@@ -439,7 +437,7 @@ class Connection(asyncio.Protocol):
                 self.close()
             return
         body = self._body
-        if body is not None and not body.ended:
+        if body is not None and not body.ended and body.invited:
             elapsed = now - body.started_at
             if elapsed > lim.body_timeout:
                 body.fail(

@@ -238,7 +238,7 @@ class Pool:
             deadline = self.loop.time() - self.read_timeout
             for conn in list(self.busy):
                 sink = conn.sink
-                if sink is not None and sink.conn.flow.paused_since:
+                if conn.awaiting_client or (sink is not None and sink.conn.flow.paused_since):
                     continue  # waiting for our client, not for the upstream
                 if conn.active and conn.active < deadline and not conn.complete:
                     conn.timed_out()
@@ -316,7 +316,11 @@ async def _send_body(conn: UpstreamConnection, body: Any, head: bytes) -> None:
     assert transport is not None
     try:
         while True:
-            chunk = await body.read()
+            conn.awaiting_client = True  # the client's pause: its own deadlines apply
+            try:
+                chunk = await body.read()
+            finally:
+                conn.awaiting_client = False
             if conn.complete or conn.broken:
                 conn.broken = True  # answered (or failed) before the body was sent
                 return
@@ -325,7 +329,14 @@ async def _send_body(conn: UpstreamConnection, body: Any, head: bytes) -> None:
             transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             conn.active = conn.loop.time()  # an upload in progress is not a stall
             if transport.get_write_buffer_size() > _HIGH_WATER:
-                await conn.flow.drain()
+                try:
+                    await conn.flow.drain()
+                except ConnectionError:
+                    # The upstream went away (or was timed out) mid-upload: what the client
+                    # gets is its answer or its failure (504, 502), which the caller awaits;
+                    # never taken for the client's own disconnect.
+                    conn.broken = True
+                    return
         if chunked:
             transport.write(b"0\r\n\r\n")
         conn.active = conn.loop.time()

@@ -60,6 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink: Request | None = None
         self.done: asyncio.Future[int] | None = None
         self.active = 0.0  # loop time data last moved; 0 while idle
+        self.awaiting_client = False  # an upload waits for the client's next bytes
         self.broken = False
         self.complete = False
         self.received_any = False

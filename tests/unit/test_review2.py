@@ -1,8 +1,7 @@
 """Second adversarial review of the HTTP layer (streamed uploads, the per-client cap, the
 refresh-ahead): regression tests for confirmed findings.
 
-Each test states what must happen; the ones marked xfail(strict) are open findings (the mark
-goes when the fix lands)."""
+Each test states what must happen; each was a strict xfail until its fix landed."""
 
 from __future__ import annotations
 
@@ -119,13 +118,6 @@ def _record_audit(gw) -> list[dict[str, object]]:
     return records
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1: an upstream that stops reading a streamed upload is timed out by the pool "
-    "sweeper, which aborts the upstream transport; the ConnectionResetError raised by the "
-    "upstream's FlowControl.drain() in _send_body is taken by the pipeline for a client "
-    "disconnect (499 client_gone, req.abort()): the client gets a reset, not a 504",
-)
 async def test_an_upstream_that_stops_reading_an_upload_is_a_504_not_a_reset(
     make_gateway,
 ) -> None:
@@ -141,13 +133,6 @@ async def test_an_upstream_that_stops_reading_an_upload_is_a_504_not_a_reset(
         assert records[0]["status"] == 504, records
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F1b: an upstream that answers early (413) and closes while the gateway waits to "
-    "write more of the upload: the drain() ConnectionResetError of the *upstream* is taken "
-    "for the client's, the client connection is aborted (RST after the answer, unflushed "
-    "bytes dropped) and the request is audited 499 client_gone instead of 413",
-)
 async def test_an_early_upstream_answer_then_close_is_recorded_and_not_reset(
     make_gateway,
 ) -> None:
@@ -173,14 +158,6 @@ async def test_an_early_upstream_answer_then_close_is_recorded_and_not_reset(
         assert out.endswith(b"nope!"), out[-60:]  # a clean close, no reset
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2: the body deadline (body_timeout, min-rate after 2 s) runs from the request "
-    "head, also for 'Expect: 100-continue' whose client must not send before the gateway's "
-    "100 Continue; while the request waits for a pool slot (or bcrypt) the clock runs out "
-    "and the client gets '100 Continue' immediately followed by 408, having never had a "
-    "chance to send",
-)
 async def test_expect_continue_client_is_not_timed_out_before_it_was_invited(
     make_gateway, scripted
 ) -> None:
@@ -235,13 +212,6 @@ async def test_expect_continue_client_is_not_timed_out_before_it_was_invited(
     assert rest.startswith(b"HTTP/1.1 200"), rest[:200]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F3: the pool's sweeper times out an exchange whose upstream made no progress "
-    "for --upstream-timeout, also while it is the *client* that has not sent the next part "
-    "of a streamed upload (within --body-timeout and --min-upload-rate): the client gets "
-    "504 upstream_timeout, a 5xx for the client's pause, and the upload is aborted",
-)
 async def test_a_client_pausing_its_upload_is_not_an_upstream_timeout(
     make_gateway, scripted
 ) -> None:
@@ -260,14 +230,6 @@ async def test_a_client_pausing_its_upload_is_not_an_upstream_timeout(
     assert [len(s.body) for s in scripted.seen] == [50_000]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F4: every spelling of verified credentials ('Basic' + any number of spaces + the "
-    "token, any case of the scheme) gets its own credential-cache entry, without a bcrypt "
-    "check (the decoded-credentials key hits): one authenticated user fills the LRU cache "
-    "with their own spellings and evicts every other user, whose next request costs bcrypt "
-    "again (under load: the in-flight bound's 503s)",
-)
 async def test_one_user_cannot_evict_everyone_from_the_credential_cache(
     make_gateway, scripted
 ) -> None:
