@@ -268,6 +268,10 @@ class Authenticator:
         # Counted when it is the only lookup (decision mode); proxy mode counted its raw key.
         cached = self.cache.lookup(creds_key, policy, counted=key is None)
         if cached is not None and cached is user:
+            if key is not None:
+                # proxy mode counted a miss on the raw header; no bcrypt ran: a hit after all
+                self.cache.misses -= 1
+                self.cache.hits += 1
             if key is not None and remember_key:
                 self.cache.put(key, user)
             elif self.cache.due(creds_key):  # no raw-header key to refresh ahead: this one

@@ -35,6 +35,7 @@ class Body:
         "started_at",
         "_continue",
         "_paused",
+        "_paused_at",
     )
 
     def __init__(self, conn: Connection, expect_continue: bool, now: float) -> None:
@@ -48,6 +49,7 @@ class Body:
         self.started_at = now
         self._continue = expect_continue
         self._paused = False
+        self._paused_at = 0.0
 
     @property
     def complete(self) -> bool:
@@ -71,6 +73,7 @@ class Body:
         self.received += len(data)
         if self._buffered > _BODY_HIGH and not self._paused:
             self._paused = True
+            self._paused_at = self._conn.loop.time()
             self._conn.pause_reading()
         self._wake()
 
@@ -112,9 +115,20 @@ class Body:
         chunks.clear()
         self._buffered = 0
         if self._paused and self._buffered < _BODY_LOW:
-            self._paused = False
-            self._conn.resume_reading()
+            self._resume()
         return chunk
+
+    def _resume(self) -> None:
+        self._paused = False
+        # The gateway was the one not reading (its upstream was slower than the client):
+        # that time does not count against the client's body deadlines.
+        self.started_at += self._conn.loop.time() - self._paused_at
+        self._conn.resume_reading()
+
+    @property
+    def held_back(self) -> bool:
+        """The gateway stopped reading this body (its buffer is full): not the client's time."""
+        return self._paused
 
     def take_buffered(self) -> bytes:
         """Everything received and not read yet, without waiting."""
@@ -122,6 +136,5 @@ class Body:
         self._chunks.clear()
         self._buffered = 0
         if self._paused:
-            self._paused = False
-            self._conn.resume_reading()
+            self._resume()
         return data

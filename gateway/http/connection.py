@@ -437,7 +437,7 @@ class Connection(asyncio.Protocol):
                 self.close()
             return
         body = self._body
-        if body is not None and not body.ended and body.invited:
+        if body is not None and not body.ended and body.invited and not body.held_back:
             elapsed = now - body.started_at
             if elapsed > lim.body_timeout:
                 body.fail(

@@ -250,6 +250,23 @@ class Pool:
         self._idle.clear()
 
 
+async def _drained(conn: UpstreamConnection, done: asyncio.Future[int]) -> bool:
+    """Wait until the upstream has room for more of the body: True, or False once its answer
+    is complete or failed first (an upstream that answers early and stops reading, keeping
+    the connection open, must not hold the exchange and its pool slot for ever)."""
+    if done.done():
+        return False
+    drain = asyncio.ensure_future(conn.flow.drain())
+    try:
+        await asyncio.wait((drain, done), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not drain.done():
+            drain.cancel()
+    if not drain.done() or drain.cancelled():
+        return False
+    return drain.exception() is None
+
+
 def request_head(method: bytes, target: bytes, host: bytes, lines: list[bytes]) -> bytes:
     """The request line and header block, from already-filtered header lines."""
     return b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (method, target, host, b"".join(lines))
@@ -288,7 +305,7 @@ async def exchange(
                 assert conn.transport is not None
                 conn.transport.write(head + body if body else head)
                 if streaming:
-                    await _send_body(conn, stream, head)
+                    await _send_body(conn, stream, head, done)
                 return await done
             except Stale:
                 if attempt == 0 and reused and retry and not streaming:
@@ -309,8 +326,12 @@ async def exchange(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def _send_body(conn: UpstreamConnection, body: Any, head: bytes) -> None:
-    """Forward a streamed client body; any break aborts the upstream connection."""
+async def _send_body(
+    conn: UpstreamConnection, body: Any, head: bytes, done: asyncio.Future[int]
+) -> None:
+    """Forward a streamed client body; any break aborts the upstream connection. Stops early
+    when the upstream has answered (or failed) while it was not reading: the caller relays
+    ``done``."""
     chunked = head.endswith(b"Transfer-Encoding: chunked\r\n\r\n")
     transport = conn.transport
     assert transport is not None
@@ -328,15 +349,12 @@ async def _send_body(conn: UpstreamConnection, body: Any, head: bytes) -> None:
                 break
             transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
             conn.active = conn.loop.time()  # an upload in progress is not a stall
-            if transport.get_write_buffer_size() > _HIGH_WATER:
-                try:
-                    await conn.flow.drain()
-                except ConnectionError:
-                    # The upstream went away (or was timed out) mid-upload: what the client
-                    # gets is its answer or its failure (504, 502), which the caller awaits;
-                    # never taken for the client's own disconnect.
-                    conn.broken = True
-                    return
+            if transport.get_write_buffer_size() > _HIGH_WATER and not await _drained(conn, done):
+                # The upstream answered, went away or was timed out mid-upload: what the
+                # client gets is that answer or that failure (504, 502), which the caller
+                # awaits; never a reset taken for the client's own disconnect.
+                conn.broken = True
+                return
         if chunked:
             transport.write(b"0\r\n\r\n")
         conn.active = conn.loop.time()
