@@ -190,3 +190,6 @@ class _Limited:
         if self._left < 0:
             raise PayloadTooLarge("request body over the limit")
         return chunk
+
+    def fail(self, exc: BaseException) -> None:
+        self._body.fail(exc)  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -15,6 +15,13 @@ if TYPE_CHECKING:
 _BODY_HIGH = 256 * 1024  # buffered body bytes before the socket stops being read
 _BODY_LOW = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Upload(Protocol):
+    """What streams a client body upstream: a :class:`Body`, or a wrapper around one."""
+
+    async def read(self) -> bytes: ...
+    def fail(self, exc: BaseException) -> None: ...
 
 
 class Body:

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Any
 
 from ..errors import BadGateway, GatewayTimeout, Overloaded
+from .body import Upload
 from .request import Request
 from .upstream import Stale, UpstreamConnection
 
@@ -327,7 +328,7 @@ async def exchange(
 
 
 async def _send_body(
-    conn: UpstreamConnection, body: Any, head: bytes, done: asyncio.Future[int]
+    conn: UpstreamConnection, body: Upload, head: bytes, done: asyncio.Future[int]
 ) -> None:
     """Forward a streamed client body; any break aborts the upstream connection. Stops early
     when the upstream has answered (or failed) while it was not reading: the caller relays
@@ -335,6 +336,7 @@ async def _send_body(
     chunked = head.endswith(b"Transfer-Encoding: chunked\r\n\r\n")
     transport = conn.transport
     assert transport is not None
+    conn.upload = body
     try:
         while True:
             conn.awaiting_client = True  # the client's pause: its own deadlines apply
@@ -361,3 +363,5 @@ async def _send_body(
     except BaseException:
         conn.abort()  # a half-sent body must never be reused
         raise
+    finally:
+        conn.upload = None

@@ -32,6 +32,7 @@ from .message import HOP_BY_HOP, NO_BODY_STATUS, REASONS, connection_tokens, sta
 from .request import Request
 
 if TYPE_CHECKING:
+    from .body import Upload
     from .pool import Pool
 _SKIP_RESPONSE = HOP_BY_HOP | {b"content-length"}
 _NONE: frozenset[bytes] = frozenset()
@@ -61,6 +62,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.done: asyncio.Future[int] | None = None
         self.active = 0.0  # loop time data last moved; 0 while idle
         self.awaiting_client = False  # an upload waits for the client's next bytes
+        self.upload: Upload | None = None  # the client body being streamed to this upstream
         self.broken = False
         self.complete = False
         self.received_any = False
@@ -253,6 +255,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         self.broken = True
+        upload = self.upload
+        if upload is not None and self.awaiting_client:
+            # The upload waits for a client that paused: tell it now (a 502/504), not when
+            # the client sends more and the body deadline has run out on the client's name.
+            upload.fail(
+                exc
+                if isinstance(exc, GatewayError)
+                else BadGateway("the upstream closed the connection", code="upstream_broke")
+            )
         done = self.done
         if done is not None and not done.done():
             done.set_exception(exc)

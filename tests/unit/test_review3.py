@@ -1,5 +1,5 @@
 """Third adversarial review (of the second review's fixes): regression tests for confirmed
-findings. Each states what must happen; a strict xfail marks a finding still open (R2)."""
+findings. Each states what must happen; each was a strict xfail until its fix landed."""
 
 from __future__ import annotations
 
@@ -62,12 +62,6 @@ async def test_an_early_complete_answer_from_an_upstream_that_stops_reading_free
             writer.transport.abort()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R2: an upstream that dies while _send_body waits for the client's next bytes is "
-    "noticed only when the client sends more: a pausing client gets 408 body_timeout (its "
-    "own fault, audited so) after --body-timeout instead of a prompt 502",
-)
 async def test_an_upstream_dying_while_the_client_pauses_its_upload_is_a_prompt_502(
     make_gateway,
 ) -> None:
