@@ -65,6 +65,18 @@ def is_folded_lookalike(low: bytes) -> bool:
     return False
 
 
+_VERDICTS: dict[bytes, bool] = {}  # lower-cased name -> never forwarded (names repeat)
+_VERDICTS_MAX = 4096
+
+
+def is_dropped(low: bytes) -> bool:
+    """True for a lower-cased header name the upstream never gets, whatever its value."""
+    verdict = low in _DROP or b"_" in low or is_folded_lookalike(low)
+    if len(_VERDICTS) < _VERDICTS_MAX:
+        _VERDICTS[low] = verdict
+    return verdict
+
+
 class Forwarder:
     """Builds the upstream request and runs the exchange on the pool."""
 
@@ -86,7 +98,10 @@ class Forwarder:
         out = []
         for name, value in req.headers.raw:
             low = name.lower()
-            if low in _DROP or b"_" in low or (named and low in named) or is_folded_lookalike(low):
+            dropped = _VERDICTS.get(low)
+            if dropped is None:
+                dropped = is_dropped(low)
+            if dropped or (named and low in named):
                 continue
             out.append(b"%s: %s\r\n" % (name, value))
         if user is not None:
