@@ -257,6 +257,12 @@ async def _drained(conn: UpstreamConnection, done: asyncio.Future[int]) -> bool:
     the connection open, must not hold the exchange and its pool slot for ever)."""
     if done.done():
         return False
+    if not conn.flow.paused_since:  # room already, the common case: no task, no wait
+        try:
+            await conn.flow.drain()  # raises at once if the connection is gone
+        except ConnectionError:
+            return False
+        return True
     drain = asyncio.ensure_future(conn.flow.drain())
     try:
         await asyncio.wait((drain, done), return_when=asyncio.FIRST_COMPLETED)
