@@ -215,3 +215,42 @@ def _encode(segment: str) -> str:
 
 def _pct(ch: str) -> str:
     return "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+
+
+def check_client_headers(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
+    """400 for a check request carrying a header the service could read as an identity or a
+    method override, in any spelling a punctuation-folding service reads as one.
+
+    Proxy mode drops these before forwarding; in decision mode the front proxy forwards the
+    client's headers itself, so refusing the check is the only way to keep them from the
+    service. (The shipped nginx and Caddy configs also strip the common ones.)
+    """
+    for raw_name, _ in raw_headers:
+        refusal = _REFUSED.get(raw_name, _UNSEEN)
+        if refusal is _UNSEEN:
+            refusal = _refusal_of(raw_name)
+        if refusal is not None:
+            code, why = refusal
+            name = raw_name.decode("latin-1")
+            raise Rejected(why.format(name=name), code=code)
+
+
+# Header name (as sent) -> None, or why a check carrying it is refused; names repeat.
+_REFUSED: dict[bytes, tuple[str, str] | None] = {}
+_REFUSED_MAX = 4096
+_UNSEEN: tuple[str, str] = ("", "")
+
+
+def _refusal_of(raw_name: bytes) -> tuple[str, str] | None:
+    folded = fold_name(raw_name.decode("latin-1"))
+    refusal: tuple[str, str] | None = None
+    if is_override_lookalike(folded):
+        refusal = ("method_override", "method-override header {name} is not allowed")
+    elif claims_identity(folded):
+        refusal = (
+            "identity_header",
+            "header {name} claims an identity; only the gateway asserts who the user is",
+        )
+    if len(_REFUSED) < _REFUSED_MAX:
+        _REFUSED[raw_name] = refusal
+    return refusal
