@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import ipaddress
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -296,3 +298,17 @@ def raw_get(
         lines.append(f"Content-Length: {len(body)}")
     lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+@pytest.fixture
+async def decider(make_gateway):
+    """A decision-mode gateway (proxies on 127.0.0.0/8 trusted) whose audit lines land in
+    ``decider.audit_lines()``."""
+    stream = io.StringIO()
+    client = await make_gateway(
+        mode="decide",
+        trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),),
+        audit=AuditLog(stream),
+    )
+    client.audit_lines = lambda: [json.loads(x) for x in stream.getvalue().splitlines()]
+    return client

@@ -230,3 +230,8 @@ def fill(disk: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+def nginx_check(method: str, uri: str, **extra: str) -> dict[str, str]:
+    """The headers nginx's auth_request (deploy/nginx) puts on a check request."""
+    return {"X-Original-Method": method, "X-Original-URI": uri, **extra}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import json
 from dataclasses import replace
@@ -11,13 +10,12 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.audit import AuditLog
 from gateway.decision import UntrustedPeer, original_request
 from gateway.errors import NotFound
 from gateway.guard import Rejected
 from gateway.settings import Settings, parse_settings
 from tests.conftest import EXTRA_USERS, TEST_ROLE
-from tests.helpers import basic, policy_doc, write_policy
+from tests.helpers import basic, nginx_check, policy_doc, write_policy
 
 LOCAL = (ipaddress.ip_network("127.0.0.0/8"),)
 DECIDE = "/-/decide"
@@ -169,19 +167,6 @@ def test_a_bad_decision_prefix_is_refused(prefix, capsys) -> None:
 
 
 # -- the gateway in decision mode, in-process --------------------------------------------
-
-
-@pytest.fixture
-async def decider(make_gateway):
-    """A decision-mode gateway whose audit lines land in ``decider.audit_lines``."""
-    stream = io.StringIO()
-    client = await make_gateway(mode="decide", trusted_proxies=LOCAL, audit=AuditLog(stream))
-    client.audit_lines = lambda: [json.loads(x) for x in stream.getvalue().splitlines()]
-    return client
-
-
-def nginx_check(method: str, uri: str, **extra: str) -> dict[str, str]:
-    return {"X-Original-Method": method, "X-Original-URI": uri, **extra}
 
 
 async def test_allowed_request_answers_200_with_identity(decider, upstream) -> None:

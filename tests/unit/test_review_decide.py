@@ -5,34 +5,18 @@ Each test states what must happen; each was a strict xfail until its fix landed.
 
 from __future__ import annotations
 
-import io
 import ipaddress
-import json
 from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditLog
 from tests.conftest import EXTRA_USERS
-from tests.helpers import ROOT, basic, policy_doc, write_policy
+from tests.helpers import ROOT, basic, nginx_check, policy_doc, write_policy
 
 LOCAL = (ipaddress.ip_network("127.0.0.0/8"),)
 DECIDE = "/-/decide"
 SALES = basic("sales", "imsales")
 OPS = basic("ops", "imtheops")
-
-
-@pytest.fixture
-async def decider(make_gateway):
-    """A decision-mode gateway whose audit lines land in ``decider.audit_lines``."""
-    stream = io.StringIO()
-    client = await make_gateway(mode="decide", trusted_proxies=LOCAL, audit=AuditLog(stream))
-    client.audit_lines = lambda: [json.loads(x) for x in stream.getvalue().splitlines()]
-    return client
-
-
-def nginx_check(method: str, uri: str, **extra: str) -> dict[str, str]:
-    return {"X-Original-Method": method, "X-Original-URI": uri, **extra}
 
 
 # -- Finding 1 (HIGH): identity look-alikes pass a check and reach the service ------------
