@@ -66,13 +66,14 @@ def is_folded_lookalike(low: bytes) -> bool:
 
 
 _VERDICTS: dict[bytes, bool] = {}  # lower-cased name -> never forwarded (names repeat)
-_VERDICTS_MAX = 4096
+_VERDICTS_MAX = 4096  # names, each at most _NAME_CACHED bytes: at most ~256 KiB of keys
+_NAME_CACHED = 64
 
 
 def is_dropped(low: bytes) -> bool:
     """True for a lower-cased header name the upstream never gets, whatever its value."""
     verdict = low in _DROP or b"_" in low or is_folded_lookalike(low)
-    if len(_VERDICTS) < _VERDICTS_MAX:
+    if len(_VERDICTS) < _VERDICTS_MAX and len(low) <= _NAME_CACHED:
         _VERDICTS[low] = verdict
     return verdict
 

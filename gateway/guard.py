@@ -237,7 +237,8 @@ def check_client_headers(raw_headers: tuple[tuple[bytes, bytes], ...]) -> None:
 
 # Header name (as sent) -> None, or why a check carrying it is refused; names repeat.
 _REFUSED: dict[bytes, tuple[str, str] | None] = {}
-_REFUSED_MAX = 4096
+_REFUSED_MAX = 4096  # names, each at most _NAME_CACHED bytes: at most ~256 KiB of keys
+_NAME_CACHED = 64
 _UNSEEN: tuple[str, str] = ("", "")
 
 
@@ -251,6 +252,6 @@ def _refusal_of(raw_name: bytes) -> tuple[str, str] | None:
             "identity_header",
             "header {name} claims an identity; only the gateway asserts who the user is",
         )
-    if len(_REFUSED) < _REFUSED_MAX:
+    if len(_REFUSED) < _REFUSED_MAX and len(raw_name) <= _NAME_CACHED:
         _REFUSED[raw_name] = refusal
     return refusal

@@ -7,7 +7,7 @@ each with the GIL held and nothing freed: the loop stalled for seconds per reloa
 steady state every full collection rescanned the policy in force (120-190 ms). So a load runs
 with the collector paused (:func:`collector_paused`; the policy is acyclic and the loader's
 garbage is freed by reference counting), and once the process is up, and again after each
-swap, :func:`settle` moves every object alive to the permanent generation (``gc.freeze``)
+load, :func:`settle` moves every object alive to the permanent generation (``gc.freeze``)
 so later collections skip them. A frozen object is still freed when its last reference goes:
 the policy a swap replaces is, as long as it has no reference cycle (a test holds that).
 
