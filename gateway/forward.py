@@ -11,7 +11,9 @@ string is passed through unchanged; the body byte for byte.
 
 Bodies up to ``buffer_body`` bytes with a ``Content-Length`` are read whole before an upstream
 connection is taken (as nginx buffers), so a client trickling a small upload holds no upstream
-connection; larger and chunked bodies are streamed and may hold at most half the pool.
+connection; a body of any size that has wholly arrived by the time the request is forwarded is
+sent with the head in one write; other larger and chunked bodies are streamed and may hold at
+most half the pool.
 """
 
 from __future__ import annotations
@@ -150,7 +152,14 @@ class Forwarder:
             length = req.content_length
             if length is not None and length > self.max_body:
                 raise PayloadTooLarge(f"request body over {self.max_body} bytes")
-            if length is not None and length <= self.buffer_body:
+            if req.body.ended:
+                # All of it is here already (the common case: it came with the head). Sent
+                # with the head in one write, like a buffered body: no streaming loop, and no
+                # share of the pool's streaming slots, since it cannot trickle.
+                body = req.body.take_buffered()
+                if len(body) > self.max_body:
+                    raise PayloadTooLarge(f"request body over {self.max_body} bytes")
+            elif length is not None and length <= self.buffer_body:
                 body = await read_body(req, length)
             else:
                 stream = _Limited(req.body, self.max_body)

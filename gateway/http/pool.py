@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 _IDLE_SECONDS = 30.0
 _HIGH_WATER = 256 * 1024
+_GATHER = 8 * 1024  # bodies from this size are written beside the head, not copied behind it
 
 
 class Pool:
@@ -310,7 +311,12 @@ async def exchange(
                 req.conn.relay_source = conn.transport
             try:
                 assert conn.transport is not None
-                conn.transport.write(head + body if body else head)
+                if not body:
+                    conn.transport.write(head)
+                elif len(body) < _GATHER:
+                    conn.transport.write(head + body)
+                else:  # one writev, without copying a large body behind the head
+                    conn.transport.writelines((head, body))
                 if streaming:
                     await _send_body(conn, stream, head, done)
                 return await done

@@ -160,6 +160,37 @@ async def test_legitimate_gzip_upload_is_forwarded_still_compressed(
     assert gzip.decompress(raw_upstream.seen[0].body).startswith(b'{"hello"')
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("size", [20_000, 65_536, 300_000])
+async def test_a_body_that_came_with_its_head_reaches_the_upstream_as_one_request(
+    make_gateway, raw_upstream, framing: str, size: int
+) -> None:
+    # Sent in one write, the body has wholly arrived when the request is forwarded: the
+    # gateway sends it with the head (re-framed with its length), never as two requests.
+    gw = await make_gateway(upstream=raw_upstream.url)
+    body = bytes(range(256)) * (size // 256) + SMUGGLED
+    data = request("POST", "/test/upload", TESTER, body, encoding=None, framing=framing, split=999)
+    assert [a[0] for a in parse_answers(await send_raw(gw.port, data))] == [200]
+    assert len(raw_upstream.seen) == 1
+    seen = raw_upstream.seen[0]
+    assert seen.body == body
+    if size < 100_000:  # in the socket in full before the gateway reads: sent as one piece
+        assert seen.header("Content-Length") == [str(len(body))]
+        assert seen.header("Transfer-Encoding") == []
+    else:  # may be read in parts: then streamed, chunked if the client chunked it
+        framed = seen.header("Content-Length") + seen.header("Transfer-Encoding")
+        assert framed in ([str(len(body))], ["chunked"])
+
+
+async def test_a_chunked_body_over_the_limit_that_came_whole_is_413(
+    make_gateway, raw_upstream
+) -> None:
+    gw = await make_gateway(upstream=raw_upstream.url, max_body=1000)
+    data = request("POST", "/test/upload", TESTER, b"b" * 5000, encoding=None, framing="chunked")
+    assert [a[0] for a in parse_answers(await send_raw(gw.port, data))] == [413]
+    assert raw_upstream.seen == []
+
+
 async def test_identity_header_lookalikes_never_reach_the_upstream(
     make_gateway, raw_upstream
 ) -> None:
