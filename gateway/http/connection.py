@@ -68,8 +68,12 @@ class _ParseFailure:
         self.error = error
 
 
-class Connection(asyncio.Protocol):
-    """One client connection: parses requests, queues them, answers them in order."""
+class Connection(asyncio.BufferedProtocol):
+    """One client connection: parses requests, queues them, answers them in order.
+
+    Reads go into the server's shared buffer (:meth:`get_buffer`) and are parsed at once
+    (:meth:`buffer_updated`); httptools hands over copies of what it parsed, so nothing here
+    refers to that buffer once the call returns."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -90,7 +94,7 @@ class Connection(asyncio.Protocol):
         self.relay_source: asyncio.Transport | None = None  # paused with our writes
         # the request being parsed
         self._url = b""
-        self._headers = Headers()
+        self._lines: list[tuple[bytes, bytes]] = []  # header lines of the head being parsed
         self._head_bytes = 0
         self._oversize_auth = False  # this head had its one oversize Authorization already
         self._body: Body | None = None
@@ -135,7 +139,13 @@ class Connection(asyncio.Protocol):
         if self.relay_source is not None and not self.relay_source.is_closing():
             self.relay_source.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.server.read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closing:
             return
         self._progressed = False
@@ -173,7 +183,7 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._progressed = True
         self._url = b""
-        self._headers = Headers()
+        self._lines = []
         self._head_bytes = 0
         self._oversize_auth = False
         self._in_head = True
@@ -193,36 +203,46 @@ class Connection(asyncio.Protocol):
         if not self._in_head:
             return  # a chunked body's trailer: never a header of the request
         size = len(name) + len(value)
-        h = self._headers
-        if size > self.limits.max_header_bytes and (
+        lines = self._lines
+        self._head_bytes += size
+        if (
+            size > self.limits.max_header_bytes
+            or self._head_bytes > _MAX_HEAD_BYTES
+            or len(lines) >= _MAX_HEADERS
+        ):
+            self._oversize_header(name, size)
+        lines.append((name, value))
+
+    def _oversize_header(self, name: bytes, size: int) -> None:
+        """Refuse a head over a limit, except its one oversize ``Authorization`` (a bad
+        credential, answered 401, which is not counted in the block's size)."""
+        limit = self.limits.max_header_bytes
+        if size > limit and (
             size > _AUTH_FIELD_LIMIT or self._oversize_auth or name.lower() != b"authorization"
         ):
             self._error = HeadersTooLarge(
-                f"header {name[:64].decode('latin-1')} is over {self.limits.max_header_bytes}"
-                " bytes",
+                f"header {name[:64].decode('latin-1')} is over {limit} bytes",
                 code="headers_too_large",
             )
             raise self._error
-        if len(h.raw) >= _MAX_HEADERS:
+        if len(self._lines) >= _MAX_HEADERS:
             self._error = HeadersTooLarge(
                 f"more than {_MAX_HEADERS} header lines", code="headers_too_large"
             )
             raise self._error
-        if size > self.limits.max_header_bytes:
+        if size > limit:
             self._oversize_auth = True  # one is a bad credential (401); two are an attack
-        else:  # the one oversize credential is not counted
-            self._head_bytes += size
-            if self._head_bytes > _MAX_HEAD_BYTES:
-                self._error = HeadersTooLarge(
-                    f"request header block over {_MAX_HEAD_BYTES} bytes", code="headers_too_large"
-                )
-                raise self._error
-        h.add(name, value)
+            self._head_bytes -= size
+        if self._head_bytes > _MAX_HEAD_BYTES:
+            self._error = HeadersTooLarge(
+                f"request header block over {_MAX_HEAD_BYTES} bytes", code="headers_too_large"
+            )
+            raise self._error
 
     def on_headers_complete(self) -> None:
         self._progressed = True
         p = self.parser
-        headers = self._headers
+        headers = Headers(self._lines)
         req = Request(
             self,
             p.get_method().decode("ascii", "replace"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -81,14 +81,23 @@ class Headers:
     which is the safe reading.
     """
 
-    __slots__ = ("raw", "_map")
+    __slots__ = ("raw", "_map", "get_raw")
 
-    def __init__(self) -> None:
-        self.raw: RawHeaders = []
-        self._map: dict[bytes, bytes] = {}
+    def __init__(self, raw: RawHeaders | None = None) -> None:
+        """Headers from parsed lines (the parser's, taken as they are), or none yet."""
+        self.raw: RawHeaders = [] if raw is None else raw
+        m: dict[bytes, bytes] = {}
+        for name, value in self.raw:
+            low = name.lower()
+            old = m.get(low)
+            m[low] = value if old is None else old + b", " + value
+        self._map = m
+        # The raw value of an already lower-cased name: the dict's own lookup, the hot
+        # path's most frequent call, without a Python frame around it.
+        self.get_raw: Callable[[bytes], bytes | None] = m.get
 
     def add(self, name: bytes, value: bytes) -> None:
-        """Append one header line (the parser calls this)."""
+        """Append one header line."""
         self.raw.append((name, value))
         low = name.lower()
         old = self._map.get(low)
@@ -98,10 +107,6 @@ class Headers:
         """The value of ``name`` (any case), decoded as Latin-1, or ``default``."""
         value = self._map.get(name.lower().encode())
         return default if value is None else value.decode("latin-1")
-
-    def get_raw(self, low_name: bytes) -> bytes | None:
-        """The raw value of an already lower-cased name."""
-        return self._map.get(low_name)
 
     def getall_raw(self, low_name: bytes) -> list[bytes]:
         """Every raw value of an already lower-cased name, one per header line."""

@@ -12,6 +12,7 @@ from .connection import BUSY, Connection
 from .request import Request
 
 Handler = Callable[[Request], Awaitable[None]]
+_READ_BUFFER = 256 * 1024  # bytes one read may take (what uvloop's own read buffer holds)
 _QUIET = 0.5  # seconds without a request in flight before a draining server closes idle ones
 
 
@@ -65,6 +66,11 @@ class Server:
         self.refused_connections = 0
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        # Every connection of this server reads into this one buffer (asyncio's
+        # BufferedProtocol): the parser copies what it keeps before the next read, and the
+        # loop runs one callback at a time. It spares a copy of each read into a new bytes
+        # object, which for an upload is the whole body once more.
+        self.read_buffer = memoryview(bytearray(_READ_BUFFER))
 
     def __call__(self) -> Connection:
         return Connection(self)

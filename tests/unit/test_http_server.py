@@ -165,3 +165,43 @@ async def test_upstream_answering_out_of_turn_is_not_reused(make_gateway) -> Non
 
 async def test_in_process_tests_run_on_uvloop_like_the_gateway() -> None:
     assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+
+
+async def test_connections_interleaving_partial_requests_keep_their_own_bytes(raw_gateway) -> None:
+    # Every connection reads into one shared buffer; what one connection had half-parsed
+    # must survive another connection's reads in between.
+    a_reader, a_writer = await open_conn(raw_gateway)
+    b_reader, b_writer = await open_conn(raw_gateway)
+    long_value = b"v" * 3000
+    a_head = (
+        b"POST /test/a HTTP/1.1\r\nHost: t\r\n%s\r\nX-Long: %s\r\nContent-Length: 6\r\n\r\n"
+        % (
+            AUTH,
+            long_value,
+        )
+    )
+    cut = a_head.index(b"X-Long") + 1500
+    a_writer.write(a_head[:cut])
+    await a_writer.drain()
+    # A whole request on B, answered: by then the gateway has read A's half head too (it
+    # was sent first), and B's bytes went through the buffer after it.
+    b_writer.write(b"GET /test/b0 HTTP/1.1\r\nHost: t\r\n%s\r\n\r\n" % AUTH)
+    assert (await read_response(b_reader))[0] == 200
+    b_body = b"B" * 70_000
+    b_writer.write(
+        b"POST /test/b HTTP/1.1\r\nHost: t\r\n%s\r\nContent-Length: %d\r\n\r\n%s"
+        % (AUTH, len(b_body), b_body[:30_000])
+    )
+    await b_writer.drain()
+    a_writer.write(a_head[cut:] + b"AAA")
+    await a_writer.drain()
+    b_writer.write(b_body[30_000:])
+    a_writer.write(b"AAA")
+    assert (await read_response(a_reader))[0] == 200
+    assert (await read_response(b_reader))[0] == 200
+    a_writer.close()
+    b_writer.close()
+    seen = {s.path_qs: s for s in raw_gateway.upstream.seen}
+    assert seen["/test/a"].headers["X-Long"] == long_value.decode()
+    assert seen["/test/a"].body == b"AAAAAA"
+    assert seen["/test/b"].body == b_body
