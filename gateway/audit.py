@@ -212,16 +212,31 @@ class _PartialWrite(Exception):
         self.done, self.error = done, error
 
 
-_second: list[Any] = [-1, ""]
+class _Stamp:
+    """The last time stamp made, and the second it began with."""
+
+    __slots__ = ("ms", "text", "sec", "sec_text")
+
+    def __init__(self) -> None:
+        self.ms = self.sec = -1
+        self.text = self.sec_text = ""
+
+
+_stamp = _Stamp()
 
 
 def now_iso() -> str:
-    """UTC time with milliseconds; the part up to the second is formatted once a second."""
-    t = time.time()
-    sec = int(t)
-    if _second[0] != sec:
-        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return f"{_second[1]}.{int((t - sec) * 1000):03d}Z"
+    """UTC time with milliseconds; the part up to the second is formatted once a second, the
+    whole string once a millisecond (under load, several requests end in the same one)."""
+    ms = int(time.time() * 1000)
+    st = _stamp
+    if st.ms == ms:
+        return st.text
+    sec, frac = divmod(ms, 1000)
+    if st.sec != sec:
+        st.sec, st.sec_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    st.ms, st.text = ms, f"{st.sec_text}.{frac:03d}Z"
+    return st.text
 
 
 class Metrics:
