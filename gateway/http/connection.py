@@ -402,10 +402,15 @@ class Connection(asyncio.BufferedProtocol):
                 if self.reading_paused & 2 and len(self.queue) < _PIPELINE_PAUSE // 2:
                     self.resume_reading(2)
                 body = item.body
-                if body is not None and not body.ended:
-                    await self._drained()
-                    self.linger()
-                    return
+                if body is not None and not body.complete:
+                    if not body.ended:
+                        await self._drained()
+                        self.linger()
+                        return
+                    # Received whole but answered unread (401, 403, 413, a decision): drop
+                    # it, which also lifts the pause a large one put on reading, so the
+                    # next request on this connection is read.
+                    body.take_buffered()
                 if not item.keep_alive or self.closing or (self.client_done and not self.queue):
                     await self._drained()
                     self.close()

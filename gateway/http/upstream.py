@@ -288,7 +288,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         t = self.transport
-        return self.complete and not self.broken and t is not None and not t.is_closing()
+        return (
+            self.complete
+            and not self.broken
+            and t is not None
+            and not t.is_closing()
+            # an answer that came before the whole request left: what is still queued would
+            # precede the next request, for an upstream that may have stopped reading it
+            and not t.get_write_buffer_size()
+        )
 
     def timed_out(self) -> None:
         self._fail(GatewayTimeout("the upstream did not answer in time"))
