@@ -226,20 +226,7 @@ def start_gateway(
 ) -> Server:
     port = free_port()
     audit = tmp / f"{key}-audit.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--policy",
-        str(policy),
-        "--upstream",
-        upstream,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    argv = gateway_argv(policy, upstream, port)
     notes: list[str] = []
     if workers is not None and "--workers" in cli.flags:
         argv += ["--workers", str(workers)]
@@ -275,6 +262,24 @@ def scratch(
         for s in reversed(started):
             s.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gateway_argv(policy: Path, upstream: str, port: int) -> list[str]:
+    """``python -m gateway serve`` on 127.0.0.1:``port`` with a policy and an upstream."""
+    return [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--policy",
+        str(policy),
+        "--upstream",
+        upstream,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
 
 
 def start_gateway_on_upstream(
