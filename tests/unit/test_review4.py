@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 from tests.helpers import basic, eventually, nginx_check
+from tests.unit.test_review2 import StallingUpstream
 
 TESTER = basic("tester", "testerpw")["Authorization"]
 SALES = basic("sales", "imsales")["Authorization"]
@@ -36,16 +36,12 @@ async def _read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[in
     return int(head.split()[1]), head
 
 
-class HeldUpstream:
-    """Answers every request 200, but only once ``release`` is set."""
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.release = asyncio.Event()
+class HeldUpstream(StallingUpstream):
+    """Answers every request 200 (having read its body), but only once ``release`` is set."""
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def release(self) -> asyncio.Event:
+        return self._release
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
@@ -58,16 +54,6 @@ class HeldUpstream:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 await writer.drain()
         writer.close()
-
-    @contextlib.asynccontextmanager
-    async def serving(self) -> AsyncIterator[HeldUpstream]:
-        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        try:
-            yield self
-        finally:
-            self.release.set()
-            server.close()
 
 
 def _only_connection(gw):
