@@ -47,7 +47,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from .audit import AuditLog, Metrics, now_iso
+from .audit import AuditLog, Metrics, milliseconds, now_iso
 from .auth import Authenticator, client_behind_proxies, parse_basic
 from .errors import Forbidden, GatewayError, NotFound, TooManyRequests, Unauthenticated
 from .guard import (
@@ -244,7 +244,7 @@ class Decider:
             answer = self._refusal(exc, record)
         elapsed = time.perf_counter() - started
         record["status"] = answer[0]
-        record["total_ms"] = round(elapsed * 1000, 3)
+        record["total_ms"] = milliseconds(elapsed)
         self.audit.write(record)
         self.metrics.observe(str(record["decision"]), answer[0], elapsed)
         return answer

@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .admin import Admin
-from .audit import now_iso
+from .audit import milliseconds, now_iso
 from .auth import client_behind_proxies, is_canonical, parse_basic
 from .decision import Decider
 from .errors import (
@@ -117,7 +117,7 @@ class Pipeline:
             else:
                 t_up = _perf()
                 status = await self.gw.forwarder.forward(req, target, user, client, inspected)
-                upstream_ms = round((_perf() - t_up) * 1000, 3)
+                upstream_ms = milliseconds(_perf() - t_up)
         except GatewayError as exc:
             status = exc.status
             await self.answer_error(req, exc, record)
@@ -138,7 +138,7 @@ class Pipeline:
             elapsed = _perf() - started
             record["status"] = status
             record["upstream_ms"] = upstream_ms
-            record["total_ms"] = round(elapsed * 1000, 3)
+            record["total_ms"] = milliseconds(elapsed)
             self.audit.write(record)
             self.metrics.observe(
                 str(record["decision"]),
@@ -185,7 +185,14 @@ class Pipeline:
                 raise Unauthenticated("authentication required", realm=realm)
             return None, decision
         cache = self.auth.cache
-        key = cache.key(header)
+        # A kept-alive client repeats its header: its keyed hash is remembered on the
+        # connection (for as long as the connection, not in the process-wide cache).
+        memo = req.conn.auth_key
+        if memo is not None and memo[0] is cache and memo[1] == header:
+            key = memo[2]
+        else:
+            key = cache.key(header)
+            req.conn.auth_key = (cache, header, key)
         user = self.auth.cached(policy, key)
         if user is None:
             user = await self.authenticate(req, target, client, policy, header, key)

@@ -104,6 +104,10 @@ class Connection(asyncio.BufferedProtocol):
         self._unfinished = 0  # bytes fed since the parser last finished something
         self.client_done = False  # the client half-closed (sent EOF)
         self._host_ok: bytes | None = None  # the last Host value found valid here
+        # (credential cache, Authorization value, its cache key) of the last request here
+        self.auth_key: tuple[object, bytes, bytes] | None = None
+        # (forwarder, user, client, header lines, forwarded block) of the last request here
+        self.forwarded: tuple[object, object, str, list[tuple[bytes, bytes]], bytes] | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -41,6 +41,51 @@ _STANDARD = {
 }
 
 
+_HEADS_MAX = 256  # remembered relayed heads per pool (a new Date makes a new one each second)
+
+
+def _relayed_head(
+    status: int, reason: bytes, headers: list[tuple[bytes, bytes]], head_only: bool, http11: bool
+) -> tuple[bytes, bool, bool, bool]:
+    """The answer's head as relayed to the client, without its ``Connection`` line and the
+    blank line: hop-by-hop headers and those the upstream's ``Connection`` names dropped, the
+    framing re-made. Returns (head, chunked out, body ends with the close, client
+    connection closes after it)."""
+    conn_values = [v for n, v in headers if len(n) == 10 and n.lower() == b"connection"]
+    named = connection_tokens(b",".join(conn_values)) if conn_values else _NONE
+    out = [_STANDARD.get((status, reason)) or status_line(status, reason or None)]
+    length: bytes | None = None
+    chunked_in = chunked_out = until_eof = closes = False
+    for name, value in headers:
+        low = name.lower()
+        if low in _SKIP_RESPONSE or low in named:
+            if low == b"content-length":
+                length = value
+            elif low == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # re-framing would drop the other coding (gzip): the bytes would lie
+                    raise BadGateway(
+                        "the upstream used a transfer coding other than chunked",
+                        code="upstream_malformed",
+                    )
+                chunked_in = True
+            continue
+        out.append(b"%s: %s\r\n" % (name, value))
+    no_body = head_only or status in NO_BODY_STATUS
+    if head_only and length is not None:
+        out.append(b"Content-Length: %s\r\n" % length)
+    elif not no_body:
+        if length is not None:
+            out.append(b"Content-Length: %s\r\n" % length)
+        elif http11:
+            chunked_out = True
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            closes = True
+        until_eof = length is None and not chunked_in
+    return b"".join(out), chunked_out, until_eof, closes
+
+
 class Stale(Exception):
     """The connection closed before any byte of the answer: safe to retry idempotent ones."""
 
@@ -69,7 +114,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._connection: list[bytes] = []
         self._interim = False
         self._chunked_out = False
         self._until_eof = False
@@ -141,7 +185,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.broken = True
             raise BadGateway("the upstream answered twice", code="upstream_malformed")
         self._headers = []
-        self._connection = []
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
@@ -149,8 +192,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        if len(name) == 10 and name.lower() == b"connection":
-            self._connection.append(value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -166,42 +207,21 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is None:  # a probe: only the status matters
             return
-        named = connection_tokens(b",".join(self._connection)) if self._connection else _NONE
-        reason = self._reason
-        out = [_STANDARD.get((status, reason)) or status_line(status, reason or None)]
-        length: bytes | None = None
-        chunked_in = False
-        for name, value in self._headers:
-            low = name.lower()
-            if low in _SKIP_RESPONSE or low in named:
-                if low == b"content-length":
-                    length = value
-                elif low == b"transfer-encoding":
-                    if value.strip().lower() != b"chunked":
-                        # re-framing would drop the other coding (gzip): the bytes would lie
-                        raise BadGateway(
-                            "the upstream used a transfer coding other than chunked",
-                            code="upstream_malformed",
-                        )
-                    chunked_in = True
-                continue
-            out.append(b"%s: %s\r\n" % (name, value))
-        no_body = sink.head_only or status in NO_BODY_STATUS
-        if sink.head_only and length is not None:
-            out.append(b"Content-Length: %s\r\n" % length)
-        elif not no_body:
-            if length is not None:
-                out.append(b"Content-Length: %s\r\n" % length)
-            elif sink.http11:
-                self._chunked_out = True
-                out.append(b"Transfer-Encoding: chunked\r\n")
-            else:
-                sink.keep_alive = False  # HTTP/1.0: the body ends with the close
-            self._until_eof = length is None and not chunked_in
-        out.append(sink.connection_header())
-        out.append(b"\r\n")
+        # The relayed head is a pure function of the answer's head and two facts about the
+        # request: remembered, since an upstream repeats its heads (until the Date changes).
+        key = (status, self._reason, sink.head_only, sink.http11, tuple(self._headers))
+        heads = self.pool.heads
+        known = heads.get(key)
+        if known is None:
+            known = _relayed_head(status, self._reason, self._headers, sink.head_only, sink.http11)
+            if len(heads) >= _HEADS_MAX:
+                heads.clear()
+            heads[key] = known
+        head, self._chunked_out, self._until_eof, closes = known
+        if closes:
+            sink.keep_alive = False  # HTTP/1.0 client, no length: the body ends with the close
         sink.status = status
-        self._out.append(b"".join(out))
+        self._out.append(head + sink.connection_header() + b"\r\n")
         if sink.head_only:
             # llhttp would wait for a body the answer to HEAD does not have.
             self.broken = True

@@ -1,0 +1,120 @@
+"""What the hot path remembers between requests must never carry one request's facts into
+another: the credential key and the forwarded header block kept on a client connection, and
+the relayed answer head kept per upstream pool (issue 9)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import yaml
+
+from tests.helpers import basic
+from tests.rawupstream import parse_answers, serving
+from tests.unit.test_smuggling import RawUpstream, send_raw
+
+SALES = basic("sales", "imsales")["Authorization"]
+MANAGER = basic("manager", "imthemanager")["Authorization"]
+WRONG = basic("manager", "not-the-password")["Authorization"]
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
+) -> tuple[int, bytes]:
+    writer.write(data)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await asyncio.wait_for(reader.readexactly(length), 5)
+    return int(head.split()[1]), head
+
+
+def _get(auth: str, trace: str) -> bytes:
+    return (
+        f"GET /api/inventory?t={trace} HTTP/1.1\r\nHost: gateway.test\r\n"
+        f"Authorization: {auth}\r\nX-Trace: {trace}\r\n\r\n"
+    ).encode()
+
+
+async def test_credentials_and_headers_that_change_on_one_connection_are_seen_anew(
+    raw_gateway,
+) -> None:
+    """One keep-alive connection: each request is authenticated as its own credentials say
+    and forwarded with its own headers, whatever the previous request on it sent."""
+    reader, writer = await asyncio.open_connection(raw_gateway.host, raw_gateway.port)
+    try:
+        steps = [
+            (SALES, "one", 200),
+            (SALES, "one", 200),  # the same bytes again: what a memo would serve
+            (MANAGER, "two", 200),
+            (WRONG, "three", 401),
+            (SALES, "four", 200),
+            (SALES, "five", 200),
+        ]
+        for auth, trace, want in steps:
+            status, _ = await _exchange(reader, writer, _get(auth, trace))
+            assert status == want, (auth, trace, status)
+    finally:
+        writer.close()
+    seen = [
+        (s.headers.get("X-Authenticated-User"), s.headers.get("X-Trace"))
+        for s in raw_gateway.upstream.seen
+    ]
+    assert seen == [
+        ("sales", "one"),
+        ("sales", "one"),
+        ("manager", "two"),
+        ("sales", "four"),
+        ("sales", "five"),
+    ]
+    assert all("Authorization" not in s.headers for s in raw_gateway.upstream.seen)
+
+
+async def test_a_reload_that_changes_a_user_is_seen_on_a_kept_alive_connection(
+    raw_gateway, policy_path
+) -> None:
+    """The identity lines come from the policy in force, not from the connection's last
+    request: after a reload that takes a role away, the same bytes are forwarded with the
+    new roles (or refused)."""
+    reader, writer = await asyncio.open_connection(raw_gateway.host, raw_gateway.port)
+    try:
+        status, _ = await _exchange(reader, writer, _get(MANAGER, "before"))
+        assert status == 200
+        doc = yaml.safe_load(policy_path.read_text())
+        doc["users"]["manager"]["roles"] = ["sales"]
+        doc.pop("tests", None)  # the policy's own checks expect the manager's old grants
+        policy_path.write_text(yaml.safe_dump(doc))
+        result = await raw_gateway.gw.reload("test")
+        assert result.ok and result.changed, result
+        status, _ = await _exchange(reader, writer, _get(MANAGER, "after"))
+        assert status == 200
+    finally:
+        writer.close()
+    roles = [s.headers.get("X-Authenticated-Roles") for s in raw_gateway.upstream.seen]
+    assert roles[0] != roles[1]
+    assert roles[1] == "sales"
+
+
+async def test_one_answer_shape_relayed_to_http10_and_http11_clients_in_turn(
+    make_gateway,
+) -> None:
+    """A chunked answer without a length: HTTP/1.1 clients get it chunked and kept alive,
+    HTTP/1.0 clients get it delimited by the close, in any order on one upstream pool."""
+    async with serving(RawUpstream(answer="chunked", answer_body=b"0123456789")) as up:
+        gw = await make_gateway(upstream=up.url)
+        for version in ("1.1", "1.0", "1.1", "1.0"):
+            data = (
+                f"GET /api/inventory HTTP/{version}\r\nHost: gw\r\nAuthorization: {SALES}\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            raw = await send_raw(gw.port, data)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            if version == "1.1":
+                assert b"transfer-encoding: chunked" in head.lower(), raw
+                assert parse_answers(raw)[0][2] == b"0123456789"
+            else:
+                assert b"transfer-encoding" not in head.lower(), raw
+                assert b"connection: close" in head.lower(), raw
+                assert body == b"0123456789", raw
