@@ -78,6 +78,20 @@ class CredentialCache:
         self.misses += counted
         return None
 
+    def hit(self, key: bytes, policy: Policy) -> tuple[User | None, bool]:
+        """:meth:`lookup` and :meth:`due` in one look (the per-request path): the user, or
+        ``None`` when the credentials must be checked; and whether to check them again in
+        the background now."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            user = policy.users.get(entry[2])
+            left = entry[0] - time.monotonic()
+            if user is not None and user.password_hash == entry[1] and left > 0:
+                self.hits += 1
+                return user, left < self._refresh_before and key not in self._refreshing
+        self.misses += 1
+        return None, False
+
     def due(self, key: bytes) -> bool:
         """True when the entry should be checked again now (and nobody is doing it yet)."""
         entry = self._entries.get(key)
@@ -241,11 +255,6 @@ class Authenticator:
             pass  # busy: the entry simply expires and the next request checks it
         finally:
             self.cache.refreshing(key, False)
-
-    def cached(self, policy: Policy, key: bytes) -> User | None:
-        """The user of an ``Authorization`` value verified before (see :meth:`CredentialCache.key`),
-        without decoding it; ``None`` when it must be checked."""
-        return self.cache.lookup(key, policy)
 
     async def authenticate(
         self,

@@ -189,7 +189,7 @@ class Forwarder:
             )
         elif req.content_length == 0:
             lines.append(b"Content-Length: 0\r\n")
-        head = request_head(req.method.encode(), target.path_qs.encode(), self.host, lines)
+        head = request_head(req.method.encode(), target.wire, self.host, lines)
         return await exchange(
             self.pool, req, head, body, stream, retry=req.method in _IDEMPOTENT, client=client
         )

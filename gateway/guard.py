@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .errors import BadRequest, HeadersTooLarge
@@ -68,6 +68,14 @@ class Target:
     path: str  # canonical, percent-encoded: decided on, logged, forwarded
     segments: tuple[str, ...]  # decoded segments of ``path``, what patterns match against
     query: str  # raw query string without '?', '' when absent
+    # Made once (targets are remembered and repeat): what the request line upstream carries,
+    # and whether the path is the gateway's own (``/-``, ``/-/…``).
+    wire: bytes = field(init=False, repr=False, compare=False)
+    own: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wire", self.path_qs.encode())
+        object.__setattr__(self, "own", is_gateway_path(self.path))
 
     @property
     def path_qs(self) -> str:

@@ -38,7 +38,6 @@ from .guard import (
     canonical_target,
     check_framing,
     check_method,
-    is_gateway_path,
 )
 from .http.message import JSON_TYPE, json_body
 from .http.request import Request
@@ -111,7 +110,7 @@ class Pipeline:
             if decision.body_keys:
                 inspected = await self.inspect_body(req, decision, user)
             record["decision"] = "allow" if user is not None else "public"
-            if is_gateway_path(target.path):
+            if target.own:
                 status, headers, body = await self.admin.dispatch(req, target)
                 await req.respond(status, headers, body)
             else:
@@ -193,10 +192,10 @@ class Pipeline:
         else:
             key = cache.key(header)
             req.conn.auth_key = (cache, header, key)
-        user = self.auth.cached(policy, key)
+        user, due = cache.hit(key, policy)  # verified before: no decoding, no bcrypt
         if user is None:
             user = await self.authenticate(req, target, client, policy, header, key)
-        elif cache.due(key):
+        elif due:
             self.auth.refresh(policy, header, key, client)
         record["user"] = user.name
         if policy is not self._memo_policy:  # a reload: decisions start afresh

@@ -232,7 +232,10 @@ class Pool:
         else:
             conn.reset()
             conn.abort() if not conn.complete else conn.close()
-        self._give_slot()
+        if self._waiters:
+            self._give_slot()
+        else:
+            self._free += 1
 
     async def _sweep(self) -> None:
         """Time out exchanges whose upstream made no progress for ``read_timeout``."""
