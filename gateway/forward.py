@@ -55,6 +55,7 @@ _DROP = (
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 BUFFER_BODY = 16 * 1024
+_MEMO_MAX = 4096  # bytes of forwarded header block a connection keeps for its next request
 
 
 def is_folded_lookalike(low: bytes) -> bool:
@@ -146,7 +147,8 @@ class Forwarder:
                 _remember(self._hosts, host, line)
             out.append(line)
         block = b"".join(out)
-        req.conn.forwarded = (self, user, client, raw, block)
+        # an idle kept-alive connection holds at most this much for the next request
+        req.conn.forwarded = (self, user, client, raw, block) if len(block) <= _MEMO_MAX else None
         return [block]
 
     @staticmethod

@@ -42,6 +42,7 @@ _STANDARD = {
 
 
 _HEADS_MAX = 256  # remembered relayed heads per pool (a new Date makes a new one each second)
+_HEAD_MEMO_MAX = 4096  # header bytes: at most ~2 MiB of keys and heads remembered per pool
 
 
 def _relayed_head(
@@ -214,9 +215,11 @@ class UpstreamConnection(asyncio.Protocol):
         known = heads.get(key)
         if known is None:
             known = _relayed_head(status, self._reason, self._headers, sink.head_only, sink.http11)
-            if len(heads) >= _HEADS_MAX:
-                heads.clear()
-            heads[key] = known
+            size = sum(len(n) + len(v) for n, v in self._headers)
+            if size <= _HEAD_MEMO_MAX:  # ordinary heads; a huge one is made each time
+                if len(heads) >= _HEADS_MAX:
+                    heads.clear()
+                heads[key] = known
         head, self._chunked_out, self._until_eof, closes = known
         if closes:
             sink.keep_alive = False  # HTTP/1.0 client, no length: the body ends with the close

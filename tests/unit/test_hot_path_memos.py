@@ -118,3 +118,36 @@ async def test_one_answer_shape_relayed_to_http10_and_http11_clients_in_turn(
                 assert b"transfer-encoding" not in head.lower(), raw
                 assert b"connection: close" in head.lower(), raw
                 assert body == b"0123456789", raw
+
+
+async def test_what_a_connection_or_pool_remembers_is_bounded(make_gateway, raw_gateway) -> None:
+    """The review's two LOW notes: an idle connection keeps no large header block for its
+    next request, and the pool keeps no large answer head (both are made again instead)."""
+    reader, writer = await asyncio.open_connection(raw_gateway.host, raw_gateway.port)
+    try:
+        small = _get(SALES, "small")
+        status, _ = await _exchange(reader, writer, small)
+        assert status == 200
+        (conn,) = raw_gateway.client.server.connections
+        assert conn.forwarded is not None  # an ordinary block is kept
+        large = small.replace(b"\r\n\r\n", b"\r\nX-Big: %s\r\n\r\n" % (b"b" * 8000))
+        status, _ = await _exchange(reader, writer, large)
+        assert status == 200
+        assert conn.forwarded is None
+        assert raw_gateway.upstream.seen[-1].headers["X-Big"] == "b" * 8000
+    finally:
+        writer.close()
+
+    big_header = b"X-Echo: " + b"e" * 6000
+    up = RawUpstream()
+    up.script = lambda _seen: b"HTTP/1.1 200 OK\r\n%s\r\nContent-Length: 2\r\n\r\nok" % big_header
+    async with serving(up):
+        gw = await make_gateway(upstream=up.url)
+        for _ in range(2):
+            answers = parse_answers(
+                await send_raw(
+                    gw.port, _get(SALES, "x").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+                )
+            )
+            assert answers[0][1]["x-echo"] == "e" * 6000
+        assert gw.gw.pool.heads == {}
