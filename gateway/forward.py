@@ -19,6 +19,7 @@ most half the pool.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 from typing import Any
 
 from .errors import PayloadTooLarge
@@ -159,11 +160,12 @@ class Forwarder:
             user.roles_header.encode(),
         )
 
-    async def forward(
+    def forward(
         self, req: Request, target: Target, user: User | None, client: str, body: bytes | None
-    ) -> int:
-        """Forward ``req`` as ``target`` for ``user``; ``body`` when already read. Returns
-        the status relayed."""
+    ) -> Awaitable[int]:
+        """Forward ``req`` as ``target`` for ``user``; ``body`` when already read. Returns an
+        awaitable of the status relayed: the exchange itself when nothing is left to read
+        first (no coroutine of its own around it, on the per-request path)."""
         lines = self.header_lines(req, user, client)
         stream = None
         if body is None and req.body is not None:
@@ -178,9 +180,26 @@ class Forwarder:
                 if len(body) > self.max_body:
                     raise PayloadTooLarge(f"request body over {self.max_body} bytes")
             elif length is not None and length <= self.buffer_body:
-                body = await read_body(req, length)
+                return self._read_then_send(req, target, lines, length, client)
             else:
                 stream = _Limited(req.body, self.max_body)
+        return self._send(req, target, lines, body, stream, client)
+
+    async def _read_then_send(
+        self, req: Request, target: Target, lines: list[bytes], length: int, client: str
+    ) -> int:
+        body = await read_body(req, length)
+        return await self._send(req, target, lines, body, None, client)
+
+    def _send(
+        self,
+        req: Request,
+        target: Target,
+        lines: list[bytes],
+        body: bytes | None,
+        stream: _Limited | None,
+        client: str,
+    ) -> Awaitable[int]:
         if body is not None:
             lines.append(b"Content-Length: %d\r\n" % len(body))
         elif stream is not None:
@@ -192,7 +211,7 @@ class Forwarder:
         elif req.content_length == 0:
             lines.append(b"Content-Length: 0\r\n")
         head = request_head(req.method.encode(), target.wire, self.host, lines)
-        return await exchange(
+        return exchange(
             self.pool, req, head, body, stream, retry=req.method in _IDEMPOTENT, client=client
         )
 

@@ -95,6 +95,7 @@ class Gateway:
             per_client=s.max_upstream_per_client,
         )
         self._forwarder = Forwarder(self._pool, self.upstream_authority, s.max_body)
+        self.pipeline.forwarder = self._forwarder
         self._tasks.append(asyncio.create_task(self.audit.flush_every(0.5)))
         if s.watch:
             self._tasks.append(asyncio.create_task(watch(self.store, s.watch_interval)))

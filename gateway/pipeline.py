@@ -29,7 +29,7 @@ from .errors import (
     Unauthenticated,
     UnprocessablePolicy,
 )
-from .forward import read_body
+from .forward import Forwarder, read_body
 from .guard import (
     OVERRIDE_HEADERS,
     REJECTED_METHODS,
@@ -66,6 +66,7 @@ class Pipeline:
         self.metrics = gw.metrics
         self.admin = Admin(gw)
         self.trusted = self.settings.trusted_proxies
+        self.forwarder: Forwarder | None = None  # set by Gateway.start
         self._targets: dict[str, Target] = {}
         # Decisions are pure functions of (policy, user, method, path): remembered per policy.
         self._memo: dict[tuple[str, str, str], Decision] = {}
@@ -95,7 +96,9 @@ class Pipeline:
         upstream_ms = None
         status = 500
         try:
-            client = record["client"] = self.client_address(req)
+            client = record["client"] = (
+                self.client_address(req) if self.trusted else req.remote or "unknown"
+            )
             if req.method in REJECTED_METHODS or req.headers.has_any(_OVERRIDES):
                 check_method(req.method, req.headers)
             if req.chunked:
@@ -105,7 +108,14 @@ class Pipeline:
                 target = self.canonical(req.target)
             record["path"] = target.path
             policy = self.store.policy  # one snapshot for the whole request
-            user, decision = await self.authorize(req, target, client, policy, record)
+            user = None
+            header = req.headers.get_raw(b"authorization")
+            if header is not None:
+                user, key = self.cached_user(req, header, policy, client)
+                if user is None:
+                    user = await self.authenticate(req, target, client, policy, header, key)
+                record["user"] = user.name
+            decision = self.authorize(req, target, user, policy, record)
             inspected = None
             if decision.body_keys:
                 inspected = await self.inspect_body(req, decision, user)
@@ -115,7 +125,9 @@ class Pipeline:
                 await req.respond(status, headers, body)
             else:
                 t_up = _perf()
-                status = await self.gw.forwarder.forward(req, target, user, client, inspected)
+                forwarder = self.forwarder
+                assert forwarder is not None, "gateway not started"
+                status = await forwarder.forward(req, target, user, client, inspected)
                 upstream_ms = milliseconds(_perf() - t_up)
         except GatewayError as exc:
             status = exc.status
@@ -172,17 +184,11 @@ class Pipeline:
             return peer
         return client_behind_proxies(peer, req.headers.getall("X-Forwarded-For"), self.trusted)
 
-    async def authorize(
-        self, req: Request, target: Target, client: str, policy: Policy, record: dict[str, object]
-    ) -> tuple[User | None, Decision]:
-        """Authenticate (when credentials are sent or needed) and decide."""
-        realm = policy.realm
-        header = req.headers.get_raw(b"authorization")
-        if header is None:
-            decision = policy.decide(None, req.method, target.segments)
-            if not decision.allowed:
-                raise Unauthenticated("authentication required", realm=realm)
-            return None, decision
+    def cached_user(
+        self, req: Request, header: bytes, policy: Policy, client: str
+    ) -> tuple[User | None, bytes]:
+        """The user of credentials verified before (no decoding, no bcrypt), or None; and the
+        credentials' cache key, which the uncached path needs too."""
         cache = self.auth.cache
         # A kept-alive client repeats its header: its keyed hash is remembered on the
         # connection (for as long as the connection, not in the process-wide cache).
@@ -192,12 +198,26 @@ class Pipeline:
         else:
             key = cache.key(header)
             req.conn.auth_key = (cache, header, key)
-        user, due = cache.hit(key, policy)  # verified before: no decoding, no bcrypt
-        if user is None:
-            user = await self.authenticate(req, target, client, policy, header, key)
-        elif due:
+        user, due = cache.hit(key, policy)
+        if due:
             self.auth.refresh(policy, header, key, client)
-        record["user"] = user.name
+        return user, key
+
+    def authorize(
+        self,
+        req: Request,
+        target: Target,
+        user: User | None,
+        policy: Policy,
+        record: dict[str, object],
+    ) -> Decision:
+        """The policy's decision for ``user`` (None: no credentials were sent); 401 or 403
+        unless it allows the request."""
+        if user is None:
+            decision = policy.decide(None, req.method, target.segments)
+            if not decision.allowed:
+                raise Unauthenticated("authentication required", realm=policy.realm)
+            return decision
         if policy is not self._memo_policy:  # a reload: decisions start afresh
             self._memo.clear()
             self._memo_policy = policy
@@ -212,7 +232,7 @@ class Pipeline:
         record["rule"] = decision.rule.id if decision.rule else None
         if not decision.allowed:
             raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")
-        return user, decision
+        return decision
 
     async def authenticate(
         self, req: Request, target: Target, client: str, policy: Policy, header: bytes, key: bytes
