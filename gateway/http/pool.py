@@ -57,7 +57,7 @@ class Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[tuple[UpstreamConnection, float]] = []
         # relayed answer heads by what they were made from (UpstreamConnection)
-        self.heads: dict[tuple[object, ...], tuple[bytes, bool, bool, bool]] = {}
+        self.heads: dict[tuple[bytes, bool, bool], tuple[bytes, bool, bool, bool]] = {}
         self.busy: set[UpstreamConnection] = set()
         self.down_since = 0.0  # wall time the upstream stopped answering; 0 if up
         self.failures = 0  # connection failures in the current episode

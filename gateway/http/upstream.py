@@ -42,7 +42,7 @@ _STANDARD = {
 
 
 _HEADS_MAX = 256  # remembered relayed heads per pool (a new Date makes a new one each second)
-_HEAD_MEMO_MAX = 4096  # header bytes: at most ~2 MiB of keys and heads remembered per pool
+_HEAD_MEMO_MAX = 4096  # head bytes: at most ~2 MiB of keys and heads remembered per pool
 
 
 def _relayed_head(
@@ -112,6 +112,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.broken = False
         self.complete = False
         self.received_any = False
+        # The exchange's first bytes while llhttp parses them, so that an answer head wholly
+        # inside them can be looked up by its own bytes; None otherwise.
+        self._first: bytes | None = None
         self._out: list[bytes] = []
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -155,7 +158,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.active = self.loop.time()
-        self.received_any = True
+        if not self.received_any:
+            self.received_any = True
+            self._first = data  # an answer's first message begins with the first byte
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -177,6 +182,7 @@ class UpstreamConnection(asyncio.Protocol):
                 else BadGateway("the upstream sent a malformed answer", code="upstream_malformed")
             )
             self.abort()
+        self._first = None
         self._flush()
 
     # -- httptools callbacks
@@ -203,23 +209,33 @@ class UpstreamConnection(asyncio.Protocol):
                     code="upstream_protocol",
                 )
             self._interim = True  # 1xx answers are not relayed
+            self._first = None  # the final answer's head does not begin the first bytes
             return
         self._status = status
         sink = self.sink
         if sink is None:  # a probe: only the status matters
             return
-        # The relayed head is a pure function of the answer's head and two facts about the
-        # request: remembered, since an upstream repeats its heads (until the Date changes).
-        key = (status, self._reason, sink.head_only, sink.http11, tuple(self._headers))
-        heads = self.pool.heads
-        known = heads.get(key)
-        if known is None:
-            known = _relayed_head(status, self._reason, self._headers, sink.head_only, sink.http11)
-            size = sum(len(n) + len(v) for n, v in self._headers)
-            if size <= _HEAD_MEMO_MAX:  # ordinary heads; a huge one is made each time
+        # The relayed head is a pure function of the answer's head bytes and two facts about
+        # the request: remembered, since an upstream repeats its heads (until the Date
+        # changes), and looked up by those bytes when they came in the exchange's first read.
+        # The key runs to the first blank line in them, so it holds the whole head (a head
+        # cannot contain a blank line), and llhttp, starting each exchange in the same state,
+        # parses equal bytes alike.
+        first = self._first
+        end = first.find(b"\r\n\r\n") if first is not None else -1
+        if 0 <= end < _HEAD_MEMO_MAX:
+            key = (first[: end + 4], sink.head_only, sink.http11)  # type: ignore[index]
+            heads = self.pool.heads
+            known = heads.get(key)
+            if known is None:
+                known = _relayed_head(
+                    status, self._reason, self._headers, sink.head_only, sink.http11
+                )
                 if len(heads) >= _HEADS_MAX:
                     heads.clear()
                 heads[key] = known
+        else:  # a head over several reads, after a 1xx, or a huge one: made each time
+            known = _relayed_head(status, self._reason, self._headers, sink.head_only, sink.http11)
         head, self._chunked_out, self._until_eof, closes = known
         if closes:
             sink.keep_alive = False  # HTTP/1.0 client, no length: the body ends with the close
