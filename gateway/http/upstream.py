@@ -220,9 +220,15 @@ class UpstreamConnection(asyncio.Protocol):
         # changes), and looked up by those bytes when they came in the exchange's first read.
         # The key runs to the first blank line in them, so it holds the whole head (a head
         # cannot contain a blank line), and llhttp, starting each exchange in the same state,
-        # parses equal bytes alike.
+        # parses equal bytes alike. Only when they begin with the status line: llhttp skips
+        # CR/LF before it, and a key of blank lines before the head held none of it (the
+        # review of this memo found two answers sharing one key that way).
         first = self._first
-        end = first.find(b"\r\n\r\n") if first is not None else -1
+        end = (
+            first.find(b"\r\n\r\n", 0, _HEAD_MEMO_MAX + 4)
+            if first is not None and first.startswith(b"HTTP/")
+            else -1
+        )
         if 0 <= end < _HEAD_MEMO_MAX:
             key = (first[: end + 4], sink.head_only, sink.http11)  # type: ignore[index]
             heads = self.pool.heads

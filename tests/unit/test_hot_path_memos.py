@@ -5,11 +5,13 @@ the relayed answer head kept per upstream pool (issue 9)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
+import pytest
 import yaml
 
 from tests.helpers import basic
-from tests.rawupstream import parse_answers, serving
+from tests.rawupstream import ScriptedUpstream, Seen, parse_answers, serving
 from tests.unit.test_smuggling import RawUpstream, send_raw
 
 SALES = basic("sales", "imsales")["Authorization"]
@@ -151,3 +153,118 @@ async def test_what_a_connection_or_pool_remembers_is_bounded(make_gateway, raw_
             )
             assert answers[0][1]["x-echo"] == "e" * 6000
         assert gw.gw.pool.heads == {}
+
+
+def _by_query(answers: dict[str, bytes]):
+    def script(seen: Seen) -> bytes | None:
+        return answers[seen.target.partition("?")[2]]
+
+    return script
+
+
+def _get_q(q: str) -> bytes:
+    return (
+        f"GET /api/inventory?{q} HTTP/1.1\r\nHost: gw\r\nAuthorization: {SALES}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize("lead", [b"", b"\r\n", b"\r\n\r\n", b"\n\r\n\r\n"])
+async def test_two_answer_heads_on_one_pool_are_each_relayed_as_sent(make_gateway, lead) -> None:
+    """Answers that differ in their head reach each client with their own head and framing,
+    in any order on one pool, also when the upstream sends blank lines before the status
+    line (llhttp skips them: a key ending at the first blank line would hold no head)."""
+    first = lead + b"HTTP/1.1 200 OK\r\nSet-Cookie: s=alice\r\nContent-Length: 2\r\n\r\nok"
+    inner = b"HTTP/1.1 200 OK\r\nX-Injected: 1\r\nContent-Length: 0\r\n\r\n"
+    second = lead + b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\nno%s" % (
+        2 + len(inner),
+        inner,
+    )
+    third = lead + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    answers = {"a": first, "b": second, "c": third}
+    async with serving(ScriptedUpstream(script=_by_query(answers))) as up:
+        gw = await make_gateway(upstream=up.url)
+        for q in "abcabc":
+            raw = await send_raw(gw.port, _get_q(q))
+            ((status, headers, body),) = parse_answers(raw)
+            want = {"a": (200, "s=alice", b"ok"), "b": (404, None, b"no" + inner)}.get(
+                q, (200, None, b"abc")
+            )
+            assert (status, headers.get("set-cookie"), body) == want, (q, raw)
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_an_interim_answer_then_the_final_head_relays_only_the_final(
+    make_gateway, split
+) -> None:
+    """103 or 100 before the final answer, in the same read or in the next one: the client
+    gets the final head (never the 1xx's headers), and a later answer with the same final
+    bytes but no 1xx relays the same head."""
+    final = b"HTTP/1.1 200 OK\r\nSet-Cookie: s=%s\r\nContent-Length: 2\r\n\r\nok"
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+
+    async def serve(reader, writer) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                q = head.split(b" ", 2)[1].partition(b"?")[2]
+                if q.startswith(b"i"):
+                    writer.write(early)
+                    if split:
+                        await writer.drain()
+                        await asyncio.sleep(0.05)
+                writer.write(final % q)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        gw = await make_gateway(upstream=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        for q in ("i1", "p1", "i2", "p2", "i1"):
+            ((status, headers, body),) = parse_answers(await send_raw(gw.port, _get_q(q)))
+            assert (status, headers.get("set-cookie"), body) == (200, f"s={q}", b"ok"), q
+            assert "link" not in headers, q
+    finally:
+        server.close()
+
+
+async def test_a_head_split_over_two_reads_is_relayed_as_the_whole_one(make_gateway) -> None:
+    """The same answer sent whole and split (at every kind of place, before and inside its
+    blank line): one relayed head, hop-by-hop headers dropped alike on memo hit and miss."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\nConnection: x-foo\r\nX-Foo: hop\r\nKeep-Alive: timeout=5\r\n"
+        b"Proxy-Connection: keep-alive\r\nSet-Cookie: s=1\r\nContent-Length: 2\r\n\r\nok"
+    )
+    blank = answer.index(b"\r\n\r\n")
+    cuts = {"whole": None, "line": 20, **{f"blank{i}": blank + i for i in (1, 2, 3)}}
+
+    async def serve(reader, writer) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                cut = cuts[head.split(b" ", 2)[1].partition(b"?")[2].decode()]
+                if cut is not None:
+                    writer.write(answer[:cut])
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                writer.write(answer if cut is None else answer[cut:])
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        gw = await make_gateway(upstream=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        raws = [await send_raw(gw.port, _get_q(q)) for q in [*cuts, "whole", "line"]]
+    finally:
+        server.close()
+    assert len(set(raws)) == 1, raws
+    head = raws[0].partition(b"\r\n\r\n")[0].lower()
+    assert b"set-cookie: s=1" in head
+    for hop in (b"x-foo", b"keep-alive:", b"proxy-connection"):
+        assert hop not in head, raws[0]
