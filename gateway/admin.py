@@ -118,6 +118,10 @@ class Admin:
                     "misses": auth.cache.misses,
                 },
                 "bcrypt_checks": auth.bcrypt_checks,
+                "login_throttle": {
+                    "shared": auth.throttle.shared,
+                    "unanswered": auth.throttle.unanswered,
+                },
                 "audit": gw.audit_status(),
                 "upstream": gw.upstream_status(),
                 "connections": len(gw.server.connections) if gw.server is not None else 0,

@@ -30,6 +30,7 @@ import bcrypt
 from .credentials import Credentials, is_canonical, parse_basic
 from .errors import Overloaded, TooManyRequests, Unauthenticated
 from .policy import Policy, User
+from .throttle import FailureThrottle
 
 
 class CredentialCache:
@@ -126,51 +127,6 @@ class CredentialCache:
         return len(self._entries)
 
 
-class FailureThrottle:
-    """Exponential back-off on failed logins, per client address and per address+user."""
-
-    def __init__(
-        self,
-        *,
-        per_user: int = 5,
-        per_address: int = 20,
-        base: float = 1.0,
-        cap: float = 300.0,
-        window: float = 900.0,
-        max_entries: int = 100_000,
-    ) -> None:
-        self._limits = {"user": per_user, "addr": per_address}
-        self._base, self._cap, self._window, self._max = base, cap, window, max_entries
-        self._state: OrderedDict[tuple[str, ...], tuple[int, float, float]] = OrderedDict()
-
-    def check(self, address: str, user: str) -> None:
-        """Raise :class:`TooManyRequests` while either key is backing off."""
-        now = time.monotonic()
-        for key in (("addr", address), ("user", address, user)):
-            state = self._state.get(key)
-            if state is not None and state[2] > now:
-                raise TooManyRequests(
-                    "too many failed logins; retry later", retry_after=int(state[2] - now) + 1
-                )
-
-    def failed(self, address: str, user: str) -> None:
-        now = time.monotonic()
-        for key in (("addr", address), ("user", address, user)):
-            count, last, _ = self._state.get(key, (0, now, 0.0))
-            if now - last > self._window:
-                count = 0
-            count += 1
-            over = count - self._limits[key[0]]
-            until = now + min(self._cap, self._base * 2 ** (over - 1)) if over > 0 else 0.0
-            self._state[key] = (count, now, until)
-            self._state.move_to_end(key)
-        while len(self._state) > self._max:
-            self._state.popitem(last=False)
-
-    def succeeded(self, address: str, user: str) -> None:
-        self._state.pop(("user", address, user), None)
-
-
 class Authenticator:
     """Turns a request's credentials into a :class:`User` of the current policy."""
 
@@ -210,6 +166,7 @@ class Authenticator:
     def close(self) -> None:
         for task in self._background:
             task.cancel()
+        self.throttle.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def prepare(self, policy: Policy) -> None:
@@ -287,7 +244,7 @@ class Authenticator:
                 self._start_refresh(policy, creds, creds_key, address)
             return user
         key = key or creds_key
-        self.throttle.check(address, creds.user)
+        await self.throttle.admit(address, creds.user)
         hashed = user.password_hash if user is not None else self._dummy(policy)
         ok = await self._verify(creds_key, creds.password, hashed, address)
         if not ok or user is None:

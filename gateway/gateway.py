@@ -34,7 +34,12 @@ class Gateway:
     """One gateway: everything a request needs, built from :class:`Settings`."""
 
     def __init__(
-        self, settings: Settings, *, store: PolicyStore | None = None, audit: AuditLog | None = None
+        self,
+        settings: Settings,
+        *,
+        store: PolicyStore | None = None,
+        audit: AuditLog | None = None,
+        throttle: FailureThrottle | None = None,
     ) -> None:
         self.settings = settings
         self.version = __version__
@@ -42,7 +47,7 @@ class Gateway:
         self.auth = Authenticator(
             max_inflight=settings.max_bcrypt_inflight,
             cache=CredentialCache(ttl=settings.cache_ttl, max_entries=settings.cache_size),
-            throttle=FailureThrottle(),
+            throttle=throttle or FailureThrottle(),
         )
         self.audit = audit or self.open_audit(settings)
         self.metrics = Metrics()

@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Coroutine
@@ -29,6 +30,7 @@ from .memory import keep_freed_memory, settle
 from .policy import PolicyStore
 from .settings import Settings, SettingsError, tls_context
 from .supervisor import WORKER_ENV, check_port, supervise, watch_parent
+from .throttle import THROTTLE_FD_ENV, SharedThrottle
 
 log = logging.getLogger("gateway")
 
@@ -115,6 +117,14 @@ def serve(settings: Settings) -> int:
     return 0
 
 
+def shared_throttle() -> SharedThrottle | None:
+    """In a worker: its link to the supervisor's failed-login throttle; None elsewhere."""
+    fd = os.environ.get(THROTTLE_FD_ENV)
+    if not fd or not is_worker():
+        return None
+    return SharedThrottle(socket.socket(fileno=int(fd)))
+
+
 def is_worker() -> bool:
     """True in a process started by the supervisor."""
     return bool(os.environ.get(WORKER_ENV))
@@ -135,7 +145,7 @@ async def _main(
     settings: Settings, store: PolicyStore, ssl_ctx: ssl.SSLContext | None, audit: Any
 ) -> None:
     fd_limit = raise_fd_limit()
-    gw = Gateway(settings, store=store, audit=audit)
+    gw = Gateway(settings, store=store, audit=audit, throttle=shared_throttle())
     await gw.start()
     limits = limits_of(settings, fd_limit)
     server = Server(

@@ -7,8 +7,10 @@ variable, default, help text and validation side by side, so none can drift from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import ipaddress
+import json
 import os
 import re
 import ssl
@@ -31,7 +33,7 @@ class Settings:
     upstream: str = "http://127.0.0.1:8081"
     host: str = "127.0.0.1"
     port: int = 8080
-    workers: int = 1
+    workers: int = 1  # the CLI's default is 'auto' (one per usable CPU)
     reuse_port: bool = False  # share host:port with another process (SO_REUSEPORT)
     watch: bool = True
     watch_interval: float = 1.0
@@ -141,6 +143,37 @@ def _networks(text: str) -> tuple[Network, ...]:
         raise SettingsError(f"bad CIDR in trusted proxies: {exc}") from None
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (v2
+    ``cpu.max`` or v1 ``cpu.cfs_quota_us``; a container limited to 1.5 CPUs gets 2), at
+    least 1."""
+    count = len(os.sched_getaffinity(0))
+    v1 = cgroup / "cpu"
+    for files in (
+        (cgroup / "cpu.max",),
+        (v1 / "cpu.cfs_quota_us", v1 / "cpu.cfs_period_us"),
+    ):
+        try:
+            quota, period = " ".join(f.read_text() for f in files).split()[:2]
+            if quota not in ("max", "-1"):
+                count = min(count, -(-int(quota) // int(period)))
+            break
+        except (OSError, ValueError):
+            continue
+    return max(1, count)
+
+
+def _workers(text: str) -> int:
+    """``auto`` (one per usable CPU) or a count of at least 1."""
+    if text.strip().lower() == "auto":
+        return usable_cpus()
+    try:
+        int(text)
+    except ValueError:
+        raise SettingsError(f"must be a count or 'auto', got {text!r}") from None
+    return int(_at_least(_integer, 1)(text))
+
+
 def _bool(text: str) -> bool:
     low = text.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -213,8 +246,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     add(
         "--workers",
         "GATEWAY_WORKERS",
-        d.workers,
-        help="worker processes sharing the port (default 1)",
+        "auto",
+        help="worker processes sharing the port: a count, or 'auto' for one per usable CPU "
+        f"(default: number of CPUs usable, {usable_cpus()} here)",
     )
     add(
         "--reuse-port",
@@ -395,7 +429,7 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     if reuse_port is None:
         reuse_port = conv("reuse_port", _bool, os.environ.get("GATEWAY_REUSE_PORT", "false"))
     port = conv("port", _at_least(_integer, 0, 65535), args.port)
-    workers = conv("workers", _at_least(_integer, 1), args.workers)
+    workers = conv("workers", _workers, args.workers)
     if args.server not in ("httptools", "fast"):
         fail(
             "server",
@@ -467,3 +501,36 @@ def parse_settings(argv: Sequence[str]) -> Settings:
     p = argparse.ArgumentParser(prog="gateway serve")
     add_serve_arguments(p)
     return settings_from_args(p.parse_args(list(argv)), p)
+
+
+# -- settings handed to --workers workers (gateway.supervisor) ------------------------------------------------------------
+
+
+def encode_settings(settings: Settings) -> str:
+    """Settings as JSON for a worker's environment (Paths and networks as strings)."""
+    doc: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = [str(v) for v in value]
+        doc[f.name] = value
+    return json.dumps(doc)
+
+
+def decode_settings(text: str) -> Settings:
+    """The inverse of :func:`encode_settings`; a field it does not carry keeps its default."""
+    doc = json.loads(text)
+    default = Settings()
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        if f.name not in doc:
+            continue
+        value, like = doc[f.name], getattr(default, f.name)
+        if isinstance(like, Path):
+            value = Path(value)
+        elif isinstance(like, tuple):
+            value = tuple(ipaddress.ip_network(v) for v in value)
+        kwargs[f.name] = value
+    return Settings(**kwargs)

@@ -8,6 +8,8 @@ The supervisor serves nothing itself. It
 * restarts a worker that exits for any reason while the supervisor is not stopping, after a
   back-off per worker slot (0.1 s, doubling to 5 s; back to 0.1 s once a worker lived 10 s),
   logs each death (pid, exit code or signal) and restart, and counts restarts;
+* keeps the one failed-login throttle of all workers (:mod:`gateway.throttle`): a
+  guesser whose connections land on different workers is counted once;
 * forwards SIGHUP to every live worker; on SIGTERM/SIGINT forwards SIGTERM, waits up to a grace
   period, SIGKILLs what is left and exits 0 (a second SIGTERM/SIGINT kills at once);
 * makes its workers die with it: each worker asks the kernel for SIGTERM when its parent dies
@@ -28,7 +30,8 @@ common case -- an old generation still serving, orphaned or not -- is refused.
 Environment a worker receives (set by the supervisor, read by the functions below):
 ``GATEWAY_WORKER_OF`` (supervisor pid), ``GATEWAY_WORKER_SETTINGS``, ``GATEWAY_PARENT_FD``,
 ``GATEWAY_WORKER_SLOT`` (0..N-1), ``GATEWAY_WORKER_RESTARTS`` (restarts the supervisor had
-done when this worker started; see :func:`worker_status`).
+done when this worker started; see :func:`worker_status`), ``GATEWAY_THROTTLE_FD`` (the
+worker's end of its link to the shared failed-login throttle, :mod:`gateway.throttle`).
 """
 
 from __future__ import annotations
@@ -37,8 +40,6 @@ import asyncio
 import ctypes
 import dataclasses
 import errno
-import ipaddress
-import json
 import logging
 import os
 import select
@@ -48,10 +49,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-from .settings import Settings
+from .settings import Settings, decode_settings, encode_settings
+from .throttle import THROTTLE_FD_ENV, ThrottleService
 
 log = logging.getLogger(__name__)
 
@@ -95,39 +95,6 @@ def check_port(settings: Settings) -> str | None:
                 )
             return f"gateway: cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
     return None
-
-
-# -- settings handed to workers ------------------------------------------------------------
-
-
-def encode_settings(settings: Settings) -> str:
-    """Settings as JSON for a worker's environment (Paths and networks as strings)."""
-    doc: dict[str, Any] = {}
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        if isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, tuple):
-            value = [str(v) for v in value]
-        doc[f.name] = value
-    return json.dumps(doc)
-
-
-def decode_settings(text: str) -> Settings:
-    """The inverse of :func:`encode_settings`; a field it does not carry keeps its default."""
-    doc = json.loads(text)
-    default = Settings()
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(Settings):
-        if f.name not in doc:
-            continue
-        value, like = doc[f.name], getattr(default, f.name)
-        if isinstance(like, Path):
-            value = Path(value)
-        elif isinstance(like, tuple):
-            value = tuple(ipaddress.ip_network(v) for v in value)
-        kwargs[f.name] = value
-    return Settings(**kwargs)
 
 
 # -- the worker's side ---------------------------------------------------------------------
@@ -247,6 +214,7 @@ class Supervisor:
         self.stopping: float | None = None  # deadline for the workers to exit
         self._signals: list[int] = []
         self._death_r, self._death_w = os.pipe()  # workers inherit the read end only
+        self.throttle = ThrottleService()  # one failed-login throttle for all workers
 
     def run(self) -> int:
         wake_r, wake_w = os.pipe()
@@ -268,7 +236,11 @@ class Supervisor:
             while not (self.stopping is not None and self._all_gone()):
                 self._step()
                 timeout = self._timeout()
-                select.select([wake_r], [], [], timeout)
+                links = {sock.fileno(): sock for sock in self.throttle.sockets()}
+                ready, _, _ = select.select([wake_r, *links], [], [], timeout)
+                for fd in ready:
+                    if fd in links:
+                        self.throttle.serve(links[fd])
                 while True:
                     try:
                         if not os.read(wake_r, 512):
@@ -281,6 +253,7 @@ class Supervisor:
                 signal.signal(s, h)
             for fd in (wake_r, wake_w, self._death_r, self._death_w):
                 os.close(fd)
+            self.throttle.close()
         log.info("gateway supervisor %d stopped (%d worker restarts)", os.getpid(), self.restarts)
         return 0
 
@@ -320,6 +293,7 @@ class Supervisor:
         return None  # SIGCHLD wakes us
 
     def _start(self, slot: int) -> None:
+        link = self.throttle.connect(slot)
         env = dict(os.environ)
         env.update(
             {
@@ -328,11 +302,17 @@ class Supervisor:
                 PARENT_FD_ENV: str(self._death_r),
                 SLOT_ENV: str(slot),
                 RESTARTS_ENV: str(self.restarts),
+                THROTTLE_FD_ENV: str(link.fileno()),
             }
         )
-        self.procs[slot] = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve"], env=env, pass_fds=(self._death_r,)
-        )
+        try:
+            self.procs[slot] = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve"],
+                env=env,
+                pass_fds=(self._death_r, link.fileno()),
+            )
+        finally:
+            link.close()  # the worker holds its end now
         self.started[slot] = time.monotonic()
 
     def _pid(self, slot: int) -> int:
@@ -344,6 +324,7 @@ class Supervisor:
             if p is None or p.poll() is None:
                 continue
             self.procs[slot] = None
+            self.throttle.drop(slot)
             code = p.returncode
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             if self.stopping is not None:

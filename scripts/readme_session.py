@@ -3,8 +3,8 @@
 Every fenced block in README.md that follows a line ``<!-- session -->`` is a terminal
 session: lines starting with ``$ `` are commands, the lines up to the next command are what
 it printed (stdout and stderr, as a terminal shows them). This script starts the real
-inventory backend (fresh SQLite database) and the real gateway (``serve`` with a copy of the
-shipped rbac.yaml) on ephemeral ports of 127.0.0.1, runs every command with ``bash`` in a
+inventory backend (fresh SQLite database) and the real gateway (``serve --workers 1`` with a
+copy of the shipped rbac.yaml) on ephemeral ports of 127.0.0.1, runs every command with ``bash`` in a
 scratch directory that looks like a checkout after ``make run`` (``rbac.yaml``, ``.venv``),
 and compares what it printed with the README.
 
@@ -239,6 +239,8 @@ def run_all(readme: str, tmp: Path) -> tuple[list[Block], list[list[Step]], str]
                 "rbac.yaml",
                 "--watch-interval",
                 "600",
+                "--workers",
+                "1",  # one process answers every command: the counters shown add up
             ],
             tmp / "gateway.log",
             work,

@@ -118,6 +118,8 @@ def test_a_full_audit_disk_fails_no_request_and_writing_resumes(
             "--audit-log",
             str(audit),
             "--no-watch",
+            "--workers",
+            "1",  # one writer: "logged once per episode" is per process
         ],
         tmp_path / "gateway.log",
     )

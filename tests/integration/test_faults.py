@@ -86,6 +86,8 @@ class Procs:
             "--no-watch",
             "--audit-log",
             str(self.tmp / f"{name}-audit.log"),
+            "--workers",
+            "1",  # one process: these tests watch its pid, its connections and its log
             *flags,
         ]
         if nofile is not None:

@@ -87,7 +87,10 @@ def recorder(tmp_path: Path):
 def start(tmp_path: Path, upstream: str, env: dict[str, str]) -> Process:
     policy = tmp_path / "rbac.yaml"
     shutil.copy(SHIPPED_POLICY, policy)
-    return start_gateway(tmp_path, upstream, policy, "--log-level", "DEBUG", env=env)
+    # one process: the test reads its memory by its pid
+    return start_gateway(
+        tmp_path, upstream, policy, "--log-level", "DEBUG", "--workers", "1", env=env
+    )
 
 
 def test_uploads_reuse_freed_heap_and_an_operator_setting_wins(tmp_path, recorder) -> None:

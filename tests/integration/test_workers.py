@@ -6,12 +6,20 @@ import json
 import os
 import shutil
 import signal
+import urllib.error
 import urllib.request
 
 import pytest
 import yaml
 
-from tests.helpers import SHIPPED_POLICY, Process, basic, wait_until, write_policy
+from tests.helpers import (
+    SHIPPED_POLICY,
+    Process,
+    basic,
+    policy_doc,
+    wait_until,
+    write_policy,
+)
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("GATEWAY_URL")), reason="starts its own processes"
@@ -92,6 +100,57 @@ def test_reload_reaches_every_worker(tmp_path, stack, trigger) -> None:
         new = wait_until(changed, 20, what="the policy's sha256 changed")
         assert new != first
         assert wait_all_workers(url, new, 2) == pids
+    finally:
+        rc = gw.stop()
+    assert rc == 0, gw.output()
+    assert "Traceback" not in gw.output()
+
+
+def test_failed_logins_are_counted_once_over_all_workers(tmp_path, stack) -> None:
+    """A guesser whose connections the kernel spreads over the workers meets one throttle:
+    the supervisor's. With a throttle per worker it had ~N times the guesses."""
+    policy = write_policy(tmp_path / "rbac.yaml", policy_doc())  # cost-4 hashes: fast
+    gw = Process(
+        [
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--no-watch",
+            "--throttle-delay",
+            "0.01",  # the 429s answer at once: the back-off window outlasts the test
+            "--upstream",
+            stack.backend_url,
+            "--policy",
+            str(policy),
+            "--audit-log",
+            "off",
+        ],
+        tmp_path / "gw.log",
+    )
+    try:
+        url = gw.wait_listening()
+        gw.wait_healthy("/-/healthz")
+        seen = statuses(url)
+        wait_all_workers(url, seen[0]["sha256"], 2)  # both workers take connections
+        assert all(s["login_throttle"] == {"shared": True, "unanswered": 0} for s in seen)
+        codes = []
+        for i in range(16):  # a new connection each: spread over both workers
+            req = urllib.request.Request(
+                url + "/api/inventory",
+                headers={**basic("manager", f"guess-{i}"), "Connection": "close"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=10)
+            codes.append(refused.value.code)
+        # 5 failures are free, the 6th starts a 1 s back-off: then 429 whichever worker answers
+        assert codes == [401] * 6 + [429] * 10, codes
+        after = statuses(url)
+        assert all(s["login_throttle"]["unanswered"] == 0 for s in after)
+        assert len({s["pid"] for s in after}) == 2
     finally:
         rc = gw.stop()
     assert rc == 0, gw.output()

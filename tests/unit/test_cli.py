@@ -203,6 +203,11 @@ def test_check_without_argument_checks_what_serve_would_use(tmp_path: Path) -> N
         (["--workers", "0"], {}, "--workers (GATEWAY_WORKERS): must be at least 1, got '0'"),
         (["--workers", "-3"], {}, "--workers (GATEWAY_WORKERS): must be at least 1, got '-3'"),
         (
+            ["--workers", "many"],
+            {},
+            "--workers (GATEWAY_WORKERS): must be a count or 'auto', got 'many'",
+        ),
+        (
             ["--watch-interval", "0"],
             {},
             "--watch-interval (GATEWAY_WATCH_INTERVAL): must be greater than 0, got '0'",
@@ -441,3 +446,40 @@ def test_reload_command_reports_the_digest_or_the_refusal_with_location(tmp_path
     r = gateway("reload", "--url", url, env=admin)
     assert r.returncode == 1
     assert r.stderr == f"python -m gateway reload: cannot reach {url}: Connection refused\n"
+
+
+def test_workers_default_to_one_per_usable_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.settings import parse_settings, usable_cpus
+
+    monkeypatch.delenv("GATEWAY_WORKERS", raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    assert 1 <= usable_cpus() <= cpus
+    assert parse_settings([]).workers == usable_cpus()
+    assert parse_settings(["--workers", "auto"]).workers == usable_cpus()
+    assert parse_settings(["--workers", "3"]).workers == 3
+    monkeypatch.setenv("GATEWAY_WORKERS", "1")
+    assert parse_settings([]).workers == 1
+    monkeypatch.setenv("GATEWAY_WORKERS", "AUTO")
+    assert parse_settings([]).workers == usable_cpus()
+
+
+def test_auto_workers_respect_a_containers_cpu_quota(tmp_path: Path) -> None:
+    from gateway.settings import usable_cpus
+
+    cpus = len(os.sched_getaffinity(0))
+    assert usable_cpus(tmp_path) == cpus  # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == cpus
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: one worker
+    assert usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text(f"{cpus * 100000 + 1} 100000\n")  # more than we have
+    assert usable_cpus(tmp_path) == cpus
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()  # cgroup v1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == cpus
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("garbage\n")
+    assert usable_cpus(tmp_path) == cpus

@@ -1,0 +1,160 @@
+"""The failed-login throttle shared by the workers of ``--workers N`` (gateway.throttle):
+the supervisor's service and a worker's side, over real socket pairs in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from gateway.auth import FailureThrottle
+from gateway.errors import TooManyRequests
+from gateway.throttle import SharedThrottle, ThrottleService
+
+ADDR, USER = "192.0.2.7", "manager"
+
+
+@pytest.fixture
+async def service() -> AsyncIterator[tuple[ThrottleService, Callable[[int], SharedThrottle]]]:
+    """A supervisor's service, served by this loop, and a maker of worker links."""
+    loop = asyncio.get_running_loop()
+    svc = ThrottleService(FailureThrottle(per_user=5, per_address=20))
+    workers: list[SharedThrottle] = []
+    served: set[int] = set()
+
+    def worker(slot: int) -> SharedThrottle:
+        theirs = svc.connect(slot)
+        for sock in svc.sockets():
+            if sock.fileno() not in served:
+                served.add(sock.fileno())
+                loop.add_reader(sock.fileno(), svc.serve, sock)
+        link = SharedThrottle(theirs)
+        workers.append(link)
+        return link
+
+    yield svc, worker
+    for fd in served:
+        loop.remove_reader(fd)
+    for w in workers:
+        w.close()
+    svc.close()
+
+
+async def test_failures_on_two_workers_are_counted_together(service) -> None:
+    svc, worker = service
+    a, b = worker(0), worker(1)
+    for _ in range(3):
+        b.failed(ADDR, USER)
+    await b.admit(ADDR, USER)  # a round trip on b's link: its failures are counted by now
+    for _ in range(3):
+        a.failed(ADDR, USER)
+    assert a.wait(ADDR, USER) == 0  # a alone saw 3 failures: no back-off of its own
+    with pytest.raises(TooManyRequests) as refused:
+        await a.admit(ADDR, USER)
+    assert refused.value.retry_after >= 1
+    with pytest.raises(TooManyRequests):
+        await b.admit(ADDR, USER)
+    assert svc.throttle.wait(ADDR, USER) > 0
+    assert a.unanswered == b.unanswered == 0
+    # other users from the same address are not held back by one user's failures
+    await a.admit(ADDR, "sales")
+
+
+async def test_the_supervisors_answer_is_remembered_until_it_expires(service) -> None:
+    svc, worker = service
+    a = worker(0)
+    for _ in range(6):
+        svc.throttle.failed(ADDR, USER)  # failures another worker reported
+    with pytest.raises(TooManyRequests):
+        await a.admit(ADDR, USER)
+    svc.close()  # the supervisor can no longer answer: the remembered answer still holds
+    with pytest.raises(TooManyRequests):
+        await a.admit(ADDR, USER)
+    assert a.unanswered == 0  # it was not asked again
+
+
+async def test_a_success_clears_the_users_back_off_everywhere(service) -> None:
+    svc, worker = service
+    a, b = worker(0), worker(1)
+    for _ in range(6):
+        a.failed(ADDR, USER)
+    await a.admit(ADDR, "sales")  # round trip: the failures are counted
+    with pytest.raises(TooManyRequests):
+        await b.admit(ADDR, USER)
+    b.succeeded(ADDR, USER)  # e.g. after the back-off, the right password
+    await b.admit(ADDR, "sales")
+    assert svc.throttle.wait(ADDR, USER) == 0
+    await b.admit(ADDR, USER)
+
+
+async def test_a_silent_supervisor_costs_one_timeout_and_the_local_throttle_still_holds() -> None:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link = SharedThrottle(theirs, answer_within=0.05)
+    try:
+        started = time.monotonic()
+        await link.admit(ADDR, USER)  # nobody answers: allowed, as a lone worker would
+        assert 0.03 <= time.monotonic() - started < 2  # it waited for an answer, not forever
+        assert link.unanswered == 1
+        for _ in range(6):
+            link.failed(ADDR, USER)
+        with pytest.raises(TooManyRequests):
+            await link.admit(ADDR, USER)  # its own failures: refused without asking
+        assert link.unanswered == 1
+    finally:
+        link.close()
+        mine.close()
+
+
+async def test_a_supervisor_gone_is_noticed_at_once() -> None:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link = SharedThrottle(theirs, answer_within=5.0)
+    mine.close()
+    try:
+        started = time.monotonic()
+        await link.admit(ADDR, USER)
+        await link.admit(ADDR, USER)
+        assert time.monotonic() - started < 1  # no 5 s wait for an answer that cannot come
+        assert link.unanswered >= 1
+        for _ in range(6):
+            link.failed(ADDR, USER)
+        with pytest.raises(TooManyRequests):
+            await link.admit(ADDR, USER)
+    finally:
+        link.close()
+
+
+async def test_malformed_messages_are_ignored_and_counted(service) -> None:
+    svc, worker = service
+    a = worker(0)
+    peer = svc.sockets()[0]
+    # what a broken worker could send: not JSON, the wrong shape, an unknown operation
+    raw = a._sock
+    assert raw is not None
+    for junk in (b"\xff\xfe", b"{}", b'["check", 1]', b'["nope", 1, 2]', b"[]"):
+        raw.send(junk)
+    for _ in range(6):
+        a.failed(ADDR, USER)
+    await a.admit(ADDR, "sales")  # a round trip: everything before it was handled
+    assert svc.bad_messages == 5
+    assert svc.throttle.wait(ADDR, USER) > 0  # the good messages after the junk counted
+    assert peer in svc.sockets()  # the link stays up
+
+
+async def test_long_user_names_are_sent_as_a_hash(service) -> None:
+    svc, worker = service
+    a, b = worker(0), worker(1)
+    long_user = "x" * 5000  # the name is the client's, up to the header size limit
+    for _ in range(3):
+        a.failed(ADDR, long_user)
+    await a.admit(ADDR, "sales")
+    for _ in range(3):
+        b.failed(ADDR, long_user)
+    with pytest.raises(TooManyRequests):
+        await b.admit(ADDR, long_user)
+    assert svc.bad_messages == 0
+    digest = hashlib.sha256(long_user.encode()).hexdigest()
+    assert svc.throttle.wait(ADDR, f"sha256:{digest}") > 0  # what the supervisor keyed on
