@@ -30,6 +30,7 @@ from bench.servers import Server
 
 _WARM = 20  # requests on one connection before counting: credentials cached, pool open
 _CONNS = 8
+_AT_LEAST = 10_000  # no Python HTTP server answers a request in fewer instructions
 
 
 async def _client(port: int, request: bytes, count: int) -> None:
@@ -81,6 +82,8 @@ def count_run(tmp: Path, policy: Path, up: Server, request: bytes, count: int) -
         *servers.gateway_argv(policy, up.base_url, port),
         "--audit-log",
         str(tmp / f"audit-{count}.log"),
+        "--workers",
+        "1",  # one process, the one callgrind traces (workers would be its children)
     ]
     with (tmp / f"callgrind-{count}.err").open("wb") as err:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=servers.ROOT)
@@ -132,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             full = count_run(tmp, files["small"], up, request, args.requests)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if (full - base) / args.requests < _AT_LEAST:
+        print(
+            f"error: {(full - base) / args.requests:,.0f} instructions/request: the traced "
+            "process did not serve the requests (a supervisor with workers?)",
+            file=sys.stderr,
+        )
         return 1
     what = f"{args.method} {policies.BENCH_PATH}" + (
         f" with a {args.body_bytes}-byte body" if args.method == "POST" else ""
