@@ -244,9 +244,9 @@ class Authenticator:
                 self._start_refresh(policy, creds, creds_key, address)
             return user
         key = key or creds_key
-        await self.throttle.admit(address, creds.user)
+        self.throttle.check(address, creds.user)
         hashed = user.password_hash if user is not None else self._dummy(policy)
-        ok = await self._verify(creds_key, creds.password, hashed, address)
+        ok = await self._verify(creds_key, creds.password, hashed, address, creds.user)
         if not ok or user is None:
             self.throttle.failed(address, creds.user)
             raise Unauthenticated(
@@ -258,9 +258,13 @@ class Authenticator:
             self.cache.put(key, user)
         return user
 
-    async def _verify(self, key: bytes, password: str, hashed: bytes, address: str) -> bool:
+    async def _verify(
+        self, key: bytes, password: str, hashed: bytes, address: str, user: str | None = None
+    ) -> bool:
         """One bcrypt check per distinct credential at a time: concurrent requests with the
-        same credentials (a cold cache after start or reload) share the one in flight."""
+        same credentials (a cold cache after start or reload) share the one in flight. The
+        one that runs it asks the throttle first when ``user`` is given (a shared throttle
+        asks the supervisor: every worker's failures, and a slot of the address's checks)."""
         flight = self._flights.get((key, hashed))
         if flight is not None:
             return await asyncio.shield(flight)
@@ -275,12 +279,20 @@ class Authenticator:
         flight = self._flights[(key, hashed)] = loop.create_future()
         self._inflight += 1
         self._per_address[address] = mine + 1
+        reservation = 0
         try:
+            if user is not None:
+                reservation = await self.throttle.admit(address, user)
             ok = await loop.run_in_executor(self._pool, _checkpw, password, hashed)
+        except TooManyRequests as exc:  # those sharing the flight are refused alike
+            flight.set_exception(exc)
+            flight.exception()  # retrieved: nobody may be sharing it
+            raise
         except BaseException:
             flight.cancel()
             raise
         finally:
+            self.throttle.release(reservation)
             self._inflight -= 1
             del self._flights[(key, hashed)]
             left = self._per_address[address] - 1

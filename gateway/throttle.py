@@ -5,19 +5,27 @@ address+user (the limits are in :mod:`gateway.auth`'s docstring).
 
 Each worker is a process of its own, and the kernel spreads a client's connections over them
 (``SO_REUSEPORT``): with a throttle per worker, a password guesser would get N times the
-guesses before the back-off starts. So the supervisor keeps the throttle that counts, and each
-worker talks to it over a ``SOCK_SEQPACKET`` socket pair (one message per datagram, JSON):
+guesses before the back-off starts, and N times the password checks in flight. So the
+supervisor keeps the throttle that counts, and each worker talks to it over a
+``SOCK_SEQPACKET`` socket pair (one message per datagram, JSON):
 
-    worker -> supervisor   ["check", id, address, user]    answered with [id, seconds to wait]
-                           ["failed", address, user]       no answer
-                           ["ok", address, user]           no answer (a success)
+    worker -> supervisor   ["check", id, address, user, 1]  answered [id, seconds to wait, verdict]
+                           ["release", id]                  no answer: the check is over
+                           ["failed", address, user]        no answer
+                           ["ok", address, user]            no answer (a success)
 
-A worker asks only on the uncached path, just before a bcrypt check (which costs far more than
-the round trip), and keeps its own throttle too, so that it goes on throttling on its own when
-the supervisor does not answer (it waits :data:`ANSWER_WITHIN` at most, logs it once, and
-uses its own): a degraded link never lets a request through that a single worker would refuse.
-The supervisor's side never blocks: an answer that does not fit in the socket buffer is
-dropped, and the worker's own throttle decides.
+A check that need not wait also reserves one of the address's password-check slots (two over
+all workers, as in one process): verdict 1, and the ``id`` names the reservation until it is
+released; verdict 2 when the address has none free (429). The supervisor gives back the slots
+of a worker that is gone, and a worker gives back a reservation whose answer came too late.
+
+A worker asks only when it is about to run a bcrypt check itself (not when it shares one in
+flight for the same credentials), which costs far more than the round trip. It keeps its own
+throttle and its own per-address bound too, so that it goes on throttling on its own when the
+supervisor does not answer (it waits :data:`ANSWER_WITHIN` at most, logs it once, and uses its
+own): a degraded link never lets a request through that a single worker would refuse. The
+supervisor's side never blocks: an answer that does not fit in the socket buffer is dropped
+(its reservation with it), and the worker's own throttle decides.
 
 Users are sent as given up to :data:`_USER_MAX` characters, as a hash beyond (a key only has
 to be equal for equal users).
@@ -43,6 +51,8 @@ ANSWER_WITHIN = 0.5  # seconds a worker waits for the supervisor's answer
 _MESSAGE_MAX = 4096
 _USER_MAX = 256
 _BLOCKED_MAX = 10_000
+# a check's verdict on the address's password-check slots
+_NOT_ASKED, _RESERVED, _BUSY = 0, 1, 2
 
 
 def _wire_user(user: str) -> str:
@@ -94,10 +104,15 @@ class FailureThrottle:
     def close(self) -> None:
         """Nothing to release here (a shared throttle closes its link)."""
 
-    async def admit(self, address: str, user: str) -> None:
-        """:meth:`check`, where a shared throttle asks the others first (see
-        :class:`gateway.throttle.SharedThrottle`)."""
+    async def admit(self, address: str, user: str) -> int:
+        """:meth:`check` before a password check. A shared throttle (:class:`SharedThrottle`)
+        also asks the supervisor, and reserves one of the address's password-check slots of
+        all workers: the reservation (0: none), to give back with :meth:`release`."""
         self.check(address, user)
+        return 0
+
+    def release(self, reservation: int) -> None:
+        """Give back a slot :meth:`admit` reserved (nothing to do here)."""
 
     def failed(self, address: str, user: str) -> None:
         now = time.monotonic()
@@ -122,11 +137,16 @@ class FailureThrottle:
 
 class ThrottleService:
     """The shared throttle, served to each worker slot over its own socket pair; driven by the
-    supervisor's select loop (:meth:`sockets`, :meth:`serve`)."""
+    supervisor's select loop (:meth:`sockets`, :meth:`serve`). Besides the back-off it bounds
+    the password checks in flight per client address over all workers (``per_address``, as
+    one process does), and gives back the slots of a worker that is gone."""
 
-    def __init__(self, throttle: FailureThrottle | None = None) -> None:
+    def __init__(self, throttle: FailureThrottle | None = None, per_address: int = 2) -> None:
         self.throttle = throttle if throttle is not None else FailureThrottle()
+        self.per_address = per_address
         self._socks: dict[int, socket.socket] = {}
+        self.inflight: dict[str, int] = {}  # address -> password checks reserved
+        self._held: dict[int, dict[int, str]] = {}  # slot -> reservation -> address
         self.bad_messages = 0
 
     def connect(self, slot: int) -> socket.socket:
@@ -142,6 +162,8 @@ class ThrottleService:
         sock = self._socks.pop(slot, None)
         if sock is not None:
             sock.close()
+        for address in self._held.pop(slot, {}).values():
+            self._give_back(address)
 
     def close(self) -> None:
         for slot in list(self._socks):
@@ -152,25 +174,33 @@ class ThrottleService:
 
     def serve(self, sock: socket.socket) -> None:
         """Handle every message waiting on ``sock`` (readable per select)."""
+        slot = next((n for n, s in self._socks.items() if s is sock), None)
+        if slot is None:
+            return
         for data in _messages(sock):
             if not data:  # the worker is gone; its slot gets a new link when restarted
-                for slot, s in list(self._socks.items()):
-                    if s is sock:
-                        self.drop(slot)
+                self.drop(slot)
                 return
-            self._handle(sock, data)
+            self._handle(slot, sock, data)
 
-    def _handle(self, sock: socket.socket, data: bytes) -> None:
+    def _handle(self, slot: int, sock: socket.socket, data: bytes) -> None:
         try:
             msg = json.loads(data)
             op = msg[0]
             if op == "check":
-                _, ident, address, user = msg
-                answer = [ident, round(self.throttle.wait(str(address), str(user)), 3)]
+                _, ident, address, user, reserve = msg
+                address = str(address)
+                wait = round(self.throttle.wait(address, str(user)), 3)
+                verdict = _NOT_ASKED
+                if wait <= 0 and reserve:
+                    verdict = self._reserve(slot, int(ident), address)
                 try:
-                    sock.send(json.dumps(answer).encode())
+                    sock.send(json.dumps([ident, wait, verdict]).encode())
                 except OSError:  # full or gone: the worker's own throttle decides
-                    pass
+                    if verdict == _RESERVED:
+                        self._release(slot, int(ident))
+            elif op == "release":
+                self._release(slot, int(msg[1]))
             elif op == "failed":
                 self.throttle.failed(str(msg[1]), str(msg[2]))
             elif op == "ok":
@@ -180,6 +210,26 @@ class ThrottleService:
         except (ValueError, TypeError, IndexError, KeyError):
             self.bad_messages += 1
             log.warning("throttle link: ignored a malformed message (%d bytes)", len(data))
+
+    def _reserve(self, slot: int, ident: int, address: str) -> int:
+        held = self._held.setdefault(slot, {})
+        if self.inflight.get(address, 0) >= self.per_address or ident in held:
+            return _BUSY
+        self.inflight[address] = self.inflight.get(address, 0) + 1
+        held[ident] = address
+        return _RESERVED
+
+    def _release(self, slot: int, ident: int) -> None:
+        address = self._held.get(slot, {}).pop(ident, None)
+        if address is not None:  # else not held by this worker: nothing to give back
+            self._give_back(address)
+
+    def _give_back(self, address: str) -> None:
+        left = self.inflight.get(address, 0) - 1
+        if left > 0:
+            self.inflight[address] = left
+        else:
+            self.inflight.pop(address, None)
 
 
 def _messages(sock: socket.socket) -> Iterator[bytes]:
@@ -200,7 +250,8 @@ def _messages(sock: socket.socket) -> Iterator[bytes]:
 
 
 class SharedThrottle(FailureThrottle):
-    """A worker's throttle: its own, and the supervisor's (every worker's failures)."""
+    """A worker's throttle: its own, and the supervisor's (every worker's failures, and the
+    password-check slots of each address over all workers)."""
 
     shared = True
 
@@ -209,7 +260,7 @@ class SharedThrottle(FailureThrottle):
         sock.setblocking(False)
         self._sock: socket.socket | None = sock
         self._answer_within = answer_within
-        self._waiting: dict[int, asyncio.Future[float]] = {}
+        self._waiting: dict[int, asyncio.Future[tuple[float, int]]] = {}
         self._next = 0
         self._reading = False
         self._warned = False
@@ -217,12 +268,14 @@ class SharedThrottle(FailureThrottle):
         self._blocked: dict[tuple[str, str], float] = {}
         self.unanswered = 0  # checks the supervisor did not answer in time (or could not)
 
-    async def admit(self, address: str, user: str) -> None:
+    async def admit(self, address: str, user: str) -> int:
         self.check(address, user)  # this worker's own failures
         now = time.monotonic()
         until = self._blocked.get((address, user), 0.0)
+        verdict, ident = _NOT_ASKED, 0
         if until <= now:
-            until = now + await self._ask(address, user)
+            ident, wait, verdict = await self._ask(address, user)
+            until = now + wait
             if until > now:
                 if len(self._blocked) >= _BLOCKED_MAX:
                     self._blocked.clear()
@@ -231,6 +284,15 @@ class SharedThrottle(FailureThrottle):
             raise TooManyRequests(
                 "too many failed logins; retry later", retry_after=int(until - now) + 1
             )
+        if verdict == _BUSY:
+            raise TooManyRequests(
+                "too many password checks in progress from this address", retry_after=1
+            )
+        return ident if verdict == _RESERVED else 0
+
+    def release(self, reservation: int) -> None:
+        if reservation:
+            self._tell(["release", reservation])
 
     def failed(self, address: str, user: str) -> None:
         super().failed(address, user)
@@ -251,7 +313,7 @@ class SharedThrottle(FailureThrottle):
         sock.close()
         for fut in self._waiting.values():
             if not fut.done():
-                fut.set_result(0.0)
+                fut.set_result((0.0, _NOT_ASKED))
         self._waiting.clear()
 
     # -- the link
@@ -267,24 +329,26 @@ class SharedThrottle(FailureThrottle):
             return False
         return True
 
-    async def _ask(self, address: str, user: str) -> float:
-        """Seconds the supervisor says to wait; 0 when it does not answer in time."""
+    async def _ask(self, address: str, user: str) -> tuple[int, float, int]:
+        """The question's number (its reservation, if one is made) and the supervisor's
+        answer: seconds to wait, and its verdict on a password-check slot for ``address``
+        (reserved or busy); no wait and no slot when it does not answer."""
         loop = asyncio.get_running_loop()
         if self._sock is not None and not self._reading:
             loop.add_reader(self._sock.fileno(), self._on_readable)
             self._reading = True
         self._next += 1
         ident = self._next
-        fut: asyncio.Future[float] = loop.create_future()
+        fut: asyncio.Future[tuple[float, int]] = loop.create_future()
         self._waiting[ident] = fut
         try:
-            if not self._tell(["check", ident, address, _wire_user(user)]):
-                return 0.0
+            if not self._tell(["check", ident, address, _wire_user(user), 1]):
+                return ident, 0.0, _NOT_ASKED
             try:
-                return await asyncio.wait_for(fut, self._answer_within)
+                return (ident, *await asyncio.wait_for(fut, self._answer_within))
             except TimeoutError:
                 self._unanswered(f"no answer within {self._answer_within} s")
-                return 0.0
+                return ident, 0.0, _NOT_ASKED
         finally:
             self._waiting.pop(ident, None)
 
@@ -298,10 +362,12 @@ class SharedThrottle(FailureThrottle):
                 self.close()
                 return
             try:
-                ident, wait = json.loads(data)
+                ident, wait, verdict = json.loads(data)
                 fut = self._waiting.get(int(ident))
                 if fut is not None and not fut.done():
-                    fut.set_result(max(0.0, float(wait)))
+                    fut.set_result((max(0.0, float(wait)), int(verdict)))
+                elif verdict == _RESERVED:  # answered after we gave up: give the slot back
+                    self._tell(["release", int(ident)])
                 if self._warned:
                     self._warned = False
                     log.warning("shared login throttle: the supervisor answers again")

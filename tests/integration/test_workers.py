@@ -8,7 +8,9 @@ import shutil
 import signal
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
+import bcrypt
 import pytest
 import yaml
 
@@ -109,7 +111,12 @@ def test_reload_reaches_every_worker(tmp_path, stack, trigger) -> None:
 def test_failed_logins_are_counted_once_over_all_workers(tmp_path, stack) -> None:
     """A guesser whose connections the kernel spreads over the workers meets one throttle:
     the supervisor's. With a throttle per worker it had ~N times the guesses."""
-    policy = write_policy(tmp_path / "rbac.yaml", policy_doc())  # cost-4 hashes: fast
+    doc = policy_doc()  # cost-4 hashes: fast; and one user whose check takes ~0.2 s
+    doc["users"]["slow"] = {
+        "password_hash": bcrypt.hashpw(b"slow-secret", bcrypt.gensalt(rounds=12)).decode(),
+        "roles": ["sales"],
+    }
+    policy = write_policy(tmp_path / "rbac.yaml", doc)
     gw = Process(
         [
             "-m",
@@ -148,6 +155,23 @@ def test_failed_logins_are_counted_once_over_all_workers(tmp_path, stack) -> Non
             codes.append(refused.value.code)
         # 5 failures are free, the 6th starts a 1 s back-off: then 429 whichever worker answers
         assert codes == [401] * 6 + [429] * 10, codes
+
+        # Six guesses at once on fresh connections: two password checks run (one address
+        # gets two at a time over all workers, as in one process), the others get 429 now.
+        def guess(i: int) -> int:
+            req = urllib.request.Request(
+                url + "/api/inventory",
+                headers={**basic("slow", f"guess-{i}"), "Connection": "close"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        with ThreadPoolExecutor(6) as pool:
+            at_once = sorted(pool.map(guess, range(6)))
+        assert at_once == [401, 401, 429, 429, 429, 429], at_once
         after = statuses(url)
         assert all(s["login_throttle"]["unanswered"] == 0 for s in after)
         assert len({s["pid"] for s in after}) == 2

@@ -14,6 +14,7 @@ import pytest
 from gateway.auth import FailureThrottle
 from gateway.errors import TooManyRequests
 from gateway.throttle import SharedThrottle, ThrottleService
+from tests.helpers import eventually
 
 ADDR, USER = "192.0.2.7", "manager"
 
@@ -49,19 +50,21 @@ async def test_failures_on_two_workers_are_counted_together(service) -> None:
     a, b = worker(0), worker(1)
     for _ in range(3):
         b.failed(ADDR, USER)
-    await b.admit(ADDR, USER)  # a round trip on b's link: its failures are counted by now
+    b.release(
+        await b.admit(ADDR, USER)
+    )  # a round trip on b's link: its failures are counted by now
     for _ in range(3):
         a.failed(ADDR, USER)
     assert a.wait(ADDR, USER) == 0  # a alone saw 3 failures: no back-off of its own
     with pytest.raises(TooManyRequests) as refused:
-        await a.admit(ADDR, USER)
+        a.release(await a.admit(ADDR, USER))
     assert refused.value.retry_after >= 1
     with pytest.raises(TooManyRequests):
-        await b.admit(ADDR, USER)
+        b.release(await b.admit(ADDR, USER))
     assert svc.throttle.wait(ADDR, USER) > 0
     assert a.unanswered == b.unanswered == 0
     # other users from the same address are not held back by one user's failures
-    await a.admit(ADDR, "sales")
+    a.release(await a.admit(ADDR, "sales"))
 
 
 async def test_the_supervisors_answer_is_remembered_until_it_expires(service) -> None:
@@ -70,10 +73,10 @@ async def test_the_supervisors_answer_is_remembered_until_it_expires(service) ->
     for _ in range(6):
         svc.throttle.failed(ADDR, USER)  # failures another worker reported
     with pytest.raises(TooManyRequests):
-        await a.admit(ADDR, USER)
+        a.release(await a.admit(ADDR, USER))
     svc.close()  # the supervisor can no longer answer: the remembered answer still holds
     with pytest.raises(TooManyRequests):
-        await a.admit(ADDR, USER)
+        a.release(await a.admit(ADDR, USER))
     assert a.unanswered == 0  # it was not asked again
 
 
@@ -82,13 +85,13 @@ async def test_a_success_clears_the_users_back_off_everywhere(service) -> None:
     a, b = worker(0), worker(1)
     for _ in range(6):
         a.failed(ADDR, USER)
-    await a.admit(ADDR, "sales")  # round trip: the failures are counted
+    a.release(await a.admit(ADDR, "sales"))  # round trip: the failures are counted
     with pytest.raises(TooManyRequests):
-        await b.admit(ADDR, USER)
+        b.release(await b.admit(ADDR, USER))
     b.succeeded(ADDR, USER)  # e.g. after the back-off, the right password
-    await b.admit(ADDR, "sales")
+    b.release(await b.admit(ADDR, "sales"))
     assert svc.throttle.wait(ADDR, USER) == 0
-    await b.admit(ADDR, USER)
+    b.release(await b.admit(ADDR, USER))
 
 
 async def test_a_silent_supervisor_costs_one_timeout_and_the_local_throttle_still_holds() -> None:
@@ -138,7 +141,7 @@ async def test_malformed_messages_are_ignored_and_counted(service) -> None:
         raw.send(junk)
     for _ in range(6):
         a.failed(ADDR, USER)
-    await a.admit(ADDR, "sales")  # a round trip: everything before it was handled
+    a.release(await a.admit(ADDR, "sales"))  # a round trip: everything before it was handled
     assert svc.bad_messages == 5
     assert svc.throttle.wait(ADDR, USER) > 0  # the good messages after the junk counted
     assert peer in svc.sockets()  # the link stays up
@@ -150,11 +153,50 @@ async def test_long_user_names_are_sent_as_a_hash(service) -> None:
     long_user = "x" * 5000  # the name is the client's, up to the header size limit
     for _ in range(3):
         a.failed(ADDR, long_user)
-    await a.admit(ADDR, "sales")
+    a.release(await a.admit(ADDR, "sales"))
     for _ in range(3):
         b.failed(ADDR, long_user)
     with pytest.raises(TooManyRequests):
-        await b.admit(ADDR, long_user)
+        b.release(await b.admit(ADDR, long_user))
     assert svc.bad_messages == 0
     digest = hashlib.sha256(long_user.encode()).hexdigest()
     assert svc.throttle.wait(ADDR, f"sha256:{digest}") > 0  # what the supervisor keyed on
+
+
+async def test_an_address_gets_two_password_checks_at_a_time_over_all_workers(service) -> None:
+    svc, worker = service
+    a, b = worker(0), worker(1)
+    first = await a.admit(ADDR, "sales")
+    second = await b.admit(ADDR, "manager")
+    assert first and second
+    for link in (a, b):  # a third check from the address waits, whichever worker gets it
+        with pytest.raises(TooManyRequests) as busy:
+            await link.admit(ADDR, "ops")
+        assert busy.value.retry_after == 1
+    await a.admit("192.0.2.8", "sales")  # another address is not held back
+    a.release(first)
+    third = await b.admit(ADDR, "ops")
+    assert third
+    b.release(second)
+    b.release(third)
+    await b.admit("192.0.2.9", "sales")  # round trip: the releases were handled
+    assert svc.inflight == {"192.0.2.8": 1, "192.0.2.9": 1}  # ADDR holds none now
+
+
+async def test_the_slots_of_a_worker_that_is_gone_are_given_back(service) -> None:
+    svc, worker = service
+    a, b = worker(0), worker(1)
+    assert await a.admit(ADDR, "sales") and await a.admit(ADDR, "manager")
+    with pytest.raises(TooManyRequests):
+        await b.admit(ADDR, "ops")
+    svc.drop(0)  # what the supervisor does when it reaps worker 0
+    assert await b.admit(ADDR, "ops")
+
+
+async def test_a_reservation_answered_too_late_is_given_back(service) -> None:
+    svc, worker = service
+    a = worker(0)
+    a._answer_within = 0.0  # give up before any answer can come
+    assert await a.admit(ADDR, "sales") == 0  # no answer: the worker's own bounds decide
+    assert a.unanswered == 1
+    await eventually(lambda: svc.inflight == {}, what="the late reservation given back")
