@@ -314,8 +314,16 @@ def _default_threads() -> int:
 
 
 def _lower_priority() -> None:
-    """Run bcrypt threads at nice +19 (Linux: per thread), so that when a wrong-password
-    flood saturates the CPU the scheduler still favours the event loop serving cached users."""
+    """Run bcrypt threads under ``SCHED_IDLE`` (Linux: per thread), else at nice +19, so that
+    when a wrong-password flood meets a busy CPU the event loops serving cached users come
+    first. ``SCHED_IDLE`` rather than nice alone: a nice-19 thread keeps its CPU for up to a
+    scheduler slice (milliseconds) when a loop wakes, an idle-class one is preempted at once;
+    it still gets a small share of a saturated CPU (it is not starved)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+        return
+    except (AttributeError, OSError):
+        pass
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import time
 
@@ -536,3 +537,24 @@ async def test_decoded_credentials_are_refreshed_ahead_too() -> None:
         await eventually(lambda: auth.bcrypt_checks == 2 and not auth.cache.due(key), timeout=2.0)
     finally:
         auth.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
+def test_bcrypt_threads_yield_to_the_event_loop_at_once() -> None:
+    """bcrypt threads run in the idle scheduling class (preempted as soon as a loop wakes),
+    and only they: the thread that sets it up keeps its own class."""
+    import threading
+
+    from gateway.auth import _lower_priority
+
+    seen: dict[str, int] = {}
+
+    def bcrypt_thread() -> None:
+        _lower_priority()
+        seen["class"] = os.sched_getscheduler(0)
+
+    t = threading.Thread(target=bcrypt_thread)
+    t.start()
+    t.join()
+    assert seen["class"] == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE
