@@ -25,7 +25,8 @@ throttle and its own per-address bound too, so that it goes on throttling on its
 supervisor does not answer (it waits :data:`ANSWER_WITHIN` at most, logs it once, and uses its
 own): a degraded link never lets a request through that a single worker would refuse. The
 supervisor's side never blocks: an answer that does not fit in the socket buffer is dropped
-(its reservation with it), and the worker's own throttle decides.
+(its reservation with it), and the worker's own throttle decides. A worker's reports are kept
+in order while the link is full and sent as it drains, so no failure goes uncounted.
 
 Users are sent as given up to :data:`_USER_MAX` characters, as a hash beyond (a key only has
 to be equal for equal users).
@@ -39,7 +40,7 @@ import json
 import logging
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 
 from .errors import TooManyRequests
@@ -51,6 +52,7 @@ ANSWER_WITHIN = 0.5  # seconds a worker waits for the supervisor's answer
 _MESSAGE_MAX = 4096
 _USER_MAX = 256
 _BLOCKED_MAX = 10_000
+_BACKLOG_MAX = 100_000  # messages kept for a full link (~10 MB at most)
 # a check's verdict on the address's password-check slots
 _NOT_ASKED, _RESERVED, _BUSY = 0, 1, 2
 
@@ -267,6 +269,8 @@ class SharedThrottle(FailureThrottle):
         # (address, user) -> monotonic time until which the supervisor said to wait: asked once
         self._blocked: dict[tuple[str, str], float] = {}
         self.unanswered = 0  # checks the supervisor did not answer in time (or could not)
+        self._backlog: deque[bytes] = deque()  # messages waiting for room on the link
+        self.dropped = 0  # messages dropped because the backlog was full
 
     async def admit(self, address: str, user: str) -> int:
         self.check(address, user)  # this worker's own failures
@@ -310,6 +314,9 @@ class SharedThrottle(FailureThrottle):
         if self._reading:
             asyncio.get_running_loop().remove_reader(sock.fileno())
             self._reading = False
+        if self._backlog:
+            asyncio.get_running_loop().remove_writer(sock.fileno())
+            self._backlog.clear()
         sock.close()
         for fut in self._waiting.values():
             if not fut.done():
@@ -319,15 +326,41 @@ class SharedThrottle(FailureThrottle):
     # -- the link
 
     def _tell(self, msg: list[object]) -> bool:
+        """Send ``msg``; when the link is full, keep it (in order) until it drains: a
+        failure report is never dropped while the supervisor lives."""
         sock = self._sock
         if sock is None:
             return False
-        try:
-            sock.send(json.dumps(msg).encode())
-        except OSError as exc:
-            self._unanswered(f"cannot reach the supervisor ({exc.strerror or exc})")
-            return False
+        data = json.dumps(msg).encode()
+        if not self._backlog:
+            try:
+                sock.send(data)
+                return True
+            except (BlockingIOError, InterruptedError):
+                asyncio.get_running_loop().add_writer(sock.fileno(), self._send_backlog)
+            except OSError as exc:
+                self._unanswered(f"cannot reach the supervisor ({exc.strerror or exc})")
+                return False
+        if len(self._backlog) >= _BACKLOG_MAX:  # the supervisor has stopped reading
+            self._backlog.popleft()
+            self.dropped += 1
+        self._backlog.append(data)
         return True
+
+    def _send_backlog(self) -> None:
+        sock = self._sock
+        while sock is not None and self._backlog:
+            try:
+                sock.send(self._backlog[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._unanswered(f"cannot reach the supervisor ({exc.strerror or exc})")
+                self._backlog.clear()
+                break
+            self._backlog.popleft()
+        if sock is not None:
+            asyncio.get_running_loop().remove_writer(sock.fileno())
 
     async def _ask(self, address: str, user: str) -> tuple[int, float, int]:
         """The question's number (its reservation, if one is made) and the supervisor's

@@ -200,3 +200,40 @@ async def test_a_reservation_answered_too_late_is_given_back(service) -> None:
     assert await a.admit(ADDR, "sales") == 0  # no answer: the worker's own bounds decide
     assert a.unanswered == 1
     await eventually(lambda: svc.inflight == {}, what="the late reservation given back")
+
+
+async def test_reports_sent_while_the_link_is_full_are_kept_and_delivered() -> None:
+    """A supervisor that is slow to read: the socket buffer fills, and every failure reported
+    meanwhile still reaches it, in order, once it reads again."""
+
+    class Recording(FailureThrottle):
+        def __init__(self) -> None:
+            super().__init__(per_user=10**6, per_address=10**6)
+            self.users: list[str] = []
+
+        def failed(self, address: str, user: str) -> None:
+            self.users.append(user)
+            super().failed(address, user)
+
+    loop = asyncio.get_running_loop()
+    seen = Recording()
+    svc = ThrottleService(seen)
+    link = SharedThrottle(svc.connect(0))
+    sock = svc.sockets()[0]
+    try:
+        sent = 0
+        while not link._backlog:  # until the kernel's buffer is full
+            link.failed(ADDR, f"user-{sent}")
+            sent += 1
+        for i in range(sent, sent + 500):  # these wait in the worker's backlog
+            link.failed(ADDR, f"user-{i}")
+        sent += 500
+        loop.add_reader(sock.fileno(), svc.serve, sock)  # the supervisor reads again
+        await eventually(lambda: not link._backlog, what="the backlog sent")
+        link.release(await link.admit("192.0.2.99", "x"))  # round trip: all handled by now
+        assert seen.users == [f"user-{i}" for i in range(sent)]
+        assert svc.bad_messages == 0 and link.dropped == 0 and link.unanswered == 0
+    finally:
+        loop.remove_reader(sock.fileno())
+        link.close()
+        svc.close()
