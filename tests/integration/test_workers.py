@@ -9,6 +9,7 @@ import signal
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import bcrypt
 import pytest
@@ -56,11 +57,8 @@ def wait_all_workers(url: str, sha: str, workers: int, timeout: float = 30) -> s
     )
 
 
-@pytest.mark.parametrize("trigger", ["SIGHUP", "api"])
-def test_reload_reaches_every_worker(tmp_path, stack, trigger) -> None:
-    policy = tmp_path / "rbac.yaml"
-    shutil.copy(SHIPPED_POLICY, policy)
-    gw = Process(
+def two_workers(tmp_path: Path, upstream: str, policy: Path, *extra: str) -> Process:
+    return Process(
         [
             "-m",
             "gateway",
@@ -71,14 +69,22 @@ def test_reload_reaches_every_worker(tmp_path, stack, trigger) -> None:
             "2",
             "--no-watch",
             "--upstream",
-            stack.backend_url,
+            upstream,
             "--policy",
             str(policy),
             "--audit-log",
             "off",
+            *extra,
         ],
         tmp_path / "gw.log",
     )
+
+
+@pytest.mark.parametrize("trigger", ["SIGHUP", "api"])
+def test_reload_reaches_every_worker(tmp_path, stack, trigger) -> None:
+    policy = tmp_path / "rbac.yaml"
+    shutil.copy(SHIPPED_POLICY, policy)
+    gw = two_workers(tmp_path, stack.backend_url, policy)
     try:
         url = gw.wait_listening()
         gw.wait_healthy("/-/healthz")
@@ -117,27 +123,8 @@ def test_failed_logins_are_counted_once_over_all_workers(tmp_path, stack) -> Non
         "roles": ["sales"],
     }
     policy = write_policy(tmp_path / "rbac.yaml", doc)
-    gw = Process(
-        [
-            "-m",
-            "gateway",
-            "serve",
-            "--port",
-            "0",
-            "--workers",
-            "2",
-            "--no-watch",
-            "--throttle-delay",
-            "0.01",  # the 429s answer at once: the back-off window outlasts the test
-            "--upstream",
-            stack.backend_url,
-            "--policy",
-            str(policy),
-            "--audit-log",
-            "off",
-        ],
-        tmp_path / "gw.log",
-    )
+    # the 429s answer at once: the back-off window outlasts the test
+    gw = two_workers(tmp_path, stack.backend_url, policy, "--throttle-delay", "0.01")
     try:
         url = gw.wait_listening()
         gw.wait_healthy("/-/healthz")

@@ -5,7 +5,9 @@ the relayed answer head kept per upstream pool (issue 9)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import yaml
@@ -162,6 +164,31 @@ def _by_query(answers: dict[str, bytes]):
     return script
 
 
+@contextlib.asynccontextmanager
+async def _upstream(
+    answer: Callable[[bytes, asyncio.StreamWriter], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """An upstream that answers each request with ``answer(query, writer)``, writing as it
+    is told (TCP_NODELAY: a write after a drain and a pause arrives in a read of its own)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                await answer(head.split(b" ", 2)[1].partition(b"?")[2], writer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
 def _get_q(q: str) -> bytes:
     return (
         f"GET /api/inventory?{q} HTTP/1.1\r\nHost: gw\r\nAuthorization: {SALES}\r\n"
@@ -203,32 +230,20 @@ async def test_an_interim_answer_then_the_final_head_relays_only_the_final(
     final = b"HTTP/1.1 200 OK\r\nSet-Cookie: s=%s\r\nContent-Length: 2\r\n\r\nok"
     early = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
 
-    async def serve(reader, writer) -> None:
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                q = head.split(b" ", 2)[1].partition(b"?")[2]
-                if q.startswith(b"i"):
-                    writer.write(early)
-                    if split:
-                        await writer.drain()
-                        await asyncio.sleep(0.05)
-                writer.write(final % q)
+    async def reply(q: bytes, writer: asyncio.StreamWriter) -> None:
+        if q.startswith(b"i"):
+            writer.write(early)
+            if split:
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+                await asyncio.sleep(0.05)  # the final head in a read of its own
+        writer.write(final % q)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        gw = await make_gateway(upstream=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    async with _upstream(reply) as url:
+        gw = await make_gateway(upstream=url)
         for q in ("i1", "p1", "i2", "p2", "i1"):
             ((status, headers, body),) = parse_answers(await send_raw(gw.port, _get_q(q)))
             assert (status, headers.get("set-cookie"), body) == (200, f"s={q}", b"ok"), q
             assert "link" not in headers, q
-    finally:
-        server.close()
 
 
 async def test_a_head_split_over_two_reads_is_relayed_as_the_whole_one(make_gateway) -> None:
@@ -241,28 +256,17 @@ async def test_a_head_split_over_two_reads_is_relayed_as_the_whole_one(make_gate
     blank = answer.index(b"\r\n\r\n")
     cuts = {"whole": None, "line": 20, **{f"blank{i}": blank + i for i in (1, 2, 3)}}
 
-    async def serve(reader, writer) -> None:
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                cut = cuts[head.split(b" ", 2)[1].partition(b"?")[2].decode()]
-                if cut is not None:
-                    writer.write(answer[:cut])
-                    await writer.drain()
-                    await asyncio.sleep(0.05)
-                writer.write(answer if cut is None else answer[cut:])
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def reply(q: bytes, writer: asyncio.StreamWriter) -> None:
+        cut = cuts[q.decode()]
+        if cut is not None:
+            writer.write(answer[:cut])
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the rest in a read of its own
+        writer.write(answer if cut is None else answer[cut:])
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        gw = await make_gateway(upstream=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    async with _upstream(reply) as url:
+        gw = await make_gateway(upstream=url)
         raws = [await send_raw(gw.port, _get_q(q)) for q in [*cuts, "whole", "line"]]
-    finally:
-        server.close()
     assert len(set(raws)) == 1, raws
     head = raws[0].partition(b"\r\n\r\n")[0].lower()
     assert b"set-cookie: s=1" in head
