@@ -122,7 +122,11 @@ def shared_throttle() -> SharedThrottle | None:
     fd = os.environ.get(THROTTLE_FD_ENV)
     if not fd or not is_worker():
         return None
-    return SharedThrottle(socket.socket(fileno=int(fd)))
+    try:
+        return SharedThrottle(socket.socket(fileno=int(fd)))
+    except (OSError, ValueError) as exc:  # not ours to fix here: throttle on our own
+        log.warning("no link to the shared login throttle (%s): throttling alone", exc)
+        return None
 
 
 def is_worker() -> bool:

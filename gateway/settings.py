@@ -503,7 +503,7 @@ def parse_settings(argv: Sequence[str]) -> Settings:
     return settings_from_args(p.parse_args(list(argv)), p)
 
 
-# -- settings handed to --workers workers (gateway.supervisor) ------------------------------------------------------------
+# -- settings handed to the workers of --workers N (gateway.supervisor) ---------------------
 
 
 def encode_settings(settings: Settings) -> str:

@@ -52,7 +52,7 @@ ANSWER_WITHIN = 0.5  # seconds a worker waits for the supervisor's answer
 _MESSAGE_MAX = 4096
 _USER_MAX = 256
 _BLOCKED_MAX = 10_000
-_BACKLOG_MAX = 100_000  # messages kept for a full link (~10 MB at most)
+_BACKLOG_MAX = 100_000  # messages kept for a full link (each under 4 KiB, most ~100 bytes)
 # a check's verdict on the address's password-check slots
 _NOT_ASKED, _RESERVED, _BUSY = 0, 1, 2
 
