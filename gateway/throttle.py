@@ -1,7 +1,10 @@
 """The failed-login throttle, and one throttle for all workers of ``--workers N``.
 
 :class:`FailureThrottle`: exponential back-off on failed logins, per client address and per
-address+user (the limits are in :mod:`gateway.auth`'s docstring).
+address+user (the limits are in :mod:`gateway.auth`'s docstring). This module is long because
+it holds both ends of the workers' protocol below (the supervisor's :class:`ThrottleService`,
+a worker's :class:`SharedThrottle`) beside the throttle they share: one end is read with the
+other.
 
 Each worker is a process of its own, and the kernel spreads a client's connections over them
 (``SO_REUSEPORT``): with a throttle per worker, a password guesser would get N times the
