@@ -11,7 +11,8 @@ The supervisor serves nothing itself. It
 * keeps the one failed-login throttle of all workers (:mod:`gateway.throttle`): a
   guesser whose connections land on different workers is counted once;
 * forwards SIGHUP to every live worker; on SIGTERM/SIGINT forwards SIGTERM, waits up to a grace
-  period, SIGKILLs what is left and exits 0 (a second SIGTERM/SIGINT kills at once);
+  period, SIGKILLs what is left and exits 0 (a second SIGTERM/SIGINT a second or more after
+  the first kills at once);
 * makes its workers die with it: each worker asks the kernel for SIGTERM when its parent dies
   (``PR_SET_PDEATHSIG``, armed in :func:`worker_settings`, then ``getppid()`` is checked to close
   the race with a supervisor that died before that), and, as a fallback, watches a pipe whose
@@ -64,6 +65,7 @@ RESTARTS_ENV = "GATEWAY_WORKER_RESTARTS"
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 BACKOFF_RESET_AFTER = 10.0  # a worker that lived this long was healthy: next delay is 0.1 s
+REPEAT_AFTER = 1.0  # a second SIGTERM/SIGINT sooner than this is the same stop, not "now"
 STOP_GRACE = 40.0  # > the workers' own drain (upstream timeout 30 s + margin)
 
 _PR_SET_PDEATHSIG = 1
@@ -212,6 +214,7 @@ class Supervisor:
         self.restarts = 0
         self.grace = grace
         self.stopping: float | None = None  # deadline for the workers to exit
+        self.stop_asked = 0.0  # when the first SIGTERM/SIGINT came
         self._signals: list[int] = []
         self._death_r, self._death_w = os.pipe()  # workers inherit the read end only
         self.throttle = ThrottleService()  # one failed-login throttle for all workers
@@ -346,9 +349,17 @@ class Supervisor:
             )
 
     def _stop(self, signum: int) -> None:
-        if self.stopping is not None:  # asked twice: do not wait any longer
+        now = time.monotonic()
+        if self.stopping is not None:
+            # Asked twice: do not wait any longer -- unless it is the same stop arriving by
+            # two ways at once (Ctrl-C signals the whole process group, and a wrapper such as
+            # `make run` passes it on): a person asking again takes longer than that.
+            if now - self.stop_asked < REPEAT_AFTER:
+                log.info("%s again at once: the same stop", signal.Signals(signum).name)
+                return
             self._kill_all(f"{signal.Signals(signum).name} received again")
             return
+        self.stop_asked = now
         log.info(
             "gateway supervisor %d: %s, stopping %d workers",
             os.getpid(),

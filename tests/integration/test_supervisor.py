@@ -233,3 +233,18 @@ def test_a_worker_that_keeps_dying_is_retried_with_back_off(tmp_path) -> None:
         rc = gw.stop()
         kill_leftovers(workers)
     assert rc == 0, gw.output()
+
+
+def test_one_stop_signalled_two_ways_at_once_is_still_graceful(tmp_path) -> None:
+    """Ctrl-C reaches the whole process group and a wrapper (make run) passes it on: the
+    supervisor gets two signals within milliseconds. That is one stop, not 'kill now'."""
+    gw, workers = start_serving(tmp_path, "gw")
+    os.kill(gw.pid, signal.SIGINT)
+    os.kill(gw.pid, signal.SIGTERM)
+    assert gw.proc.wait(timeout=15) == 0, gw.output()
+    gw.stop()
+    left = [p for p in workers if running(p)]
+    kill_leftovers(left)
+    out = gw.output()
+    assert left == [] and "killing it" not in out, out
+    assert out.count("stopped: exit code 0") == 2, out
