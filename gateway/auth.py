@@ -282,7 +282,7 @@ class Authenticator:
         reservation = 0
         try:
             if user is not None:
-                reservation = await self.throttle.admit(address, user)
+                reservation = await self.throttle.admit(address, user, password)
             ok = await loop.run_in_executor(self._pool, _checkpw, password, hashed)
         except TooManyRequests as exc:  # those sharing the flight are refused alike
             flight.set_exception(exc)

@@ -30,7 +30,7 @@ from .memory import keep_freed_memory, settle
 from .policy import PolicyStore
 from .settings import Settings, SettingsError, tls_context
 from .supervisor import WORKER_ENV, check_port, supervise, watch_parent
-from .throttle import THROTTLE_FD_ENV, SharedThrottle
+from .throttle import THROTTLE_FD_ENV, THROTTLE_KEY_ENV, SharedThrottle
 
 log = logging.getLogger("gateway")
 
@@ -123,7 +123,8 @@ def shared_throttle() -> SharedThrottle | None:
     if not fd or not is_worker():
         return None
     try:
-        return SharedThrottle(socket.socket(fileno=int(fd)))
+        key = bytes.fromhex(os.environ.get(THROTTLE_KEY_ENV, ""))
+        return SharedThrottle(socket.socket(fileno=int(fd)), key)
     except (OSError, ValueError) as exc:  # not ours to fix here: throttle on our own
         log.warning("no link to the shared login throttle (%s): throttling alone", exc)
         return None

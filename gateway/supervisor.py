@@ -32,7 +32,8 @@ Environment a worker receives (set by the supervisor, read by the functions belo
 ``GATEWAY_WORKER_OF`` (supervisor pid), ``GATEWAY_WORKER_SETTINGS``, ``GATEWAY_PARENT_FD``,
 ``GATEWAY_WORKER_SLOT`` (0..N-1), ``GATEWAY_WORKER_RESTARTS`` (restarts the supervisor had
 done when this worker started; see :func:`worker_status`), ``GATEWAY_THROTTLE_FD`` (the
-worker's end of its link to the shared failed-login throttle, :mod:`gateway.throttle`).
+worker's end of its link to the shared failed-login throttle, :mod:`gateway.throttle`),
+``GATEWAY_THROTTLE_KEY`` (the key all workers name credentials with on that link).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import time
 from collections.abc import Callable
 
 from .settings import Settings, decode_settings, encode_settings
-from .throttle import THROTTLE_FD_ENV, ThrottleService
+from .throttle import THROTTLE_FD_ENV, THROTTLE_KEY_ENV, ThrottleService
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ class Supervisor:
         self._signals: list[int] = []
         self._death_r, self._death_w = os.pipe()  # workers inherit the read end only
         self.throttle = ThrottleService()  # one failed-login throttle for all workers
+        self.throttle_key = os.urandom(32).hex()  # how workers name credentials to it
 
     def run(self) -> int:
         wake_r, wake_w = os.pipe()
@@ -306,6 +308,7 @@ class Supervisor:
                 SLOT_ENV: str(slot),
                 RESTARTS_ENV: str(self.restarts),
                 THROTTLE_FD_ENV: str(link.fileno()),
+                THROTTLE_KEY_ENV: self.throttle_key,
             }
         )
         try:

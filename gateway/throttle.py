@@ -12,15 +12,20 @@ guesses before the back-off starts, and N times the password checks in flight. S
 supervisor keeps the throttle that counts, and each worker talks to it over a
 ``SOCK_SEQPACKET`` socket pair (one message per datagram, JSON):
 
-    worker -> supervisor   ["check", id, address, user, 1]  answered [id, seconds to wait, verdict]
+    worker -> supervisor   ["check", id, address, user, creds]  answered [id, wait s, verdict]
                            ["release", id]                  no answer: the check is over
                            ["failed", address, user]        no answer
                            ["ok", address, user]            no answer (a success)
 
 A check that need not wait also reserves one of the address's password-check slots (two over
 all workers, as in one process): verdict 1, and the ``id`` names the reservation until it is
-released; verdict 2 when the address has none free (429). The supervisor gives back the slots
-of a worker that is gone, and a worker gives back a reservation whose answer came too late.
+released; verdict 2 when the address has none free (429). ``creds`` names the credentials
+being checked (a keyed BLAKE2b digest under ``GATEWAY_THROTTLE_KEY``, which the supervisor
+gives every worker; never the password): workers checking the same credentials at once (a
+cold cache after a start) share one slot, as one process's requests share one check. A
+worker sends a release after the step that reports the check's outcome, so a slot is never
+free before its failure is counted. The supervisor gives back the slots of a worker that is
+gone, and a worker gives back a reservation whose answer came too late.
 
 A worker asks only when it is about to run a bcrypt check itself (not when it shares one in
 flight for the same credentials), which costs far more than the round trip. It keeps its own
@@ -41,6 +46,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import socket
 import time
 from collections import OrderedDict, deque
@@ -51,6 +57,7 @@ from .errors import TooManyRequests
 log = logging.getLogger(__name__)
 
 THROTTLE_FD_ENV = "GATEWAY_THROTTLE_FD"
+THROTTLE_KEY_ENV = "GATEWAY_THROTTLE_KEY"  # hex: the key naming credentials on the link
 ANSWER_WITHIN = 0.5  # seconds a worker waits for the supervisor's answer
 _MESSAGE_MAX = 4096
 _USER_MAX = 256
@@ -109,10 +116,11 @@ class FailureThrottle:
     def close(self) -> None:
         """Nothing to release here (a shared throttle closes its link)."""
 
-    async def admit(self, address: str, user: str) -> int:
+    async def admit(self, address: str, user: str, password: str = "") -> int:
         """:meth:`check` before a password check. A shared throttle (:class:`SharedThrottle`)
         also asks the supervisor, and reserves one of the address's password-check slots of
-        all workers: the reservation (0: none), to give back with :meth:`release`."""
+        all workers (one per distinct credentials: workers checking the same ones share it):
+        the reservation (0: none), to give back with :meth:`release`."""
         self.check(address, user)
         return 0
 
@@ -150,8 +158,9 @@ class ThrottleService:
         self.throttle = throttle if throttle is not None else FailureThrottle()
         self.per_address = per_address
         self._socks: dict[int, socket.socket] = {}
-        self.inflight: dict[str, int] = {}  # address -> password checks reserved
-        self._held: dict[int, dict[int, str]] = {}  # slot -> reservation -> address
+        # address -> credentials being checked (their keyed digest) -> reservations of them
+        self.inflight: dict[str, dict[str, int]] = {}
+        self._held: dict[int, dict[int, tuple[str, str]]] = {}  # slot -> id -> (address, creds)
         self.bad_messages = 0
 
     def connect(self, slot: int) -> socket.socket:
@@ -167,8 +176,8 @@ class ThrottleService:
         sock = self._socks.pop(slot, None)
         if sock is not None:
             sock.close()
-        for address in self._held.pop(slot, {}).values():
-            self._give_back(address)
+        for address, creds in self._held.pop(slot, {}).values():
+            self._give_back(address, creds)
 
     def close(self) -> None:
         for slot in list(self._socks):
@@ -193,12 +202,12 @@ class ThrottleService:
             msg = json.loads(data)
             op = msg[0]
             if op == "check":
-                _, ident, address, user, reserve = msg
+                _, ident, address, user, creds = msg
                 address = str(address)
                 wait = round(self.throttle.wait(address, str(user)), 3)
                 verdict = _NOT_ASKED
-                if wait <= 0 and reserve:
-                    verdict = self._reserve(slot, int(ident), address)
+                if wait <= 0 and creds:
+                    verdict = self._reserve(slot, int(ident), address, str(creds))
                 try:
                     sock.send(json.dumps([ident, wait, verdict]).encode())
                 except OSError:  # full or gone: the worker's own throttle decides
@@ -216,25 +225,31 @@ class ThrottleService:
             self.bad_messages += 1
             log.warning("throttle link: ignored a malformed message (%d bytes)", len(data))
 
-    def _reserve(self, slot: int, ident: int, address: str) -> int:
+    def _reserve(self, slot: int, ident: int, address: str, creds: str) -> int:
         held = self._held.setdefault(slot, {})
-        if self.inflight.get(address, 0) >= self.per_address or ident in held:
+        checking = self.inflight.setdefault(address, {})
+        if ident in held or (creds not in checking and len(checking) >= self.per_address):
+            if not checking:
+                del self.inflight[address]
             return _BUSY
-        self.inflight[address] = self.inflight.get(address, 0) + 1
-        held[ident] = address
+        checking[creds] = checking.get(creds, 0) + 1  # the same credentials share a slot
+        held[ident] = (address, creds)
         return _RESERVED
 
     def _release(self, slot: int, ident: int) -> None:
-        address = self._held.get(slot, {}).pop(ident, None)
-        if address is not None:  # else not held by this worker: nothing to give back
-            self._give_back(address)
+        held = self._held.get(slot, {}).pop(ident, None)
+        if held is not None:  # else not held by this worker: nothing to give back
+            self._give_back(*held)
 
-    def _give_back(self, address: str) -> None:
-        left = self.inflight.get(address, 0) - 1
+    def _give_back(self, address: str, creds: str) -> None:
+        checking = self.inflight.get(address, {})
+        left = checking.get(creds, 0) - 1
         if left > 0:
-            self.inflight[address] = left
+            checking[creds] = left
         else:
-            self.inflight.pop(address, None)
+            checking.pop(creds, None)
+            if not checking:
+                self.inflight.pop(address, None)
 
 
 def _messages(sock: socket.socket) -> Iterator[bytes]:
@@ -260,9 +275,14 @@ class SharedThrottle(FailureThrottle):
 
     shared = True
 
-    def __init__(self, sock: socket.socket, *, answer_within: float = ANSWER_WITHIN) -> None:
+    def __init__(
+        self, sock: socket.socket, key: bytes = b"", *, answer_within: float = ANSWER_WITHIN
+    ) -> None:
         super().__init__()
         sock.setblocking(False)
+        # the key all workers share for naming credentials to the supervisor (never the
+        # credentials themselves): from the supervisor, else this worker's own
+        self._key = key or os.urandom(32)
         self._sock: socket.socket | None = sock
         self._answer_within = answer_within
         self._waiting: dict[int, asyncio.Future[tuple[float, int]]] = {}
@@ -275,13 +295,22 @@ class SharedThrottle(FailureThrottle):
         self._backlog: deque[bytes] = deque()  # messages waiting for room on the link
         self.dropped = 0  # messages dropped because the backlog was full
 
-    async def admit(self, address: str, user: str) -> int:
+    async def admit(self, address: str, user: str, password: str = "") -> int:
         self.check(address, user)  # this worker's own failures
         now = time.monotonic()
         until = self._blocked.get((address, user), 0.0)
         verdict, ident = _NOT_ASKED, 0
         if until <= now:
-            ident, wait, verdict = await self._ask(address, user)
+            creds = hashlib.blake2b(
+                b"%s\0%s"
+                % (
+                    user.encode("utf-8", "surrogatepass"),
+                    password.encode("utf-8", "surrogatepass"),
+                ),
+                key=self._key,
+                digest_size=16,
+            ).hexdigest()
+            ident, wait, verdict = await self._ask(address, user, creds)
             until = now + wait
             if until > now:
                 if len(self._blocked) >= _BLOCKED_MAX:
@@ -298,8 +327,10 @@ class SharedThrottle(FailureThrottle):
         return ident if verdict == _RESERVED else 0
 
     def release(self, reservation: int) -> None:
+        # After the loop's current step: the outcome of the check (failed() or succeeded(),
+        # called as the check returns) reaches the supervisor before its slot is free.
         if reservation:
-            self._tell(["release", reservation])
+            asyncio.get_running_loop().call_soon(self._tell, ["release", reservation])
 
     def failed(self, address: str, user: str) -> None:
         super().failed(address, user)
@@ -365,7 +396,7 @@ class SharedThrottle(FailureThrottle):
         if sock is not None:
             asyncio.get_running_loop().remove_writer(sock.fileno())
 
-    async def _ask(self, address: str, user: str) -> tuple[int, float, int]:
+    async def _ask(self, address: str, user: str, creds: str) -> tuple[int, float, int]:
         """The question's number (its reservation, if one is made) and the supervisor's
         answer: seconds to wait, and its verdict on a password-check slot for ``address``
         (reserved or busy); no wait and no slot when it does not answer."""
@@ -377,16 +408,22 @@ class SharedThrottle(FailureThrottle):
         ident = self._next
         fut: asyncio.Future[tuple[float, int]] = loop.create_future()
         self._waiting[ident] = fut
+        answered = False
         try:
-            if not self._tell(["check", ident, address, _wire_user(user), 1]):
+            if not self._tell(["check", ident, address, _wire_user(user), creds]):
                 return ident, 0.0, _NOT_ASKED
             try:
-                return (ident, *await asyncio.wait_for(fut, self._answer_within))
+                wait, verdict = await asyncio.wait_for(fut, self._answer_within)
             except TimeoutError:
                 self._unanswered(f"no answer within {self._answer_within} s")
                 return ident, 0.0, _NOT_ASKED
+            answered = True
+            return ident, wait, verdict
         finally:
             self._waiting.pop(ident, None)
+            # an answer that came as we gave up (timeout, cancel): its slot is not ours to keep
+            if not answered and fut.done() and not fut.cancelled() and fut.result()[1] == _RESERVED:
+                self._tell(["release", ident])
 
     def _on_readable(self) -> None:
         sock = self._sock

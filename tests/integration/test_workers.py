@@ -57,7 +57,9 @@ def wait_all_workers(url: str, sha: str, workers: int, timeout: float = 30) -> s
     )
 
 
-def two_workers(tmp_path: Path, upstream: str, policy: Path, *extra: str) -> Process:
+def two_workers(
+    tmp_path: Path, upstream: str, policy: Path, *extra: str, count: int = 2
+) -> Process:
     return Process(
         [
             "-m",
@@ -66,7 +68,7 @@ def two_workers(tmp_path: Path, upstream: str, policy: Path, *extra: str) -> Pro
             "--port",
             "0",
             "--workers",
-            "2",
+            str(count),
             "--no-watch",
             "--upstream",
             upstream,
@@ -162,6 +164,42 @@ def test_failed_logins_are_counted_once_over_all_workers(tmp_path, stack) -> Non
         after = statuses(url)
         assert all(s["login_throttle"]["unanswered"] == 0 for s in after)
         assert len({s["pid"] for s in after}) == 2
+    finally:
+        rc = gw.stop()
+    assert rc == 0, gw.output()
+    assert "Traceback" not in gw.output()
+
+
+def test_a_cold_burst_of_good_logins_passes_whatever_the_worker_count(tmp_path, stack) -> None:
+    """After a start every worker checks the same credentials once: those checks share one
+    of the address's two slots (as one process's requests share one check), so a client's
+    burst is never refused; nor are two users behind one address (a NAT)."""
+    doc = policy_doc()
+    for name in ("slow", "slow2"):  # cost 12: the checks overlap the whole burst
+        doc["users"][name] = {
+            "password_hash": bcrypt.hashpw(b"slow-secret", bcrypt.gensalt(rounds=12)).decode(),
+            "roles": ["sales"],
+        }
+    policy = write_policy(tmp_path / "rbac.yaml", doc)
+    gw = two_workers(tmp_path, stack.backend_url, policy, count=3)
+    try:
+        url = gw.wait_listening()
+        gw.wait_healthy("/-/healthz")
+
+        def login(user: str) -> int:
+            req = urllib.request.Request(
+                url + "/api/inventory",
+                headers={**basic(user, "slow-secret"), "Connection": "close"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        with ThreadPoolExecutor(32) as pool:
+            burst = list(pool.map(login, ["slow"] * 16 + ["slow2"] * 16))
+        assert burst == [200] * 32, burst
     finally:
         rc = gw.stop()
     assert rc == 0, gw.output()

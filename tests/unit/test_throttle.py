@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from gateway.throttle import SharedThrottle, ThrottleService
 from tests.helpers import eventually
 
 ADDR, USER = "192.0.2.7", "manager"
+KEY = bytes(range(32))
 
 
 @pytest.fixture
@@ -33,7 +35,7 @@ async def service() -> AsyncIterator[tuple[ThrottleService, Callable[[int], Shar
             if sock.fileno() not in served:
                 served.add(sock.fileno())
                 loop.add_reader(sock.fileno(), svc.serve, sock)
-        link = SharedThrottle(theirs)
+        link = SharedThrottle(theirs, KEY)  # the key the supervisor gives every worker
         workers.append(link)
         return link
 
@@ -175,12 +177,13 @@ async def test_an_address_gets_two_password_checks_at_a_time_over_all_workers(se
         assert busy.value.retry_after == 1
     await a.admit("192.0.2.8", "sales")  # another address is not held back
     a.release(first)
+    await asyncio.sleep(0)  # a release is sent after the step that made it
     third = await b.admit(ADDR, "ops")
     assert third
     b.release(second)
     b.release(third)
     await b.admit("192.0.2.9", "sales")  # round trip: the releases were handled
-    assert svc.inflight == {"192.0.2.8": 1, "192.0.2.9": 1}  # ADDR holds none now
+    assert set(svc.inflight) == {"192.0.2.8", "192.0.2.9"}  # ADDR holds none now
 
 
 async def test_the_slots_of_a_worker_that_is_gone_are_given_back(service) -> None:
@@ -237,3 +240,41 @@ async def test_reports_sent_while_the_link_is_full_are_kept_and_delivered() -> N
         loop.remove_reader(sock.fileno())
         link.close()
         svc.close()
+
+
+async def test_workers_checking_the_same_credentials_share_one_slot(service) -> None:
+    """A cold cache after a start: every worker runs its own check of the same credentials.
+    Those share one of the address's slots, so three or more workers still let a client's
+    burst through (and two users behind one address, as one process would)."""
+    svc, worker = service
+    links = [worker(slot) for slot in range(4)]
+    held = [await link.admit(ADDR, "sales", "imsales") for link in links]
+    assert all(held)
+    other = await links[0].admit(ADDR, "manager", "imthemanager")  # a second user: 2nd slot
+    assert other
+    with pytest.raises(TooManyRequests):  # a third set of credentials waits
+        await links[1].admit(ADDR, "manager", "a guess")
+    assert len(svc.inflight[ADDR]) == 2
+    for link, reservation in zip(links, held, strict=True):
+        link.release(reservation)
+    links[0].release(other)
+    await asyncio.sleep(0)
+    await eventually(lambda: ADDR not in svc.inflight, what="every slot given back")
+
+
+async def test_a_checks_outcome_reaches_the_supervisor_before_its_slot_is_free() -> None:
+    """A check's finally releases its slot before its caller reports the failure; on the wire
+    the failure comes first, so the supervisor (another process, reading at any moment) never
+    frees the slot on the count from before that failure."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link = SharedThrottle(theirs, KEY)
+    try:
+        link.release(7)  # as _verify's finally does
+        link.failed(ADDR, USER)  # as authenticate does right after
+        await asyncio.sleep(0)
+        mine.setblocking(False)
+        sent = [json.loads(mine.recv(4096)) for _ in range(2)]
+        assert sent == [["failed", ADDR, USER], ["release", 7]]
+    finally:
+        link.close()
+        mine.close()
