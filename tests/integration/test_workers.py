@@ -57,6 +57,18 @@ def wait_all_workers(url: str, sha: str, workers: int, timeout: float = 30) -> s
     )
 
 
+def login(url: str, user: str, password: str) -> int:
+    """The status of one GET with these credentials, on a connection of its own."""
+    req = urllib.request.Request(
+        url + "/api/inventory", headers={**basic(user, password), "Connection": "close"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def two_workers(
     tmp_path: Path, upstream: str, policy: Path, *extra: str, count: int = 2
 ) -> Process:
@@ -133,33 +145,15 @@ def test_failed_logins_are_counted_once_over_all_workers(tmp_path, stack) -> Non
         seen = statuses(url)
         wait_all_workers(url, seen[0]["sha256"], 2)  # both workers take connections
         assert all(s["login_throttle"] == {"shared": True, "unanswered": 0} for s in seen)
-        codes = []
-        for i in range(16):  # a new connection each: spread over both workers
-            req = urllib.request.Request(
-                url + "/api/inventory",
-                headers={**basic("manager", f"guess-{i}"), "Connection": "close"},
-            )
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                urllib.request.urlopen(req, timeout=10)
-            codes.append(refused.value.code)
+        # a new connection each: spread over both workers
+        codes = [login(url, "manager", f"guess-{i}") for i in range(16)]
         # 5 failures are free, the 6th starts a 1 s back-off: then 429 whichever worker answers
         assert codes == [401] * 6 + [429] * 10, codes
 
         # Six guesses at once on fresh connections: two password checks run (one address
         # gets two at a time over all workers, as in one process), the others get 429 now.
-        def guess(i: int) -> int:
-            req = urllib.request.Request(
-                url + "/api/inventory",
-                headers={**basic("slow", f"guess-{i}"), "Connection": "close"},
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=10) as r:
-                    return r.status
-            except urllib.error.HTTPError as e:
-                return e.code
-
         with ThreadPoolExecutor(6) as pool:
-            at_once = sorted(pool.map(guess, range(6)))
+            at_once = sorted(pool.map(lambda i: login(url, "slow", f"guess-{i}"), range(6)))
         assert at_once == [401, 401, 429, 429, 429, 429], at_once
         after = statuses(url)
         assert all(s["login_throttle"]["unanswered"] == 0 for s in after)
@@ -186,19 +180,9 @@ def test_a_cold_burst_of_good_logins_passes_whatever_the_worker_count(tmp_path, 
         url = gw.wait_listening()
         gw.wait_healthy("/-/healthz")
 
-        def login(user: str) -> int:
-            req = urllib.request.Request(
-                url + "/api/inventory",
-                headers={**basic(user, "slow-secret"), "Connection": "close"},
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=30) as r:
-                    return r.status
-            except urllib.error.HTTPError as e:
-                return e.code
-
+        users = ["slow"] * 16 + ["slow2"] * 16
         with ThreadPoolExecutor(32) as pool:
-            burst = list(pool.map(login, ["slow"] * 16 + ["slow2"] * 16))
+            burst = list(pool.map(lambda user: login(url, user, "slow-secret"), users))
         assert burst == [200] * 32, burst
     finally:
         rc = gw.stop()
