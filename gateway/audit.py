@@ -334,6 +334,11 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily(
             "gateway_bcrypt_inflight", "Password checks in progress", value=self.auth.inflight
         )
+        yield CounterMetricFamily(  # a worker throttling alone: its supervisor is not answering
+            "gateway_login_throttle_unanswered",
+            "Shared login throttle questions the supervisor did not answer",
+            value=self.auth.throttle.unanswered,
+        )
 
 
 class _AuditCollector(Collector):

@@ -78,6 +78,7 @@ async def test_metrics_count_decisions_cache_and_rejections(gateway):
     assert "gateway_request_seconds_bucket" in text
     assert "gateway_upstream_seconds_count" in text
     assert "gateway_policy_loaded_timestamp_seconds" in text
+    assert "gateway_login_throttle_unanswered_total 0.0" in text
 
 
 async def test_a_refused_request_names_who_was_refused(make_gateway, settings):
