@@ -168,10 +168,12 @@ def _workers(text: str) -> int:
     if text.strip().lower() == "auto":
         return usable_cpus()
     try:
-        int(text)
+        count = int(text)
     except ValueError:
         raise SettingsError(f"must be a count or 'auto', got {text!r}") from None
-    return int(_at_least(_integer, 1)(text))
+    if count < 1:
+        raise SettingsError(f"must be at least 1, got {text!r}")
+    return count
 
 
 def _bool(text: str) -> bool:

@@ -258,7 +258,6 @@ async def test_workers_checking_the_same_credentials_share_one_slot(service) -> 
     for link, reservation in zip(links, held, strict=True):
         link.release(reservation)
     links[0].release(other)
-    await asyncio.sleep(0)
     await eventually(lambda: ADDR not in svc.inflight, what="every slot given back")
 
 
@@ -271,7 +270,7 @@ async def test_a_checks_outcome_reaches_the_supervisor_before_its_slot_is_free()
     try:
         link.release(7)  # as _verify's finally does
         link.failed(ADDR, USER)  # as authenticate does right after
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop step: the deferred release is sent in it
         mine.setblocking(False)
         sent = [json.loads(mine.recv(4096)) for _ in range(2)]
         assert sent == [["failed", ADDR, USER], ["release", 7]]
