@@ -125,6 +125,7 @@ class Admin:
                 "audit": gw.audit_status(),
                 "upstream": gw.upstream_status(),
                 "connections": len(gw.server.connections) if gw.server is not None else 0,
+                "callback_path": gw.fast.taken if gw.fast is not None else 0,
                 "worker": worker_status(),
             }
         )

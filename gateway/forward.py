@@ -53,9 +53,10 @@ _DROP = (
     )
     | frozenset(h.lower().encode() for h in IDENTITY_HEADERS)
 )
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
 BUFFER_BODY = 16 * 1024
+_NO_BODY = b"Content-Length: 0\r\n"
 _MEMO_MAX = 4096  # bytes of forwarded header block a connection keeps for its next request
 
 
@@ -160,6 +161,13 @@ class Forwarder:
             user.roles_header.encode(),
         )
 
+    def plain_head(self, req: Request, target: Target, user: User | None, client: str) -> bytes:
+        """The upstream request's head for a request without a body."""
+        lines = self.header_lines(req, user, client)
+        if req.content_length == 0:
+            lines.append(_NO_BODY)
+        return request_head(req.method.encode(), target.wire, self.host, lines)
+
     def forward(
         self, req: Request, target: Target, user: User | None, client: str, body: bytes | None
     ) -> Awaitable[int]:
@@ -209,10 +217,10 @@ class Forwarder:
                 else b"Transfer-Encoding: chunked\r\n"
             )
         elif req.content_length == 0:
-            lines.append(b"Content-Length: 0\r\n")
+            lines.append(_NO_BODY)
         head = request_head(req.method.encode(), target.wire, self.host, lines)
         return exchange(
-            self.pool, req, head, body, stream, retry=req.method in _IDEMPOTENT, client=client
+            self.pool, req, head, body, stream, retry=req.method in IDEMPOTENT, client=client
         )
 
 

@@ -1,9 +1,9 @@
 """The Gateway object: owns the policy store, the authenticator, the upstream pool and
 forwarder, the audit log and the metrics; ``start()`` and ``close()`` bracket their life.
 
-The HTTP server depends on it (``Server(gateway.pipeline.handle, ...)``), not the other way
-round: a test or an embedding program builds a ``Gateway`` from :class:`Settings`, starts it,
-and serves it on any listener.
+A test or an embedding program builds a ``Gateway`` from :class:`Settings`, starts it, and
+serves it on any listener with the server :meth:`Gateway.make_server` builds (its handler is
+the pipeline, and in proxy mode the callback path of :mod:`gateway.fastpath`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from . import __version__
 from .audit import AuditLog, Metrics
 from .auth import Authenticator, CredentialCache, FailureThrottle
 from .errors import GatewayError
+from .fastpath import FastPath
 from .forward import Forwarder
 from .http.pool import Pool, exchange, request_head
-from .http.server import Server
+from .http.server import Limits, Server
 from .pipeline import Pipeline
 from .policy import PolicyStore, ReloadResult, watch
 from .settings import Settings
@@ -66,6 +67,7 @@ class Gateway:
         self.on_api_reload: Callable[[], None] | None = None
         self._pool: Pool | None = None
         self._forwarder: Forwarder | None = None
+        self.fast: FastPath | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._reloads: set[asyncio.Task[ReloadResult]] = set()
 
@@ -101,6 +103,8 @@ class Gateway:
         )
         self._forwarder = Forwarder(self._pool, self.upstream_authority, s.max_body)
         self.pipeline.forwarder = self._forwarder
+        # decide mode answers its own checks: the callback path only forwards
+        self.fast = FastPath(self.pipeline, self._forwarder) if s.mode != "decide" else None
         self._tasks.append(asyncio.create_task(self.audit.flush_every(0.5)))
         if s.watch:
             self._tasks.append(asyncio.create_task(watch(self.store, s.watch_interval)))
@@ -116,6 +120,16 @@ class Gateway:
             len(policy.users),
             len(policy.roles),
         )
+
+    def make_server(self, limits: Limits) -> Server:
+        """The HTTP server for this (started) gateway; it is :attr:`server` from now on."""
+        self.server = Server(
+            self.pipeline.handle,
+            limits,
+            on_refusal=lambda e: self.metrics.rejections.labels(e.code).inc(),
+            fast=self.fast,
+        )
+        return self.server
 
     def _on_sighup(self) -> None:
         task = asyncio.get_running_loop().create_task(self.reload("SIGHUP"))

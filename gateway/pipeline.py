@@ -51,7 +51,38 @@ log = logging.getLogger(__name__)
 
 _perf = time.perf_counter
 _TARGET_CACHE = 4096
-_OVERRIDES = frozenset(h.lower().encode() for h in OVERRIDE_HEADERS)
+CUT_REASON = "the gateway shut down before the answer was complete"
+OVERRIDES = frozenset(h.lower().encode() for h in OVERRIDE_HEADERS)
+
+
+class Handoff:
+    """What the callback path (:mod:`gateway.fastpath`) knew when it gave a request to this
+    one: the cached-credential lookup (done once, so it is counted once), when the request
+    began, and the failure of its exchange to answer (None: forward it here)."""
+
+    __slots__ = ("user", "key", "started", "error")
+
+    def __init__(
+        self, user: User | None, key: bytes, started: float, error: BaseException | None
+    ) -> None:
+        self.user = user
+        self.key = key
+        self.started = started
+        self.error = error
+
+
+def new_record(req: Request) -> dict[str, object]:
+    """The audit record of a request before anything is known of it."""
+    return {
+        "event": "request",
+        "time": now_iso(),
+        "client": None,
+        "user": None,
+        "method": req.method,
+        "path": None,
+        "decision": "error",
+        "rule": None,
+    }
 
 
 class Pipeline:
@@ -67,7 +98,7 @@ class Pipeline:
         self.admin = Admin(gw)
         self.trusted = self.settings.trusted_proxies
         self.forwarder: Forwarder | None = None  # set by Gateway.start
-        self._targets: dict[str, Target] = {}
+        self.targets: dict[str, Target] = {}
         # Decisions are pure functions of (policy, user, method, path): remembered per policy.
         self._memo: dict[tuple[str, str, str], Decision] = {}
         self._memo_policy: Policy | None = None
@@ -82,28 +113,20 @@ class Pipeline:
         if self.decider is not None and self.decider.owns(req.target):
             await self.decide(req)
             return
-        started = _perf()
-        record: dict[str, object] = {
-            "event": "request",
-            "time": now_iso(),
-            "client": None,
-            "user": None,
-            "method": req.method,
-            "path": None,
-            "decision": "error",
-            "rule": None,
-        }
+        handoff: Handoff | None = req.handoff  # type: ignore[assignment]
+        started = _perf() if handoff is None else handoff.started
+        record = new_record(req)
         upstream_ms = None
         status = 500
         try:
             client = record["client"] = (
                 self.client_address(req) if self.trusted else req.remote or "unknown"
             )
-            if req.method in REJECTED_METHODS or req.headers.has_any(_OVERRIDES):
+            if req.method in REJECTED_METHODS or req.headers.has_any(OVERRIDES):
                 check_method(req.method, req.headers)
             if req.chunked:
                 check_framing(req.headers)
-            target = self._targets.get(req.target)
+            target = self.targets.get(req.target)
             if target is None:
                 target = self.canonical(req.target)
             record["path"] = target.path
@@ -111,7 +134,10 @@ class Pipeline:
             user = None
             header = req.headers.get_raw(b"authorization")
             if header is not None:
-                user, key = self.cached_user(req, header, policy, client)
+                if handoff is None:
+                    user, key = self.cached_user(req, header, policy, client)
+                else:  # looked up by the callback path already
+                    user, key = handoff.user, handoff.key
                 if user is None:
                     user = await self.authenticate(req, target, client, policy, header, key)
                 record["user"] = user.name
@@ -120,6 +146,8 @@ class Pipeline:
             if decision.body_keys:
                 inspected = await self.inspect_body(req, decision, user)
             record["decision"] = "allow" if user is not None else "public"
+            if handoff is not None and handoff.error is not None:
+                raise handoff.error  # the callback path's exchange failed: answered here
             if target.own:
                 status, headers, body = await self.admin.dispatch(req, target)
                 await req.respond(status, headers, body)
@@ -139,24 +167,30 @@ class Pipeline:
         except asyncio.CancelledError:
             status = 499
             record["decision"] = "cut"
-            record["reason"] = "the gateway shut down before the answer was complete"
+            record["reason"] = CUT_REASON
             raise
         except Exception:
             log.exception("error handling %s %s", req.method, req.target[:200])
             status = 500
             await self.answer_error(req, GatewayError("internal error"), record)
         finally:
-            elapsed = _perf() - started
-            record["status"] = status
-            record["upstream_ms"] = upstream_ms
-            record["total_ms"] = milliseconds(elapsed)
-            self.audit.write(record)
-            self.metrics.observe(
-                str(record["decision"]),
-                status,
-                elapsed,
-                upstream_ms / 1000 if upstream_ms is not None else None,
-            )
+            self.write_record(record, status, started, upstream_ms)
+
+    def write_record(
+        self, record: dict[str, object], status: int, started: float, upstream_ms: float | None
+    ) -> None:
+        """The audit line and the metrics of one request, however it ended."""
+        elapsed = _perf() - started
+        record["status"] = status
+        record["upstream_ms"] = upstream_ms
+        record["total_ms"] = milliseconds(elapsed)
+        self.audit.write(record)
+        self.metrics.observe(
+            str(record["decision"]),
+            status,
+            elapsed,
+            upstream_ms / 1000 if upstream_ms is not None else None,
+        )
 
     async def decide(self, req: Request) -> None:
         """Decision mode: answer a front proxy's check request (recorded by the decider);
@@ -173,9 +207,9 @@ class Pipeline:
         """The guard's verdict on a raw target; accepted ones are remembered (targets repeat,
         and a Target is immutable), rejections are not."""
         target = canonical_target(raw)
-        if len(self._targets) >= _TARGET_CACHE:
-            self._targets.clear()
-        self._targets[raw] = target
+        if len(self.targets) >= _TARGET_CACHE:
+            self.targets.clear()
+        self.targets[raw] = target
         return target
 
     def client_address(self, req: Request) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import PolicyError
 from .gateway import Gateway
-from .http.server import Limits, Server
+from .http.server import Limits
 from .memory import keep_freed_memory, settle
 from .policy import PolicyStore
 from .settings import Settings, SettingsError, tls_context
@@ -153,10 +153,7 @@ async def _main(
     gw = Gateway(settings, store=store, audit=audit, throttle=shared_throttle())
     await gw.start()
     limits = limits_of(settings, fd_limit)
-    server = Server(
-        gw.pipeline.handle, limits, on_refusal=lambda e: gw.metrics.rejections.labels(e.code).inc()
-    )
-    gw.server = server
+    server = gw.make_server(limits)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

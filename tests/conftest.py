@@ -182,12 +182,7 @@ async def start_gateway(
     s = replace(settings, **overrides)
     gw = Gateway(s, audit=audit)
     await gw.start()
-    server = Server(
-        gw.pipeline.handle,
-        limits_of(s, raise_fd_limit()),
-        on_refusal=lambda e: gw.metrics.rejections.labels(e.code).inc(),
-    )
-    gw.server = server
+    server = gw.make_server(limits_of(s, raise_fd_limit()))
     host, port = await server.listen("127.0.0.1", 0)
     return GatewayClient(gw, server, host, port)
 

@@ -38,7 +38,7 @@ from .message import JSON_TYPE, Headers, error_body, http_date, status_line
 from .request import Request
 
 if TYPE_CHECKING:
-    from .server import Server
+    from .server import Inflight, Server
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class Connection(asyncio.BufferedProtocol):
         self.scheme = "http"
         self.queue: deque[Request | _ParseFailure] = deque()
         self.task: asyncio.Task[None] | None = None
+        # the request the callback path (Server.fast) is forwarding, with no task
+        self.inflight: Inflight | None = None
         self.closing = False
         self.draining = False
         self.state = _HEAD
@@ -294,8 +296,12 @@ class Connection(asyncio.BufferedProtocol):
         self.queue.append(req)
         if len(self.queue) >= _PIPELINE_PAUSE:
             self.pause_reading(2)
-        if self.task is None:
-            self.task = self.loop.create_task(self._serve())
+        if self.task is None and self.inflight is None:
+            fast = self.server.fast
+            if fast is not None and req.body is None and len(self.queue) == 1:
+                self.inflight = fast(req)
+            if self.inflight is None:
+                self.task = self.loop.create_task(self._serve())
 
     def on_body(self, data: bytes) -> None:
         self._progressed = True
@@ -385,8 +391,38 @@ class Connection(asyncio.BufferedProtocol):
             self._body.fail(BadRequest(f"malformed request body: {error.message}", code="framing"))
             self._body = None
         self.queue.append(_ParseFailure(error))
+        if self.task is None and self.inflight is None:
+            self.task = self.loop.create_task(self._serve())
+
+    def fast_done(self) -> None:
+        """The callback path answered the first request in the queue (and recorded it)."""
+        self.inflight = None
+        item = self.queue.popleft()
+        self._dequeued()
+        if not self._keeps(item):  # type: ignore[arg-type]
+            self.close()  # what is written still goes out first
+        elif self.queue:
+            self.task = self.loop.create_task(self._serve())
+        else:
+            self._wait_for_next()
+
+    def slow_path(self) -> None:
+        """The callback path gave the first request in the queue to the task path."""
+        self.inflight = None
         if self.task is None:
             self.task = self.loop.create_task(self._serve())
+
+    def _dequeued(self) -> None:
+        if self.reading_paused & 2 and len(self.queue) < _PIPELINE_PAUSE // 2:
+            self.resume_reading(2)
+
+    def _keeps(self, item: Request) -> bool:
+        """Whether the connection stays open after the answer to ``item``."""
+        return item.keep_alive and not self.closing and not (self.client_done and not self.queue)
+
+    def _wait_for_next(self) -> None:
+        self.state = _HEAD if self._in_head else _IDLE
+        self.since = self.loop.time()
 
     async def _serve(self) -> None:
         handler = self.server.handler
@@ -403,8 +439,7 @@ class Connection(asyncio.BufferedProtocol):
                     self.abort()
                     return
                 self.queue.popleft()
-                if self.reading_paused & 2 and len(self.queue) < _PIPELINE_PAUSE // 2:
-                    self.resume_reading(2)
+                self._dequeued()
                 body = item.body
                 if body is not None and not body.complete:
                     if not body.ended:
@@ -415,12 +450,11 @@ class Connection(asyncio.BufferedProtocol):
                     # it, which also lifts the pause a large one put on reading, so the
                     # next request on this connection is read.
                     body.take_buffered()
-                if not item.keep_alive or self.closing or (self.client_done and not self.queue):
+                if not self._keeps(item):
                     await self._drained()
                     self.close()
                     return
-            self.state = _HEAD if self._in_head else _IDLE
-            self.since = self.loop.time()
+            self._wait_for_next()
         finally:
             self.task = None
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import BadGateway, GatewayTimeout, Overloaded
 from .body import Upload
+from .heads import Head
 from .request import Request
 from .upstream import Stale, UpstreamConnection
 
@@ -57,7 +58,7 @@ class Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[tuple[UpstreamConnection, float]] = []
         # relayed answer heads by what they were made from (UpstreamConnection)
-        self.heads: dict[tuple[bytes, bool, bool], tuple[bytes, bool, bool, bool]] = {}
+        self.heads: dict[tuple[bytes, bool, bool], Head] = {}
         self.busy: set[UpstreamConnection] = set()
         self.down_since = 0.0  # wall time the upstream stopped answering; 0 if up
         self.failures = 0  # connection failures in the current episode
@@ -311,7 +312,8 @@ async def exchange(
                 reused = True
             else:
                 conn, reused = await pool.acquire(streaming)
-            done = conn.start(req)
+            done: asyncio.Future[int] = pool.loop.create_future()
+            conn.start(req, done)
             if req is not None:
                 req.conn.relay_source = conn.transport
             try:

@@ -32,6 +32,7 @@ class Request:
         "scheme",
         "head_only",
         "status",
+        "handoff",
     )
 
     def __init__(
@@ -57,6 +58,9 @@ class Request:
         self.scheme = conn.scheme
         self.head_only = method == "HEAD"
         self.status = 0
+        # What the callback path (gateway.fastpath) found before it gave the request to the
+        # task path, or None: the task path starts from it instead of doing it again.
+        self.handoff: object = None
 
     @property
     def raw_headers(self) -> list[tuple[bytes, bytes]]:

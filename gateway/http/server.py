@@ -6,12 +6,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from ..errors import GatewayError
 from .connection import BUSY, Connection
 from .request import Request
 
 Handler = Callable[[Request], Awaitable[None]]
+
+
+class Inflight(Protocol):
+    """A request the callback path is forwarding (:class:`gateway.fastpath.FastExchange`)."""
+
+    def cut(self) -> None:
+        """Shutdown: give up on it now, and record that."""
+
+
+# The callback path: takes a request and forwards it without a task, or returns None (the
+# request is then the handler's).
+FastPath = Callable[[Request], Inflight | None]
 _READ_BUFFER = 256 * 1024  # bytes one read may take (what uvloop's own read buffer holds)
 _QUIET = 0.5  # seconds without a request in flight before a draining server closes idle ones
 
@@ -57,8 +70,10 @@ class Server:
         handler: Handler,
         limits: Limits,
         on_refusal: Callable[[GatewayError], None] = lambda e: None,
+        fast: FastPath | None = None,
     ) -> None:
         self.handler = handler
+        self.fast = fast
         self.limits = limits
         self.on_refusal = on_refusal
         self.loop = asyncio.get_running_loop()
@@ -142,7 +157,7 @@ class Server:
 
     def busy(self) -> int:
         """Connections with a request in hand."""
-        return sum(1 for c in self.connections if c.task is not None)
+        return sum(1 for c in self.connections if c.task is not None or c.inflight is not None)
 
     async def shutdown(self, grace: float) -> int:
         """Stop accepting; answer every request in flight, and any that arrives on an open
@@ -161,6 +176,9 @@ class Server:
             if tasks:
                 await asyncio.wait(tasks, timeout=min(0.1, max(0.0, deadline - loop.time())))
                 quiet_since = loop.time()
+            elif any(c.inflight is not None for c in self.connections):
+                await asyncio.sleep(0.01)  # callback-path requests: no task to wait on
+                quiet_since = loop.time()
             elif loop.time() - quiet_since >= _QUIET:
                 break
             else:
@@ -168,10 +186,14 @@ class Server:
         for conn in list(self.connections):
             conn.close_if_idle()
         cut: list[asyncio.Task[None]] = []
+        cut_fast = 0
         for conn in list(self.connections):
             if conn.task is not None:
                 cut.append(conn.task)
                 conn.task.cancel()
+            elif conn.inflight is not None:
+                cut_fast += 1
+                conn.inflight.cut()  # recorded now
             conn.abort()
         if cut:
             await asyncio.wait(cut, timeout=1.0)  # their audit lines are written
@@ -179,4 +201,4 @@ class Server:
             self._sweeper.cancel()
         for srv in self._servers:
             await srv.wait_closed()
-        return len(cut)
+        return len(cut) + cut_fast

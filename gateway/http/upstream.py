@@ -22,69 +22,28 @@ idempotent requests whose body was not streamed.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
 from ..errors import BadGateway, GatewayError, GatewayTimeout
 from .flow import FlowControl
-from .message import HOP_BY_HOP, NO_BODY_STATUS, REASONS, connection_tokens, status_line
+from .heads import HEAD_MAX, relayed_head
 from .request import Request
 
 if TYPE_CHECKING:
     from .body import Upload
     from .pool import Pool
-_SKIP_RESPONSE = HOP_BY_HOP | {b"content-length"}
-_NONE: frozenset[bytes] = frozenset()
-_STANDARD = {
-    (code, phrase): line for code, phrase in REASONS.items() for line in (status_line(code),)
-}
 
 
-_HEADS_MAX = 256  # remembered relayed heads per pool (a new Date makes a new one each second)
-_HEAD_MEMO_MAX = 4096  # head bytes: at most ~2 MiB of keys and heads remembered per pool
+class Settles(Protocol):
+    """Where an exchange's outcome goes: an :class:`asyncio.Future`, or the callback path's
+    exchange (:class:`gateway.fastpath.FastExchange`), which has no task to wake."""
 
-
-def _relayed_head(
-    status: int, reason: bytes, headers: list[tuple[bytes, bytes]], head_only: bool, http11: bool
-) -> tuple[bytes, bool, bool, bool]:
-    """The answer's head as relayed to the client, without its ``Connection`` line and the
-    blank line: hop-by-hop headers and those the upstream's ``Connection`` names dropped, the
-    framing re-made. Returns (head, chunked out, body ends with the close, client
-    connection closes after it)."""
-    conn_values = [v for n, v in headers if len(n) == 10 and n.lower() == b"connection"]
-    named = connection_tokens(b",".join(conn_values)) if conn_values else _NONE
-    out = [_STANDARD.get((status, reason)) or status_line(status, reason or None)]
-    length: bytes | None = None
-    chunked_in = chunked_out = until_eof = closes = False
-    for name, value in headers:
-        low = name.lower()
-        if low in _SKIP_RESPONSE or low in named:
-            if low == b"content-length":
-                length = value
-            elif low == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    # re-framing would drop the other coding (gzip): the bytes would lie
-                    raise BadGateway(
-                        "the upstream used a transfer coding other than chunked",
-                        code="upstream_malformed",
-                    )
-                chunked_in = True
-            continue
-        out.append(b"%s: %s\r\n" % (name, value))
-    no_body = head_only or status in NO_BODY_STATUS
-    if head_only and length is not None:
-        out.append(b"Content-Length: %s\r\n" % length)
-    elif not no_body:
-        if length is not None:
-            out.append(b"Content-Length: %s\r\n" % length)
-        elif http11:
-            chunked_out = True
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        else:
-            closes = True
-        until_eof = length is None and not chunked_in
-    return b"".join(out), chunked_out, until_eof, closes
+    def done(self) -> bool: ...
+    def set_result(self, status: int, /) -> None: ...
+    def set_exception(self, exc: BaseException, /) -> None: ...
+    def exception(self) -> BaseException | None: ...
 
 
 class Stale(Exception):
@@ -105,20 +64,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.flow = FlowControl()
         self.parser = httptools.HttpResponseParser(self)
         self.sink: Request | None = None
-        self.done: asyncio.Future[int] | None = None
+        self.done: Settles | None = None
         self.active = 0.0  # loop time data last moved; 0 while idle
         self.awaiting_client = False  # an upload waits for the client's next bytes
         self.upload: Upload | None = None  # the client body being streamed to this upstream
         self.broken = False
         self.complete = False
         self.received_any = False
-        # The exchange's first bytes while llhttp parses them, so that an answer head wholly
-        # inside them can be looked up by its own bytes; None otherwise.
-        self._first: bytes | None = None
+        # The exchange's bytes until the final answer's head has been parsed (its reason and
+        # header lines are read from them, see _read_head), then None.
+        self._seen: bytes | None = None
         self._out: list[bytes] = []
-        self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
         self._interim = False
+        self._after_interim = False
         self._chunked_out = False
         self._until_eof = False
         self._status = 0
@@ -158,9 +116,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.active = self.loop.time()
-        if not self.received_any:
-            self.received_any = True
-            self._first = data  # an answer's first message begins with the first byte
+        self.received_any = True
+        if not self._status:  # the final answer's head is still to come (or being parsed)
+            seen = self._seen
+            self._seen = data if seen is None else seen + data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -182,7 +141,14 @@ class UpstreamConnection(asyncio.Protocol):
                 else BadGateway("the upstream sent a malformed answer", code="upstream_malformed")
             )
             self.abort()
-        self._first = None
+        if self._seen is not None and not self._status and len(self._seen) > HEAD_MAX:
+            self._fail(
+                BadGateway(
+                    f"the upstream's answer head is over {HEAD_MAX} bytes",
+                    code="upstream_malformed",
+                )
+            )
+            self.abort()
         self._flush()
 
     # -- httptools callbacks
@@ -191,14 +157,6 @@ class UpstreamConnection(asyncio.Protocol):
             # A second answer to one request: the connection is out of step for good.
             self.broken = True
             raise BadGateway("the upstream answered twice", code="upstream_malformed")
-        self._headers = []
-        self._reason = b""
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -209,39 +167,16 @@ class UpstreamConnection(asyncio.Protocol):
                     code="upstream_protocol",
                 )
             self._interim = True  # 1xx answers are not relayed
-            self._first = None  # the final answer's head does not begin the first bytes
+            self._after_interim = True  # the final answer's head does not begin the bytes
             return
         self._status = status
+        seen, self._seen = self._seen, None
         sink = self.sink
-        if sink is None:  # a probe: only the status matters
+        if sink is None or seen is None:  # a probe: only the status matters
             return
-        # The relayed head is a pure function of the answer's head bytes and two facts about
-        # the request: remembered, since an upstream repeats its heads (until the Date
-        # changes), and looked up by those bytes when they came in the exchange's first read.
-        # The key runs to the first blank line in them, so it holds the whole head (a head
-        # cannot contain a blank line), and llhttp, starting each exchange in the same state,
-        # parses equal bytes alike. Only when they begin with the status line: llhttp skips
-        # CR/LF before it, and a key of blank lines before the head held none of it (the
-        # review of this memo found two answers sharing one key that way).
-        first = self._first
-        end = (
-            first.find(b"\r\n\r\n", 0, _HEAD_MEMO_MAX + 4)
-            if first is not None and first.startswith(b"HTTP/")
-            else -1
+        known = relayed_head(
+            self.pool.heads, seen, status, self._after_interim, sink.head_only, sink.http11
         )
-        if 0 <= end < _HEAD_MEMO_MAX:
-            key = (first[: end + 4], sink.head_only, sink.http11)  # type: ignore[index]
-            heads = self.pool.heads
-            known = heads.get(key)
-            if known is None:
-                known = _relayed_head(
-                    status, self._reason, self._headers, sink.head_only, sink.http11
-                )
-                if len(heads) >= _HEADS_MAX:
-                    heads.clear()
-                heads[key] = known
-        else:  # a head over several reads, after a 1xx, or a huge one: made each time
-            known = _relayed_head(status, self._reason, self._headers, sink.head_only, sink.http11)
         head, self._chunked_out, self._until_eof, closes = known
         if closes:
             sink.keep_alive = False  # HTTP/1.0 client, no length: the body ends with the close
@@ -314,16 +249,17 @@ class UpstreamConnection(asyncio.Protocol):
             done.set_exception(exc)
             done.exception()  # retrieved: the awaiter re-raises it
 
-    def start(self, sink: Request | None) -> asyncio.Future[int]:
-        """Get ready for the answer to the next request, relayed into ``sink``."""
+    def start(self, sink: Request | None, done: Settles) -> None:
+        """Get ready for the answer to the next request, relayed into ``sink``; its status
+        (or its failure) goes to ``done``."""
         self.sink = sink
         self.complete = False
         self.received_any = False
-        self._chunked_out = self._until_eof = self._interim = False
+        self._chunked_out = self._until_eof = self._interim = self._after_interim = False
         self._status = 0
+        self._seen = None
         self.active = self.loop.time()
-        self.done = self.loop.create_future()
-        return self.done
+        self.done = done
 
     def reset(self) -> None:
         """The exchange is over (the pool keeps or closes the connection)."""

@@ -1,0 +1,202 @@
+"""The callback path: the common request forwarded and answered with no task and no coroutine.
+
+A request qualifies when nothing on its way needs to wait: no body, an idempotent method, no
+method-override header, a target the guard has accepted before, credentials verified before
+(no bcrypt), a policy decision that allows it without looking at a body, and an idle upstream
+connection at hand. Its head is forwarded from the client parser's ``on_headers_complete``;
+the upstream relays the answer into the client connection as it does for the task path, and
+its ``on_message_complete`` settles a :class:`FastExchange` instead of a future, which then
+records the request and lets the connection go on (one ``call_soon``, after the answer's last
+bytes were written). On a kept-alive connection of a busy client that is most requests.
+
+Anything else is the task path's (:meth:`gateway.pipeline.Pipeline.handle`), and so is every
+way this one can go wrong: a request that stops qualifying half-way, an exchange that fails,
+a reused upstream connection found closed (retried there, the method being idempotent). It
+gets a :class:`~gateway.pipeline.Handoff` with what was done already, so nothing is done
+twice (a cache lookup is counted once) and every error is answered and recorded in the one
+place that does it. The connection still answers pipelined requests in order: while a
+request is on this path the next ones wait in the queue, and a task takes them after it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from .audit import milliseconds
+from .errors import GatewayError
+from .forward import IDEMPOTENT, Forwarder
+from .http.pool import Pool
+from .http.request import Request
+from .http.upstream import Stale, UpstreamConnection
+from .pipeline import CUT_REASON, OVERRIDES, Handoff, new_record
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+    from .policy import User
+
+_perf = time.perf_counter
+
+
+class FastPath:
+    """Starts callback-path exchanges for one gateway (proxy mode)."""
+
+    def __init__(self, pipeline: Pipeline, forwarder: Forwarder) -> None:
+        self.pipeline = pipeline
+        self.forwarder = forwarder
+        self.pool: Pool = forwarder.pool
+        self.loop = self.pool.loop
+        self.taken = 0  # requests forwarded on this path (/-/status shows it)
+
+    def __call__(self, req: Request) -> FastExchange | None:
+        """Forward ``req`` on this path, or return None (the task path takes it: with a
+        :class:`Handoff` once credentials were looked up)."""
+        p = self.pipeline
+        if req.method not in IDEMPOTENT or req.headers.has_any(OVERRIDES):
+            return None
+        target = p.targets.get(req.target)
+        header = req.headers.get_raw(b"authorization")
+        pool = self.pool
+        if target is None or target.own or header is None or pool.per_client:
+            return None
+        started = _perf()
+        client = p.client_address(req) if p.trusted else req.remote or "unknown"
+        policy = p.store.policy
+        user, key = p.cached_user(req, header, policy, client)
+        if user is None:
+            req.handoff = Handoff(None, key, started, None)
+            return None
+        record = new_record(req)
+        record["client"] = client
+        record["path"] = target.path
+        record["user"] = user.name
+        try:
+            decision = p.authorize(req, target, user, policy, record)
+        except GatewayError:  # answered by the task path, which decides again (remembered)
+            decision = None
+        conn = None if decision is None or decision.body_keys else pool.try_acquire()
+        if conn is None:
+            req.handoff = Handoff(user, key, started, None)
+            return None
+        record["decision"] = "allow"
+        exchange = FastExchange(self, req, conn, record, started, user, key)
+        transport = conn.transport
+        try:
+            head = self.forwarder.plain_head(req, target, user, client)
+            conn.start(req, exchange)
+            req.conn.relay_source = transport
+            exchange.upstream_started = _perf()
+            transport.write(head)  # type: ignore[union-attr]
+        except Exception:  # nothing was relayed: the task path tries again, and answers
+            exchange.release(broken=True)
+            req.handoff = Handoff(user, key, started, None)
+            return None
+        self.taken += 1
+        return exchange
+
+
+class FastExchange:
+    """One callback-path exchange: the outcome an upstream connection delivers (as it would
+    to a future), then the record and the connection's next step."""
+
+    __slots__ = (
+        "path",
+        "req",
+        "upstream",
+        "record",
+        "started",
+        "upstream_started",
+        "user",
+        "key",
+        "status",
+        "error",
+        "settled",
+    )
+
+    def __init__(
+        self,
+        path: FastPath,
+        req: Request,
+        upstream: UpstreamConnection,
+        record: dict[str, object],
+        started: float,
+        user: User,
+        key: bytes,
+    ) -> None:
+        self.path = path
+        self.req = req
+        self.upstream: UpstreamConnection | None = upstream
+        self.record = record
+        self.started = started
+        self.upstream_started = started
+        self.user = user
+        self.key = key
+        self.status = 0
+        self.error: BaseException | None = None
+        self.settled = False
+
+    # -- what the upstream connection calls (the part of a future it uses)
+    def done(self) -> bool:
+        return self.settled
+
+    def set_result(self, status: int) -> None:
+        self.settled = True
+        self.status = status
+        # Called from the upstream parser's callbacks: the answer's last bytes are written
+        # when the read that carried them has been parsed, so the rest waits for that.
+        self.path.loop.call_soon(self._finish)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.settled = True
+        self.error = exc
+        self.path.loop.call_soon(self._finish)
+
+    def exception(self) -> BaseException | None:
+        return self.error
+
+    # -- the rest
+    def release(self, broken: bool = False) -> None:
+        """Give the upstream connection back to the pool (kept only if in step)."""
+        conn = self.upstream
+        if conn is None:
+            return
+        self.upstream = None
+        if broken:
+            conn.broken = True
+        self.req.conn.relay_source = None
+        self.path.pool.release(conn)
+
+    def _finish(self) -> None:
+        if self.upstream is None:
+            return  # cut at shutdown, recorded then
+        self.release()
+        req = self.req
+        error = self.error
+        if error is not None:
+            # Nothing relayed on a Stale connection: the task path forwards the request
+            # again. Any other failure is answered (or the client cut off) and recorded there.
+            req.handoff = Handoff(
+                self.user, self.key, self.started, None if isinstance(error, Stale) else error
+            )
+            req.conn.slow_path()
+            return
+        p = self.path.pipeline
+        try:
+            p.write_record(
+                self.record,
+                self.status,
+                self.started,
+                milliseconds(_perf() - self.upstream_started),
+            )
+        finally:
+            req.conn.fast_done()
+
+    def cut(self) -> None:
+        """Shutdown cut the request short: recorded as the task path records a cancelled one."""
+        if self.upstream is None:
+            return
+        self.release(broken=True)
+        self.req.conn.inflight = None
+        self.record["decision"] = "cut"
+        self.record["reason"] = CUT_REASON
+        self.path.pipeline.write_record(self.record, 499, self.started, None)

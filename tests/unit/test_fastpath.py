@@ -1,0 +1,261 @@
+"""The callback path (gateway/fastpath.py): the common request forwarded with no task. It must
+be indistinguishable from the task path to clients, the upstream, the audit log and the
+metrics, and give every request it cannot finish to the task path (issue 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from gateway.audit import AuditLog
+from tests.helpers import basic
+from tests.rawupstream import ScriptedUpstream, parse_answers, serving
+from tests.unit.test_hot_path_memos import _exchange
+
+SALES = basic("sales", "imsales")["Authorization"]
+ITEMS = "/api/inventory"
+
+
+def _get(target: str, auth: str = SALES, extra: str = "") -> bytes:
+    return (
+        f"GET {target} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: {auth}\r\n{extra}\r\n"
+    ).encode()
+
+
+def _requests(buf: io.StringIO) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in buf.getvalue().splitlines()]
+    return [r for r in lines if r["event"] == "request"]
+
+
+async def _audited(make_gateway, **overrides):
+    buf = io.StringIO()
+    gw = await make_gateway(audit=AuditLog(buf), audit_log="-", **overrides)
+    return gw, buf
+
+
+async def test_a_kept_alive_client_is_served_on_it_and_recorded_as_the_task_path_does(
+    make_gateway,
+) -> None:
+    gw, buf = await _audited(make_gateway)
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    try:
+        for _ in range(3):
+            status, _ = await _exchange(reader, writer, _get(ITEMS + "?name=x"))
+            assert status == 200
+    finally:
+        writer.close()
+    # the first request checked bcrypt on the task path; the next two took this one
+    assert gw.gw.fast.taken == 2
+    assert (gw.gw.auth.cache.hits, gw.gw.auth.cache.misses) == (2, 1)
+    slow, *fast = _requests(buf)
+    same = ("event", "client", "user", "method", "path", "decision", "rule", "status")
+    for rec in fast:
+        assert {k: rec[k] for k in same} == {k: slow[k] for k in same}
+        assert rec["upstream_ms"] is not None and rec["total_ms"] >= rec["upstream_ms"]
+        assert set(rec) == set(slow)
+    text = (await (await gw.get("/-/metrics", headers=basic("ops", "imtheops"))).read()).decode()
+    assert 'gateway_requests_total{decision="allow",status="200"} 3.0' in text
+    doc = await (await gw.get("/-/status", headers=basic("ops", "imtheops"))).json()
+    assert doc["callback_path"] == 2
+
+
+async def test_pipelined_requests_behind_one_on_it_are_answered_in_order(
+    make_gateway,
+) -> None:
+    up = ScriptedUpstream()
+    up.script = lambda seen: (
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+        % (
+            len(seen.target),
+            seen.target.encode(),
+        )
+    )
+    async with serving(up):
+        gw = await make_gateway(upstream=up.url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            status, _ = await _exchange(reader, writer, _get(ITEMS + "?n=0"))  # warms up
+            assert status == 200
+            # the first is taken by the callback path, the rest queue behind it, the fourth
+            # is denied (403) and the fifth is for the task path (a new target)
+            batch = b"".join(
+                [
+                    _get(ITEMS + "?n=0"),
+                    _get(ITEMS + "?n=0"),
+                    _get(ITEMS + "?n=0"),
+                    _get(ITEMS + "?n=0").replace(b"GET", b"DELETE", 1),
+                    _get(ITEMS + "?n=5", extra="Connection: close\r\n"),
+                ]
+            )
+            writer.write(batch)
+            data = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+    answers = parse_answers(data)
+    assert [a[0] for a in answers] == [200, 200, 200, 403, 200]
+    assert [a[2] for a in answers if a[0] == 200] == [
+        b"/api/inventory?n=0",
+        b"/api/inventory?n=0",
+        b"/api/inventory?n=0",
+        b"/api/inventory?n=5",
+    ]
+    assert gw.gw.fast.taken >= 1
+
+
+@contextlib.asynccontextmanager
+async def _upstream(
+    answer: Callable[[int, asyncio.StreamWriter], Awaitable[bool]],
+) -> AsyncIterator[str]:
+    """An upstream that answers the n-th request (counted over all connections) with
+    ``answer(n, writer)``; False closes the connection without an answer."""
+    count = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                count += 1
+                if not await answer(count, writer):
+                    break
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_a_pooled_connection_found_closed_is_retried_by_the_task_path(
+    make_gateway,
+) -> None:
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        if n == 2:
+            return False  # the pooled connection closes instead of answering
+        writer.write(OK)
+        return True
+
+    async with _upstream(answer) as url:
+        gw, buf = await _audited(make_gateway, upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            for _ in range(2):
+                status, _ = await _exchange(reader, writer, _get(ITEMS))
+                assert status == 200
+        finally:
+            writer.close()
+    recs = _requests(buf)
+    assert [r["status"] for r in recs] == [200, 200]
+    assert gw.gw.fast.taken == 1
+    assert gw.gw.auth.cache.hits == 1  # the retry did not look the credentials up again
+
+
+async def test_a_failed_exchange_is_answered_and_recorded_by_the_task_path(
+    make_gateway,
+) -> None:
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(OK if n == 1 else b"HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\n")
+        return True
+
+    async with _upstream(answer) as url:
+        gw, buf = await _audited(make_gateway, upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+            status, head = await _exchange(reader, writer, _get(ITEMS))
+        finally:
+            writer.close()
+    assert status == 502 and b"application/json" in head
+    assert gw.gw.fast.taken == 1
+    failed = _requests(buf)[1]
+    assert failed["status"] == 502 and failed["user"] == "sales"
+    assert failed["path"] == ITEMS and failed["reason"]
+
+
+async def test_shutdown_cuts_one_still_waiting_for_its_upstream_and_records_it(
+    make_gateway,
+) -> None:
+    release = asyncio.Event()
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        if n == 2:
+            await release.wait()
+        writer.write(OK)
+        return True
+
+    async with _upstream(answer) as url:
+        gw, buf = await _audited(make_gateway, upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+            writer.write(_get(ITEMS))
+            for _ in range(500):
+                if gw.server.busy():
+                    break
+                await asyncio.sleep(0.01)  # polling the server's own count, no event for it
+            (conn,) = gw.server.connections
+            assert conn.inflight is not None and conn.task is None
+            cut = await gw.server.shutdown(0.2)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # cut off, no answer
+        finally:
+            release.set()
+            writer.close()
+    assert cut == 1
+    last = _requests(buf)[-1]
+    assert last["decision"] == "cut" and last["status"] == 499 and last["path"] == ITEMS
+
+
+async def test_an_answer_head_too_large_is_a_502(make_gateway) -> None:
+    huge = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: %s\r\n" % (b"p" * 1000) * 70
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(OK if n == 1 else huge)
+        return True
+
+    async with _upstream(answer) as url:
+        gw = await make_gateway(upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+            status, _ = await _exchange(reader, writer, _get(ITEMS))
+        finally:
+            writer.close()
+    assert status == 502
+
+
+async def test_answer_heads_in_pieces_and_after_a_1xx_are_relayed_whole(make_gateway) -> None:
+    """The header lines are read from the exchange's bytes, however they arrived."""
+    head = b"HTTP/1.1 200 OK\r\nX-One: 1\r\nX-Two: 2\r\nContent-Length: 2\r\n\r\nok"
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        if n % 2:
+            writer.write(b"HTTP/1.1 100 Continue\r\nX-Interim: yes\r\n\r\n" + head)
+            return True
+        for i in range(0, len(head), 7):  # one read each (TCP_NODELAY, a pause between)
+            writer.write(head[i : i + 7])
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        return True
+
+    async with _upstream(answer) as url:
+        gw = await make_gateway(upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            for _ in range(4):
+                status, got = await _exchange(reader, writer, _get(ITEMS))
+                assert status == 200
+                assert b"X-One: 1\r\nX-Two: 2\r\n" in got and b"Interim" not in got, got
+        finally:
+            writer.close()
