@@ -167,10 +167,13 @@ class FastExchange:
         self.path.pool.release(conn)
 
     def _finish(self) -> None:
-        if self.upstream is None:
+        conn = self.upstream
+        if conn is None:
             return  # cut at shutdown, recorded then
-        self.release()
+        self.upstream = None
         req = self.req
+        req.conn.relay_source = None
+        self.path.pool.release(conn)
         error = self.error
         if error is not None:
             # Nothing relayed on a Stale connection: the task path forwards the request

@@ -151,10 +151,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
         self._flush()
 
-    # -- httptools callbacks
+    # -- httptools callbacks (no per-line ones: see heads.py)
     def on_message_begin(self) -> None:
         if self.complete:
-            # A second answer to one request: the connection is out of step for good.
+            # A second answer to one request (also one begun in the read that ended the
+            # first): the connection is out of step for good.
             self.broken = True
             raise BadGateway("the upstream answered twice", code="upstream_malformed")
 

@@ -259,3 +259,27 @@ async def test_answer_heads_in_pieces_and_after_a_1xx_are_relayed_whole(make_gat
                 assert b"X-One: 1\r\nX-Two: 2\r\n" in got and b"Interim" not in got, got
         finally:
             writer.close()
+
+
+async def test_a_second_answer_begun_in_the_read_that_ended_the_first_is_never_relayed(
+    make_gateway,
+) -> None:
+    """Bytes after a complete answer, in the same read, put the pooled connection out of step
+    even when they end mid-head: it is not reused, and the next answer is clean."""
+    conns: list[int] = []
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        conns.append(id(writer))
+        writer.write(OK + b"HTTP/1.1 200 OK\r\nX-Evil: 1\r\n" if n == 2 else OK)
+        return True
+
+    async with _upstream(answer) as url:
+        gw = await make_gateway(upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            for _ in range(3):
+                status, head = await _exchange(reader, writer, _get(ITEMS))
+                assert status == 200 and b"Evil" not in head, head
+        finally:
+            writer.close()
+    assert conns[0] == conns[1] != conns[2]  # the connection that misspoke was dropped
