@@ -47,7 +47,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from .audit import AuditLog, Metrics, milliseconds, now_iso
+from .audit import AuditLog, milliseconds, now_iso
 from .auth import Authenticator, client_behind_proxies, parse_basic
 from .errors import Forbidden, GatewayError, NotFound, TooManyRequests, Unauthenticated
 from .guard import (
@@ -59,6 +59,7 @@ from .guard import (
     is_gateway_path,
 )
 from .http.message import JSON_TYPE, json_body
+from .metrics import Metrics
 from .policy import Decision, Policy, PolicyStore, User
 from .settings import Network, Settings
 

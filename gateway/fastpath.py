@@ -6,8 +6,11 @@ method-override header, a target the guard has accepted before, credentials veri
 connection at hand. Its head is forwarded from the client parser's ``on_headers_complete``;
 the upstream relays the answer into the client connection as it does for the task path, and
 its ``on_message_complete`` settles a :class:`FastExchange` instead of a future, which then
-records the request and lets the connection go on (one ``call_soon``, after the answer's last
-bytes were written). On a kept-alive connection of a busy client that is most requests.
+records the request and lets the connection go on, once the answer's last bytes were written
+(called by the upstream connection at the end of the read that completed the answer). On a
+kept-alive connection of a busy client that is most requests. Its audit line is the task
+path's byte for byte, made from a template whose middle (client, user, method, path, rule)
+is made once for requests that repeat it.
 
 Anything else is the task path's (:meth:`gateway.pipeline.Pipeline.handle`), and so is every
 way this one can go wrong: a request that stops qualifying half-way, an exchange that fails,
@@ -20,11 +23,11 @@ request is on this path the next ones wait in the queue, and a task takes them a
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING
 
-from .audit import milliseconds
-from .errors import GatewayError
+from .audit import milliseconds, now_iso, request_fields, request_line
 from .forward import IDEMPOTENT, Forwarder
 from .http.pool import Pool
 from .http.request import Request
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from .policy import User
 
 _perf = time.perf_counter
+_FIELDS_MAX = 4096  # audit line middles remembered (client, user, method, path, rule)
 
 
 class FastPath:
@@ -47,6 +51,7 @@ class FastPath:
         self.pool: Pool = forwarder.pool
         self.loop = self.pool.loop
         self.taken = 0  # requests forwarded on this path (/-/status shows it)
+        self._fields: dict[tuple[str, str, str, str, str | None], str] = {}
 
     def __call__(self, req: Request) -> FastExchange | None:
         """Forward ``req`` on this path, or return None (the task path takes it: with a
@@ -66,24 +71,24 @@ class FastPath:
         if user is None:
             req.handoff = Handoff(None, key, started, None)
             return None
-        record = new_record(req)
-        record["client"] = client
-        record["path"] = target.path
-        record["user"] = user.name
-        try:
-            decision = p.authorize(req, target, user, policy, record)
-        except GatewayError:  # answered by the task path, which decides again (remembered)
-            decision = None
-        conn = None if decision is None or decision.body_keys else pool.try_acquire()
+        # a denial is answered by the task path, which decides again (remembered)
+        decision = p.decision(policy, user, req.method, target)
+        conn = pool.try_acquire() if decision.allowed and not decision.body_keys else None
         if conn is None:
             req.handoff = Handoff(user, key, started, None)
             return None
-        record["decision"] = "allow"
-        exchange = FastExchange(self, req, conn, record, started, user, key)
+        rule = decision.rule.id if decision.rule else None
+        fields_key = (client, user.name, req.method, target.path, rule)
+        fields = self._fields.get(fields_key)
+        if fields is None:
+            if len(self._fields) >= _FIELDS_MAX:
+                self._fields.clear()
+            fields = self._fields[fields_key] = request_fields(*fields_key[:4], "allow", rule)
+        exchange = FastExchange(self, req, conn, fields, started, user, key)
         transport = conn.transport
         try:
             head = self.forwarder.plain_head(req, target, user, client)
-            conn.start(req, exchange)
+            conn.start(req, exchange, exchange.finish)
             req.conn.relay_source = transport
             exchange.upstream_started = _perf()
             transport.write(head)  # type: ignore[union-attr]
@@ -103,7 +108,8 @@ class FastExchange:
         "path",
         "req",
         "upstream",
-        "record",
+        "time",
+        "fields",
         "started",
         "upstream_started",
         "user",
@@ -118,7 +124,7 @@ class FastExchange:
         path: FastPath,
         req: Request,
         upstream: UpstreamConnection,
-        record: dict[str, object],
+        fields: str,
         started: float,
         user: User,
         key: bytes,
@@ -126,7 +132,8 @@ class FastExchange:
         self.path = path
         self.req = req
         self.upstream: UpstreamConnection | None = upstream
-        self.record = record
+        self.time = now_iso()
+        self.fields = fields
         self.started = started
         self.upstream_started = started
         self.user = user
@@ -135,21 +142,20 @@ class FastExchange:
         self.error: BaseException | None = None
         self.settled = False
 
-    # -- what the upstream connection calls (the part of a future it uses)
+    # -- what the upstream connection calls (the part of a future it uses, and finish)
     def done(self) -> bool:
         return self.settled
 
     def set_result(self, status: int) -> None:
+        # Called from the upstream parser's callbacks: the answer's last bytes are written
+        # when the read that carried them has been parsed; the connection calls finish then.
         self.settled = True
         self.status = status
-        # Called from the upstream parser's callbacks: the answer's last bytes are written
-        # when the read that carried them has been parsed, so the rest waits for that.
-        self.path.loop.call_soon(self._finish)
 
     def set_exception(self, exc: BaseException) -> None:
         self.settled = True
         self.error = exc
-        self.path.loop.call_soon(self._finish)
+        self.path.loop.call_soon(self.finish)  # from wherever it failed, on a clean stack
 
     def exception(self) -> BaseException | None:
         return self.error
@@ -166,14 +172,16 @@ class FastExchange:
         self.req.conn.relay_source = None
         self.path.pool.release(conn)
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
+        """The answer was relayed (or the exchange failed): record, and go on."""
         conn = self.upstream
         if conn is None:
-            return  # cut at shutdown, recorded then
+            return  # finished already, or cut at shutdown (recorded then)
         self.upstream = None
         req = self.req
         req.conn.relay_source = None
-        self.path.pool.release(conn)
+        path = self.path
+        path.pool.release(conn)
         error = self.error
         if error is not None:
             # Nothing relayed on a Stale connection: the task path forwards the request
@@ -183,14 +191,21 @@ class FastExchange:
             )
             req.conn.slow_path()
             return
-        p = self.path.pipeline
         try:
-            p.write_record(
-                self.record,
-                self.status,
-                self.started,
-                milliseconds(_perf() - self.upstream_started),
+            now = _perf()
+            elapsed = now - self.started
+            upstream = now - self.upstream_started
+            p = path.pipeline
+            p.audit.write_line(
+                request_line(
+                    self.time,
+                    self.fields,
+                    self.status,
+                    milliseconds(upstream),
+                    milliseconds(elapsed),
+                )
             )
+            p.metrics.observe("allow", self.status, elapsed, upstream)
         finally:
             req.conn.fast_done()
 
@@ -199,7 +214,11 @@ class FastExchange:
         if self.upstream is None:
             return
         self.release(broken=True)
-        self.req.conn.inflight = None
-        self.record["decision"] = "cut"
-        self.record["reason"] = CUT_REASON
-        self.path.pipeline.write_record(self.record, 499, self.started, None)
+        req = self.req
+        req.conn.inflight = None
+        record = new_record(req)
+        record.update(json.loads("{" + self.fields + "}"))
+        record["time"] = self.time
+        record["decision"] = "cut"
+        record["reason"] = CUT_REASON
+        self.path.pipeline.write_record(record, 499, self.started, None)

@@ -17,13 +17,14 @@ from collections.abc import Callable
 from yarl import URL
 
 from . import __version__
-from .audit import AuditLog, Metrics
+from .audit import AuditLog
 from .auth import Authenticator, CredentialCache, FailureThrottle
 from .errors import GatewayError
 from .fastpath import FastPath
 from .forward import Forwarder
 from .http.pool import Pool, exchange, request_head
 from .http.server import Limits, Server
+from .metrics import Metrics
 from .pipeline import Pipeline
 from .policy import PolicyStore, ReloadResult, watch
 from .settings import Settings

@@ -252,21 +252,25 @@ class Pipeline:
             if not decision.allowed:
                 raise Unauthenticated("authentication required", realm=policy.realm)
             return decision
-        if policy is not self._memo_policy:  # a reload: decisions start afresh
-            self._memo.clear()
-            self._memo_policy = policy
-        memo_key = (user.name, req.method, target.path)
-        known = self._memo.get(memo_key)
-        if known is None:
-            known = policy.decide(user.name, req.method, target.segments)
-            if len(self._memo) >= _TARGET_CACHE:
-                self._memo.clear()
-            self._memo[memo_key] = known
-        decision = known
+        decision = self.decision(policy, user, req.method, target)
         record["rule"] = decision.rule.id if decision.rule else None
         if not decision.allowed:
             raise Forbidden(f"user {user.name!r} may not {req.method} {target.path}")
         return decision
+
+    def decision(self, policy: Policy, user: User, method: str, target: Target) -> Decision:
+        """The policy's decision for a user, remembered per policy."""
+        if policy is not self._memo_policy:  # a reload: decisions start afresh
+            self._memo.clear()
+            self._memo_policy = policy
+        memo_key = (user.name, method, target.path)
+        known = self._memo.get(memo_key)
+        if known is None:
+            known = policy.decide(user.name, method, target.segments)
+            if len(self._memo) >= _TARGET_CACHE:
+                self._memo.clear()
+            self._memo[memo_key] = known
+        return known
 
     async def authenticate(
         self, req: Request, target: Target, client: str, policy: Policy, header: bytes, key: bytes

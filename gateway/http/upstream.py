@@ -22,6 +22,7 @@ idempotent requests whose body was not streamed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -65,6 +66,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.sink: Request | None = None
         self.done: Settles | None = None
+        self.relayed: Callable[[], None] | None = None
         self.active = 0.0  # loop time data last moved; 0 while idle
         self.awaiting_client = False  # an upload waits for the client's next bytes
         self.upload: Upload | None = None  # the client body being streamed to this upstream
@@ -94,6 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._finish_body()
             self._flush()
             self._settle(self._status)
+            self._relayed()
             return
         if not self.received_any:
             self._fail(Stale())
@@ -150,6 +153,14 @@ class UpstreamConnection(asyncio.Protocol):
             )
             self.abort()
         self._flush()
+        if self.relayed is not None and self.complete:
+            self._relayed()
+
+    def _relayed(self) -> None:
+        relayed = self.relayed
+        if relayed is not None:
+            self.relayed = None
+            relayed()
 
     # -- httptools callbacks (no per-line ones: see heads.py)
     def on_message_begin(self) -> None:
@@ -250,10 +261,14 @@ class UpstreamConnection(asyncio.Protocol):
             done.set_exception(exc)
             done.exception()  # retrieved: the awaiter re-raises it
 
-    def start(self, sink: Request | None, done: Settles) -> None:
+    def start(
+        self, sink: Request | None, done: Settles, relayed: Callable[[], None] | None = None
+    ) -> None:
         """Get ready for the answer to the next request, relayed into ``sink``; its status
-        (or its failure) goes to ``done``."""
+        (or its failure) goes to ``done``; ``relayed`` is called once a complete answer's
+        last bytes were written (by the read that completed it, or the close that did)."""
         self.sink = sink
+        self.relayed = relayed
         self.complete = False
         self.received_any = False
         self._chunked_out = self._until_eof = self._interim = self._after_interim = False
@@ -265,6 +280,7 @@ class UpstreamConnection(asyncio.Protocol):
     def reset(self) -> None:
         """The exchange is over (the pool keeps or closes the connection)."""
         self.sink = None
+        self.relayed = None
         self.done = None
         self.active = 0.0
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditLog, Metrics
+from gateway.audit import AuditLog
+from gateway.metrics import Metrics
 from tests.helpers import fill, tmpfs
 
 RECORD = {

@@ -11,7 +11,9 @@ import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from gateway.audit import AuditLog
+import pytest
+
+from gateway.audit import AuditLog, request_fields, request_line
 from tests.helpers import basic
 from tests.rawupstream import ScriptedUpstream, parse_answers, serving
 from tests.unit.test_hot_path_memos import _exchange
@@ -283,3 +285,34 @@ async def test_a_second_answer_begun_in_the_read_that_ended_the_first_is_never_r
         finally:
             writer.close()
     assert conns[0] == conns[1] != conns[2]  # the connection that misspoke was dropped
+
+
+@pytest.mark.parametrize("upstream_ms", [None, 0.0, 0.001, 0.25, 12.0, 1234.567, 99999.999])
+@pytest.mark.parametrize(
+    ("user", "path", "rule"),
+    [
+        ("sales", "/api/inventory", "roles.sales.allow[0]"),
+        ('o"dd\\user', "/api/ä/\u2028/%00", None),
+    ],
+)
+def test_the_templated_audit_line_is_the_records_line_byte_for_byte(
+    upstream_ms, user, path, rule
+) -> None:
+    record = {
+        "event": "request",
+        "time": "2026-12-06T03:04:05.678Z",
+        "client": "10.0.0.1",
+        "user": user,
+        "method": "GET",
+        "path": path,
+        "decision": "allow",
+        "rule": rule,
+        "status": 200,
+        "upstream_ms": upstream_ms,
+        "total_ms": 0.042,
+    }
+    buf = io.StringIO()
+    AuditLog(buf).write(record)
+    fields = request_fields("10.0.0.1", user, "GET", path, "allow", rule)
+    line = request_line(record["time"], fields, 200, upstream_ms, 0.042)
+    assert line.decode() == buf.getvalue()
