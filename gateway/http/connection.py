@@ -106,6 +106,7 @@ class Connection(asyncio.BufferedProtocol):
         self._unfinished = 0  # bytes fed since the parser last finished something
         self.client_done = False  # the client half-closed (sent EOF)
         self._host_ok: bytes | None = None  # the last Host value found valid here
+        self._headers: Headers | None = None  # the last request's, for the next one
         # (credential cache, Authorization value, its cache key) of the last request here
         self.auth_key: tuple[object, bytes, bytes] | None = None
         # (forwarder, user, client, header lines, forwarded block) of the last request here
@@ -248,7 +249,11 @@ class Connection(asyncio.BufferedProtocol):
     def on_headers_complete(self) -> None:
         self._progressed = True
         p = self.parser
-        headers = Headers(self._lines)
+        headers = self._headers
+        if headers is None or headers.raw != self._lines:
+            # a kept-alive client tends to repeat its header lines: the last ones are kept
+            # (Headers is never changed once made)
+            headers = self._headers = Headers(self._lines)
         req = Request(
             self,
             p.get_method().decode("ascii", "replace"),

@@ -74,7 +74,8 @@ def error_body(status: int, code: str, message: str) -> bytes:
 
 
 class Headers:
-    """Request or response headers: raw lines in order, plus a case-insensitive lookup.
+    """Request or response headers: raw lines in order, plus a case-insensitive lookup; never
+    changed once made (a connection hands the same object to requests that repeat the lines).
 
     Repeated fields are joined with ``", "`` in the lookup (RFC 9110 5.3), which is what every
     list-valued header means; a repeated singleton (``Authorization``) then fails to parse,
@@ -95,13 +96,6 @@ class Headers:
         # The raw value of an already lower-cased name: the dict's own lookup, the hot
         # path's most frequent call, without a Python frame around it.
         self.get_raw: Callable[[bytes], bytes | None] = m.get
-
-    def add(self, name: bytes, value: bytes) -> None:
-        """Append one header line."""
-        self.raw.append((name, value))
-        low = name.lower()
-        old = self._map.get(low)
-        self._map[low] = value if old is None else old + b", " + value
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The value of ``name`` (any case), decoded as Latin-1, or ``default``."""
