@@ -93,6 +93,11 @@ class CredentialCache:
         self.misses += 1
         return None, False
 
+    def fresh_until(self, key: bytes) -> float:
+        """The monotonic time until which the entry needs no check (0.0 without one)."""
+        entry = self._entries.get(key)
+        return entry[0] - self._refresh_before if entry is not None else 0.0
+
     def due(self, key: bytes) -> bool:
         """True when the entry should be checked again now (and nobody is doing it yet)."""
         entry = self._entries.get(key)

@@ -36,10 +36,12 @@ from .pipeline import CUT_REASON, OVERRIDES, Handoff, new_record
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline
-    from .policy import User
+    from .policy import Policy, User
 
 _perf = time.perf_counter
+_monotonic = time.monotonic  # the credential cache's clock
 _FIELDS_MAX = 4096  # audit line middles remembered (client, user, method, path, rule)
+_PLAN_HEAD_MAX = 8192  # bytes of upstream head a connection keeps for a repeat request
 
 
 class FastPath:
@@ -52,42 +54,39 @@ class FastPath:
         self.loop = self.pool.loop
         self.taken = 0  # requests forwarded on this path (/-/status shows it)
         self._fields: dict[tuple[str, str, str, str, str | None], str] = {}
+        self.cache = pipeline.auth.cache
 
     def __call__(self, req: Request) -> FastExchange | None:
         """Forward ``req`` on this path, or return None (the task path takes it: with a
         :class:`Handoff` once credentials were looked up)."""
-        p = self.pipeline
-        if req.method not in IDEMPOTENT or req.headers.has_any(OVERRIDES):
-            return None
-        target = p.targets.get(req.target)
-        header = req.headers.get_raw(b"authorization")
-        pool = self.pool
-        if target is None or target.own or header is None or pool.per_client:
-            return None
         started = _perf()
-        client = p.client_address(req) if p.trusted else req.remote or "unknown"
-        policy = p.store.policy
-        user, key = p.cached_user(req, header, policy, client)
-        if user is None:
-            req.handoff = Handoff(None, key, started, None)
-            return None
-        # a denial is answered by the task path, which decides again (remembered)
-        decision = p.decision(policy, user, req.method, target)
-        conn = pool.try_acquire() if decision.allowed and not decision.body_keys else None
+        policy = self.pipeline.store.policy
+        plan = req.conn.plan
+        if (
+            plan is not None
+            and plan[0] is req.headers
+            and plan[1] == req.target
+            and plan[2] == req.method
+            and plan[3] is policy
+            and plan[4] is self
+            and _monotonic() < plan[5]
+        ):
+            # The same request as the last one here (the same Headers object: the same
+            # lines), under the same policy, its credentials fresh: forwarded as it was.
+            user, key, fields, head = plan[6], plan[7], plan[8], plan[9]
+            self.cache.hits += 1  # the lookup this stands for
+        else:
+            made = self._plan(req, policy, started)
+            if made is None:
+                return None
+            user, key, fields, head = made
+        conn = self.pool.try_acquire()
         if conn is None:
             req.handoff = Handoff(user, key, started, None)
             return None
-        rule = decision.rule.id if decision.rule else None
-        fields_key = (client, user.name, req.method, target.path, rule)
-        fields = self._fields.get(fields_key)
-        if fields is None:
-            if len(self._fields) >= _FIELDS_MAX:
-                self._fields.clear()
-            fields = self._fields[fields_key] = request_fields(*fields_key[:4], "allow", rule)
         exchange = FastExchange(self, req, conn, fields, started, user, key)
         transport = conn.transport
         try:
-            head = self.forwarder.plain_head(req, target, user, client)
             conn.start(req, exchange, exchange.finish)
             req.conn.relay_source = transport
             exchange.upstream_started = _perf()
@@ -98,6 +97,56 @@ class FastPath:
             return None
         self.taken += 1
         return exchange
+
+    def _plan(
+        self, req: Request, policy: Policy, started: float
+    ) -> tuple[User, bytes, str, bytes] | None:
+        """Whether ``req`` qualifies, and if so (user, credential key, audit line middle,
+        upstream head), also remembered on its connection for a repeat of it (see
+        :meth:`__call__`). None: the task path's (with a :class:`Handoff` once the
+        credentials were looked up)."""
+        p = self.pipeline
+        if req.method not in IDEMPOTENT or req.headers.has_any(OVERRIDES):
+            return None
+        target = p.targets.get(req.target)
+        header = req.headers.get_raw(b"authorization")
+        if target is None or target.own or header is None or self.pool.per_client:
+            return None
+        client = p.client_address(req) if p.trusted else req.remote or "unknown"
+        user, key = p.cached_user(req, header, policy, client)
+        if user is None:
+            req.handoff = Handoff(None, key, started, None)
+            return None
+        # a denial is answered by the task path, which decides again (remembered)
+        decision = p.decision(policy, user, req.method, target)
+        if not decision.allowed or decision.body_keys:
+            req.handoff = Handoff(user, key, started, None)
+            return None
+        rule = decision.rule.id if decision.rule else None
+        fields_key = (client, user.name, req.method, target.path, rule)
+        fields = self._fields.get(fields_key)
+        if fields is None:
+            if len(self._fields) >= _FIELDS_MAX:
+                self._fields.clear()
+            fields = self._fields[fields_key] = request_fields(*fields_key[:4], "allow", rule)
+        head = self.forwarder.plain_head(req, target, user, client)
+        # Valid while the credentials need no check (their cache entry is not yet due: a
+        # due one is checked again by the next lookup) and the policy stays in force.
+        fresh_until = self.cache.fresh_until(key)
+        if len(head) <= _PLAN_HEAD_MAX:
+            req.conn.plan = (
+                req.headers,
+                req.target,
+                req.method,
+                policy,
+                self,
+                fresh_until,
+                user,
+                key,
+                fields,
+                head,
+            )
+        return user, key, fields, head
 
 
 class FastExchange:

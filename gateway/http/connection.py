@@ -27,7 +27,7 @@ import asyncio
 import logging
 import re
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -111,6 +111,8 @@ class Connection(asyncio.BufferedProtocol):
         self.auth_key: tuple[object, bytes, bytes] | None = None
         # (forwarder, user, client, header lines, forwarded block) of the last request here
         self.forwarded: tuple[object, object, str, list[tuple[bytes, bytes]], bytes] | None = None
+        # the callback path's plan for a repeat of the last request here (gateway.fastpath)
+        self.plan: tuple[Any, ...] | None = None
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -12,6 +12,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import yaml
 
 from gateway.audit import AuditLog, request_fields, request_line
 from tests.helpers import basic
@@ -316,3 +317,45 @@ def test_the_templated_audit_line_is_the_records_line_byte_for_byte(
     fields = request_fields("10.0.0.1", user, "GET", path, "allow", rule)
     line = request_line(record["time"], fields, 200, upstream_ms, 0.042)
     assert line.decode() == buf.getvalue()
+
+
+async def test_a_repeated_request_is_decided_anew_after_a_reload(make_gateway, policy_path) -> None:
+    """The connection's plan for a repeat of its last request is for one policy: the same
+    bytes after a reload that takes the grant away are refused."""
+    gw = await make_gateway()
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    same = _get(ITEMS)
+    try:
+        for _ in range(3):
+            assert (await _exchange(reader, writer, same))[0] == 200
+        doc = yaml.safe_load(policy_path.read_text())
+        doc["roles"]["sales"]["allow"] = [{"methods": ["POST"], "paths": [ITEMS]}]
+        doc.pop("tests", None)
+        policy_path.write_text(yaml.safe_dump(doc))
+        result = await gw.gw.reload("test")
+        assert result.ok and result.changed, result
+        assert (await _exchange(reader, writer, same))[0] == 403
+    finally:
+        writer.close()
+
+
+async def test_a_repeated_request_still_has_its_credentials_checked_again_when_due(
+    make_gateway,
+) -> None:
+    """Credentials in the last tenth of their cache life are checked again in the background
+    on their next use, also when every request on the connection is the same."""
+    gw = await make_gateway(cache_ttl=1.0)
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    same = _get(ITEMS)
+    try:
+        assert (await _exchange(reader, writer, same))[0] == 200
+        checks = gw.gw.auth.bcrypt_checks
+        for _ in range(2000):  # until a background check ran (~0.9 s in)
+            assert (await _exchange(reader, writer, same))[0] == 200
+            if gw.gw.auth.bcrypt_checks > checks:
+                break
+            await asyncio.sleep(0.005)
+        assert gw.gw.auth.bcrypt_checks > checks
+    finally:
+        writer.close()
+    assert gw.gw.fast.taken > 1
