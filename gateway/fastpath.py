@@ -23,7 +23,6 @@ request is on this path the next ones wait in the queue, and a task takes them a
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING
 
@@ -35,6 +34,7 @@ from .http.upstream import Stale, UpstreamConnection
 from .pipeline import CUT_REASON, OVERRIDES, Handoff, new_record
 
 if TYPE_CHECKING:
+    from .guard import Target
     from .pipeline import Pipeline
     from .policy import Policy, User
 
@@ -73,36 +73,37 @@ class FastPath:
         ):
             # The same request as the last one here (the same Headers object: the same
             # lines), under the same policy, its credentials fresh: forwarded as it was.
-            user, key, fields, head = plan[6], plan[7], plan[8], plan[9]
+            user, key, fields, head, decided = plan[6], plan[7], plan[8], plan[9], plan[10]
             self.cache.hits += 1  # the lookup this stands for
         else:
             made = self._plan(req, policy, started)
             if made is None:
                 return None
-            user, key, fields, head = made
+            user, key, fields, head, decided = made
         conn = self.pool.try_acquire()
         if conn is None:
-            req.handoff = Handoff(user, key, started, None)
+            req.handoff = Handoff(user, key, started)
             return None
-        exchange = FastExchange(self, req, conn, fields, started, user, key)
+        exchange = FastExchange(self, req, conn, fields, started, user, key, decided)
         transport = conn.transport
         try:
             conn.start(req, exchange, exchange.finish)
             req.conn.relay_source = transport
             exchange.upstream_started = _perf()
             transport.write(head)  # type: ignore[union-attr]
-        except Exception:  # nothing was relayed: the task path tries again, and answers
+        except Exception:  # nothing was sent: the task path tries again, and answers
             exchange.release(broken=True)
-            req.handoff = Handoff(user, key, started, None)
+            req.handoff = Handoff(user, key, started)
             return None
         self.taken += 1
         return exchange
 
     def _plan(
         self, req: Request, policy: Policy, started: float
-    ) -> tuple[User, bytes, str, bytes] | None:
+    ) -> tuple[User, bytes, str, bytes, tuple[str, Target, str | None]] | None:
         """Whether ``req`` qualifies, and if so (user, credential key, audit line middle,
-        upstream head), also remembered on its connection for a repeat of it (see
+        upstream head, (client, target, rule)), also remembered on its connection for a
+        repeat of it (see
         :meth:`__call__`). None: the task path's (with a :class:`Handoff` once the
         credentials were looked up)."""
         p = self.pipeline
@@ -115,12 +116,12 @@ class FastPath:
         client = p.client_address(req) if p.trusted else req.remote or "unknown"
         user, key = p.cached_user(req, header, policy, client)
         if user is None:
-            req.handoff = Handoff(None, key, started, None)
+            req.handoff = Handoff(None, key, started)
             return None
         # a denial is answered by the task path, which decides again (remembered)
         decision = p.decision(policy, user, req.method, target)
         if not decision.allowed or decision.body_keys:
-            req.handoff = Handoff(user, key, started, None)
+            req.handoff = Handoff(user, key, started)
             return None
         rule = decision.rule.id if decision.rule else None
         fields_key = (client, user.name, req.method, target.path, rule)
@@ -133,6 +134,7 @@ class FastPath:
         # Valid while the credentials need no check (their cache entry is not yet due: a
         # due one is checked again by the next lookup) and the policy stays in force.
         fresh_until = self.cache.fresh_until(key)
+        decided = (client, target, rule)
         if len(head) <= _PLAN_HEAD_MAX:
             req.conn.plan = (
                 req.headers,
@@ -145,8 +147,9 @@ class FastPath:
                 key,
                 fields,
                 head,
+                decided,
             )
-        return user, key, fields, head
+        return user, key, fields, head, decided
 
 
 class FastExchange:
@@ -163,6 +166,7 @@ class FastExchange:
         "upstream_started",
         "user",
         "key",
+        "decided",
         "status",
         "error",
         "settled",
@@ -177,6 +181,7 @@ class FastExchange:
         started: float,
         user: User,
         key: bytes,
+        decided: tuple[str, Target, str | None],
     ) -> None:
         self.path = path
         self.req = req
@@ -187,6 +192,7 @@ class FastExchange:
         self.upstream_started = started
         self.user = user
         self.key = key
+        self.decided = decided
         self.status = 0
         self.error: BaseException | None = None
         self.settled = False
@@ -234,9 +240,14 @@ class FastExchange:
         error = self.error
         if error is not None:
             # Nothing relayed on a Stale connection: the task path forwards the request
-            # again. Any other failure is answered (or the client cut off) and recorded there.
+            # once more, on a fresh one. Any other failure is answered (or the client cut
+            # off) and recorded there. Either way under this decision, not a new one.
             req.handoff = Handoff(
-                self.user, self.key, self.started, None if isinstance(error, Stale) else error
+                self.user,
+                self.key,
+                self.started,
+                None if isinstance(error, Stale) else error,
+                self.decided,
             )
             req.conn.slow_path()
             return
@@ -266,8 +277,9 @@ class FastExchange:
         req = self.req
         req.conn.inflight = None
         record = new_record(req)
-        record.update(json.loads("{" + self.fields + "}"))
-        record["time"] = self.time
+        client, target, rule = self.decided
+        record.update(time=self.time, client=client, path=target.path, rule=rule)
+        record["user"] = self.user.name
         record["decision"] = "cut"
         record["reason"] = CUT_REASON
         self.path.pipeline.write_record(record, 499, self.started, None)

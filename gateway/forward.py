@@ -169,11 +169,19 @@ class Forwarder:
         return request_head(req.method.encode(), target.wire, self.host, lines)
 
     def forward(
-        self, req: Request, target: Target, user: User | None, client: str, body: bytes | None
+        self,
+        req: Request,
+        target: Target,
+        user: User | None,
+        client: str,
+        body: bytes | None,
+        *,
+        fresh: bool = False,
     ) -> Awaitable[int]:
         """Forward ``req`` as ``target`` for ``user``; ``body`` when already read. Returns an
         awaitable of the status relayed: the exchange itself when nothing is left to read
-        first (no coroutine of its own around it, on the per-request path)."""
+        first (no coroutine of its own around it, on the per-request path). ``fresh``: sent
+        once, on a new connection (the callback path found a pooled one closed)."""
         lines = self.header_lines(req, user, client)
         stream = None
         if body is None and req.body is not None:
@@ -191,7 +199,7 @@ class Forwarder:
                 return self._read_then_send(req, target, lines, length, client)
             else:
                 stream = _Limited(req.body, self.max_body)
-        return self._send(req, target, lines, body, stream, client)
+        return self._send(req, target, lines, body, stream, client, fresh)
 
     async def _read_then_send(
         self, req: Request, target: Target, lines: list[bytes], length: int, client: str
@@ -207,6 +215,7 @@ class Forwarder:
         body: bytes | None,
         stream: _Limited | None,
         client: str,
+        fresh: bool = False,
     ) -> Awaitable[int]:
         if body is not None:
             lines.append(b"Content-Length: %d\r\n" % len(body))
@@ -220,7 +229,14 @@ class Forwarder:
             lines.append(_NO_BODY)
         head = request_head(req.method.encode(), target.wire, self.host, lines)
         return exchange(
-            self.pool, req, head, body, stream, retry=req.method in IDEMPOTENT, client=client
+            self.pool,
+            req,
+            head,
+            body,
+            stream,
+            retry=req.method in IDEMPOTENT and not fresh,
+            client=client,
+            fresh=fresh,
         )
 
 

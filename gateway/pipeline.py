@@ -57,18 +57,27 @@ OVERRIDES = frozenset(h.lower().encode() for h in OVERRIDE_HEADERS)
 
 class Handoff:
     """What the callback path (:mod:`gateway.fastpath`) knew when it gave a request to this
-    one: the cached-credential lookup (done once, so it is counted once), when the request
-    began, and the failure of its exchange to answer (None: forward it here)."""
+    one: the cached-credential lookup (done once, so it is counted once) and when the request
+    began; once it had decided and forwarded the request, also that decision and the failure
+    of its exchange to answer (None: a pooled connection found closed, forward it once more
+    on a fresh one)."""
 
-    __slots__ = ("user", "key", "started", "error")
+    __slots__ = ("user", "key", "started", "error", "decided")
 
     def __init__(
-        self, user: User | None, key: bytes, started: float, error: BaseException | None
+        self,
+        user: User | None,
+        key: bytes,
+        started: float,
+        error: BaseException | None = None,
+        decided: tuple[str, Target, str | None] | None = None,
     ) -> None:
         self.user = user
         self.key = key
         self.started = started
         self.error = error
+        # (client, target, rule) once the request was decided and forwarded
+        self.decided = decided
 
 
 def new_record(req: Request) -> dict[str, object]:
@@ -119,35 +128,19 @@ class Pipeline:
         upstream_ms = None
         status = 500
         try:
-            client = record["client"] = (
-                self.client_address(req) if self.trusted else req.remote or "unknown"
-            )
-            if req.method in REJECTED_METHODS or req.headers.has_any(OVERRIDES):
-                check_method(req.method, req.headers)
-            if req.chunked:
-                check_framing(req.headers)
-            target = self.targets.get(req.target)
-            if target is None:
-                target = self.canonical(req.target)
-            record["path"] = target.path
-            policy = self.store.policy  # one snapshot for the whole request
-            user = None
-            header = req.headers.get_raw(b"authorization")
-            if header is not None:
-                if handoff is None:
-                    user, key = self.cached_user(req, header, policy, client)
-                else:  # looked up by the callback path already
-                    user, key = handoff.user, handoff.key
-                if user is None:
-                    user = await self.authenticate(req, target, client, policy, header, key)
-                record["user"] = user.name
-            decision = self.authorize(req, target, user, policy, record)
-            inspected = None
-            if decision.body_keys:
-                inspected = await self.inspect_body(req, decision, user)
-            record["decision"] = "allow" if user is not None else "public"
-            if handoff is not None and handoff.error is not None:
-                raise handoff.error  # the callback path's exchange failed: answered here
+            if handoff is not None and handoff.decided is not None:
+                # The callback path decided and forwarded this request: that decision stands
+                # (one policy snapshot per request). Its failure is answered here; a pooled
+                # connection it found closed is replaced by a fresh one, once.
+                client, target, rule = handoff.decided
+                user = handoff.user
+                record.update(client=client, path=target.path, rule=rule, decision="allow")
+                record["user"] = user.name if user is not None else None
+                if handoff.error is not None:
+                    raise handoff.error
+                inspected = None
+            else:
+                client, target, user, inspected = await self.admit(req, handoff, record)
             if target.own:
                 status, headers, body = await self.admin.dispatch(req, target)
                 await req.respond(status, headers, body)
@@ -155,7 +148,14 @@ class Pipeline:
                 t_up = _perf()
                 forwarder = self.forwarder
                 assert forwarder is not None, "gateway not started"
-                status = await forwarder.forward(req, target, user, client, inspected)
+                status = await forwarder.forward(
+                    req,
+                    target,
+                    user,
+                    client,
+                    inspected,
+                    fresh=handoff is not None and handoff.decided is not None,
+                )
                 upstream_ms = milliseconds(_perf() - t_up)
         except GatewayError as exc:
             status = exc.status
@@ -175,6 +175,40 @@ class Pipeline:
             await self.answer_error(req, GatewayError("internal error"), record)
         finally:
             self.write_record(record, status, started, upstream_ms)
+
+    async def admit(
+        self, req: Request, handoff: Handoff | None, record: dict[str, object]
+    ) -> tuple[str, Target, User | None, bytes | None]:
+        """Guard, authenticate and authorize ``req``: (client, target, user, the body a
+        body-constrained rule inspected), or a :class:`GatewayError`."""
+        client = record["client"] = (
+            self.client_address(req) if self.trusted else req.remote or "unknown"
+        )
+        if req.method in REJECTED_METHODS or req.headers.has_any(OVERRIDES):
+            check_method(req.method, req.headers)
+        if req.chunked:
+            check_framing(req.headers)
+        target = self.targets.get(req.target)
+        if target is None:
+            target = self.canonical(req.target)
+        record["path"] = target.path
+        policy = self.store.policy  # one snapshot for the whole request
+        user = None
+        header = req.headers.get_raw(b"authorization")
+        if header is not None:
+            if handoff is None:
+                user, key = self.cached_user(req, header, policy, client)
+            else:  # looked up by the callback path already
+                user, key = handoff.user, handoff.key
+            if user is None:
+                user = await self.authenticate(req, target, client, policy, header, key)
+            record["user"] = user.name
+        decision = self.authorize(req, target, user, policy, record)
+        inspected = None
+        if decision.body_keys:
+            inspected = await self.inspect_body(req, decision, user)
+        record["decision"] = "allow" if user is not None else "public"
+        return client, target, user, inspected
 
     def write_record(
         self, record: dict[str, object], status: int, started: float, upstream_ms: float | None

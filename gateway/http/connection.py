@@ -89,6 +89,9 @@ class Connection(asyncio.BufferedProtocol):
         # the request the callback path (Server.fast) is forwarding, with no task
         self.inflight: Inflight | None = None
         self.closing = False
+        # the byte stream went wrong: nothing more is read, the queue is answered up to the
+        # refusal, which closes the connection
+        self.refused = False
         self.draining = False
         self.state = _HEAD
         self.since = self.loop.time()
@@ -155,7 +158,7 @@ class Connection(asyncio.BufferedProtocol):
         self.data_received(self.server.read_buffer[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
-        if self.closing:
+        if self.closing or self.refused:
             return
         self._progressed = False
         try:
@@ -392,8 +395,12 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- serving
     def _refuse(self, error: GatewayError) -> None:
-        """The byte stream can no longer be trusted: answer what came before, then this."""
-        self.closing = True
+        """The byte stream can no longer be trusted: answer the requests queued before it,
+        then this; past the pipelining limit (an abuse, not a mistake) only the request in
+        hand is answered before the connection closes."""
+        self.refused = True
+        if error.code == "pipeline_depth":
+            self.closing = True
         if self._body is not None:
             self._body.fail(BadRequest(f"malformed request body: {error.message}", code="framing"))
             self._body = None

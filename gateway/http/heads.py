@@ -83,11 +83,9 @@ def relayed_head(
 ) -> Head:
     """The relayed head of the final answer whose head ends in ``seen`` (the exchange's bytes
     so far), from ``heads`` (the pool's memo) when it can be."""
-    end = (
-        seen.find(b"\r\n\r\n", 0, _HEAD_MEMO_MAX + 4)
-        if not after_interim and seen.startswith(b"HTTP/")
-        else -1
-    )
+    if after_interim or not seen.startswith(b"HTTP/"):  # after a 1xx, or after blank lines
+        return make_head(status, *read_head(seen), head_only, http11)
+    end = seen.find(b"\r\n\r\n", 0, _HEAD_MEMO_MAX + 4)
     if 0 <= end < _HEAD_MEMO_MAX:
         key = (seen[: end + 4], head_only, http11)
         known = heads.get(key)
@@ -97,7 +95,13 @@ def relayed_head(
                 heads.clear()
             heads[key] = known
         return known
-    return make_head(status, *read_head(seen), head_only, http11)  # after a 1xx, or huge
+    if seen.find(b"\r\n\r\n", 0, HEAD_MAX) < 0:
+        # The connection bounds the bytes read before a head ends in whole reads; the head
+        # itself, which begins here, is held to the limit exactly.
+        raise BadGateway(
+            f"the upstream's answer head is over {HEAD_MAX} bytes", code="upstream_malformed"
+        )
+    return make_head(status, *read_head(seen), head_only, http11)
 
 
 class _HeadRead(Exception):

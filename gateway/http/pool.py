@@ -146,8 +146,10 @@ class Pool:
         else:
             del self._held[client]
 
-    async def acquire(self, streaming: bool = False) -> tuple[UpstreamConnection, bool]:
-        """A connection and whether it was reused from the pool."""
+    async def acquire(
+        self, streaming: bool = False, *, fresh: bool = False
+    ) -> tuple[UpstreamConnection, bool]:
+        """A connection and whether it was reused from the pool (never with ``fresh``)."""
         if streaming:
             if self.streaming >= self.streaming_limit:
                 raise Overloaded(
@@ -161,7 +163,7 @@ class Pool:
                 self.streaming -= 1
             raise
         now = time.monotonic()
-        while self._idle:
+        while self._idle and not fresh:
             conn, since = self._idle.pop()
             if (
                 not conn.broken
@@ -295,11 +297,13 @@ async def exchange(
     *,
     retry: bool = False,
     client: str | None = None,
+    fresh: bool = False,
 ) -> int:
     """Send one request (``head`` + ``body``, or the client's body streamed from ``stream``,
     a :class:`~gateway.http.server.Body` whose framing ``head`` announced) and relay its answer
     into ``req``. Returns the status. Raises :class:`GatewayError` before any byte of the
-    answer left, :class:`ClientGone` when the client disappeared."""
+    answer left, :class:`ClientGone` when the client disappeared. ``fresh``: on a new
+    connection, never a pooled one."""
     streaming = stream is not None
     if client is not None and pool.per_client:
         pool.hold(client)
@@ -307,11 +311,11 @@ async def exchange(
         client = None
     try:
         for attempt in (0, 1):
-            conn = pool.try_acquire() if not streaming and attempt == 0 else None
+            conn = pool.try_acquire() if not (streaming or fresh) and attempt == 0 else None
             if conn is not None:
                 reused = True
             else:
-                conn, reused = await pool.acquire(streaming)
+                conn, reused = await pool.acquire(streaming, fresh=fresh)
             done: asyncio.Future[int] = pool.loop.create_future()
             conn.start(req, done)
             if req is not None:

@@ -73,9 +73,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.broken = False
         self.complete = False
         self.received_any = False
-        # The exchange's bytes until the final answer's head has been parsed (its reason and
-        # header lines are read from them, see _read_head), then None.
-        self._seen: bytes | None = None
+        # The exchange's reads until the final answer's head has been parsed (its reason and
+        # header lines are read from them, see heads.py), and how many bytes they hold.
+        self._seen: list[bytes] = []
+        self._seen_bytes = 0
         self._out: list[bytes] = []
         self._interim = False
         self._after_interim = False
@@ -121,30 +122,34 @@ class UpstreamConnection(asyncio.Protocol):
         self.active = self.loop.time()
         self.received_any = True
         if not self._status:  # the final answer's head is still to come (or being parsed)
-            seen = self._seen
-            self._seen = data if seen is None else seen + data
+            self._seen.append(data)
+            self._seen_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.broken = True
-            self._fail(
-                BadGateway(
-                    "the upstream switched protocols, which is not proxied",
-                    code="upstream_protocol",
+            if not self.complete:  # else what follows a complete answer: never relayed
+                self._fail(
+                    BadGateway(
+                        "the upstream switched protocols, which is not proxied",
+                        code="upstream_protocol",
+                    )
                 )
-            )
         except httptools.HttpParserError as exc:
             self.broken = True
-            if not self.complete and self.sink is not None and not self.sink.started:
-                self._out.clear()  # nothing sent yet: the client gets a clean 502
-            cause = exc.__context__
-            self._fail(
-                cause
-                if isinstance(cause, GatewayError)
-                else BadGateway("the upstream sent a malformed answer", code="upstream_malformed")
-            )
+            if not self.complete:
+                if self.sink is not None and not self.sink.started:
+                    self._out.clear()  # nothing sent yet: the client gets a clean 502
+                cause = exc.__context__
+                self._fail(
+                    cause
+                    if isinstance(cause, GatewayError)
+                    else BadGateway(
+                        "the upstream sent a malformed answer", code="upstream_malformed"
+                    )
+                )
             self.abort()
-        if self._seen is not None and not self._status and len(self._seen) > HEAD_MAX:
+        if not self._status and self._seen_bytes > HEAD_MAX:
             self._fail(
                 BadGateway(
                     f"the upstream's answer head is over {HEAD_MAX} bytes",
@@ -153,8 +158,12 @@ class UpstreamConnection(asyncio.Protocol):
             )
             self.abort()
         self._flush()
-        if self.relayed is not None and self.complete:
-            self._relayed()
+        if self.complete:
+            # Settled only now, after the answer's last bytes were handed to the client: a
+            # client found gone by that write makes the outcome ClientGone, not the status.
+            self._settle(self._status)
+            if self.relayed is not None:
+                self._relayed()
 
     def _relayed(self) -> None:
         relayed = self.relayed
@@ -182,9 +191,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._after_interim = True  # the final answer's head does not begin the bytes
             return
         self._status = status
-        seen, self._seen = self._seen, None
+        parts = self._seen
+        seen = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
         sink = self.sink
-        if sink is None or seen is None:  # a probe: only the status matters
+        if sink is None:  # a probe: only the status matters
             return
         known = relayed_head(
             self.pool.heads, seen, status, self._after_interim, sink.head_only, sink.http11
@@ -198,7 +209,6 @@ class UpstreamConnection(asyncio.Protocol):
             # llhttp would wait for a body the answer to HEAD does not have.
             self.broken = True
             self._finish_body()
-            self._settle(status)
 
     def on_body(self, data: bytes) -> None:
         if self.sink is None or self.complete:
@@ -217,7 +227,6 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.parser.should_keep_alive():
             self.broken = True
         self._finish_body()
-        self._settle(self._status)
 
     # -- the exchange
     def _finish_body(self) -> None:
@@ -273,7 +282,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.received_any = False
         self._chunked_out = self._until_eof = self._interim = self._after_interim = False
         self._status = 0
-        self._seen = None
+        self._seen.clear()
+        self._seen_bytes = 0
         self.active = self.loop.time()
         self.done = done
 

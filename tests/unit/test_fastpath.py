@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -359,3 +360,188 @@ async def test_a_repeated_request_still_has_its_credentials_checked_again_when_d
     finally:
         writer.close()
     assert gw.gw.fast.taken > 1
+
+
+MANAGER = basic("manager", "imthemanager")["Authorization"]
+
+
+async def test_a_request_whose_pooled_connection_was_closed_is_sent_at_most_twice(
+    make_gateway,
+) -> None:
+    """Review finding: the callback path's send, then the task path's own try on another
+    pooled connection and its retry made three. Now: once more, on a fresh connection."""
+    sent: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served = 0
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                sent.append(head.split(b" ", 2)[0].decode())
+                served += 1
+                if served == 2:
+                    break  # a pooled connection closes as it reads its second request
+                writer.write(OK)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        gw = await make_gateway(upstream=url)
+        target = ITEMS + "?name=x"
+        conns = [await asyncio.open_connection(gw.host, gw.port) for _ in range(2)]
+        try:
+            # two at once: two pooled upstream connections, each with one answer behind it
+            results = await asyncio.gather(
+                *(_exchange(r, w, _get(target, MANAGER)) for r, w in conns)
+            )
+            assert [s for s, _ in results] == [200, 200]
+            assert gw.gw.pool.idle == 2
+            status, _ = await _exchange(*conns[0], _get(target, MANAGER).replace(b"GET", b"DELETE"))
+        finally:
+            for _, w in conns:
+                w.close()
+    finally:
+        server.close()
+    assert status == 200
+    assert sent.count("DELETE") == 2, sent
+    assert gw.gw.fast.taken == 1
+
+
+async def test_a_failed_exchange_keeps_the_decision_it_was_forwarded_under(
+    make_gateway, policy_path
+) -> None:
+    """Review finding: a reload while a callback-path request was at the upstream made its
+    failure a 403 "deny", though the upstream had it. It stays the forwarded request it was."""
+    release = asyncio.Event()
+    received = asyncio.Event()
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        if n == 1:
+            writer.write(OK)
+            return True
+        received.set()
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\n")
+        return True
+
+    async with _upstream(answer) as url:
+        gw, buf = await _audited(make_gateway, upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+            writer.write(_get(ITEMS))
+            await asyncio.wait_for(received.wait(), 5)
+            assert gw.gw.fast.taken == 1
+            doc = yaml.safe_load(policy_path.read_text())
+            doc["users"]["sales"]["roles"] = []
+            doc.pop("tests", None)
+            policy_path.write_text(yaml.safe_dump(doc))
+            result = await gw.gw.reload("test")
+            assert result.ok and result.changed, result
+            release.set()
+            status, _ = await asyncio.wait_for(_read_one(reader), 5)
+        finally:
+            writer.close()
+    assert status == 502
+    failed = _requests(buf)[-1]
+    assert (failed["status"], failed["decision"], failed["user"]) == (502, "allow", "sales")
+    assert failed["rule"] == _requests(buf)[0]["rule"]
+
+
+async def _read_one(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    return int(head.split()[1]), head
+
+
+async def test_a_client_gone_before_its_answer_is_recorded_as_gone(make_gateway) -> None:
+    """Review finding: an answer completed in one read for a client that had reset its
+    connection was recorded as a 200."""
+    release = asyncio.Event()
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        if n == 2:
+            await release.wait()
+        writer.write(OK)
+        return True
+
+    async with _upstream(answer) as url:
+        gw, buf = await _audited(make_gateway, upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+        writer.write(_get(ITEMS))
+        await writer.drain()
+        for _ in range(500):
+            if gw.server.busy():
+                break
+            await asyncio.sleep(0.01)  # polling the server's own count, no event for it
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset
+        for _ in range(500):
+            if not gw.server.connections:
+                break
+            await asyncio.sleep(0.01)  # until the gateway saw the reset
+        assert not gw.server.connections
+        release.set()
+        for _ in range(500):
+            if len(_requests(buf)) == 2:
+                break
+            await asyncio.sleep(0.01)  # until the second request is recorded
+    last = _requests(buf)[-1]
+    assert (last["status"], last["decision"]) == (499, "client_gone"), last
+
+
+async def test_requests_queued_before_a_malformed_one_are_answered_then_a_400(
+    make_gateway,
+) -> None:
+    """Review finding: the valid requests pipelined before a malformed one were dropped and
+    the 400 never sent (on both paths, and in decide mode)."""
+    up = ScriptedUpstream()
+    async with serving(up):
+        gw = await make_gateway(upstream=up.url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+            writer.write(_get(ITEMS) + _get(ITEMS + "?a") + b"GARBAGE\r\n\r\n")
+            data = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+    answers = parse_answers(data)
+    assert [a[0] for a in answers] == [200, 200, 400], data
+    assert answers[-1][1].get("connection") == "close"
+
+
+async def test_an_answer_head_over_the_limit_is_refused_however_it_is_cut(make_gateway) -> None:
+    """Review finding: a head that completed in the read crossing 64 KiB was relayed."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: %s\r\n" % (b"p" * 1000) * 120 + b"\r\n"
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        if n == 1:
+            writer.write(OK)
+            return True
+        half = len(head) // 2
+        writer.write(head[:half])
+        await writer.drain()
+        await asyncio.sleep(0.05)  # two reads on the gateway's side
+        writer.write(head[half:])
+        return True
+
+    async with _upstream(answer) as url:
+        gw = await make_gateway(upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+            status, _ = await _exchange(reader, writer, _get(ITEMS))
+        finally:
+            writer.close()
+    assert status == 502
