@@ -53,7 +53,7 @@ class FastPath:
         self.pool: Pool = forwarder.pool
         self.loop = self.pool.loop
         self.taken = 0  # requests forwarded on this path (/-/status shows it)
-        self._fields: dict[tuple[str, str, str, str, str | None], str] = {}
+        self._fields: dict[tuple[str, str, str, str, str | None], bytes] = {}
         self.cache = pipeline.auth.cache
 
     def __call__(self, req: Request) -> FastExchange | None:
@@ -100,7 +100,7 @@ class FastPath:
 
     def _plan(
         self, req: Request, policy: Policy, started: float
-    ) -> tuple[User, bytes, str, bytes, tuple[str, Target, str | None]] | None:
+    ) -> tuple[User, bytes, bytes, bytes, tuple[str, Target, str | None]] | None:
         """Whether ``req`` qualifies, and if so (user, credential key, audit line middle,
         upstream head, (client, target, rule)), also remembered on its connection for a
         repeat of it (see
@@ -177,7 +177,7 @@ class FastExchange:
         path: FastPath,
         req: Request,
         upstream: UpstreamConnection,
-        fields: str,
+        fields: bytes,
         started: float,
         user: User,
         key: bytes,
