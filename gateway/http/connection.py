@@ -268,14 +268,13 @@ class Connection(asyncio.BufferedProtocol):
             p.should_keep_alive(),
         )
         length = headers.get_raw(b"content-length")
-        now = self.loop.time()
         if length is not None:
             req.content_length = int(length)
             if req.content_length:
-                req.body = Body(self, _expects_continue(headers, req.http11), now)
+                req.body = Body(self, _expects_continue(headers, req.http11), self.loop.time())
         elif headers.get_raw(b"transfer-encoding") is not None:
             req.chunked = True
-            req.body = Body(self, _expects_continue(headers, req.http11), now)
+            req.body = Body(self, _expects_continue(headers, req.http11), self.loop.time())
             if not req.http11:
                 req.keep_alive = False  # RFC 9112 6.1: close after a chunked 1.0 request
         if len(self.queue) >= _PIPELINE_MAX:
