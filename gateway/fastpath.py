@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 _perf = time.perf_counter
 _monotonic = time.monotonic  # the credential cache's clock
 _FIELDS_MAX = 4096  # audit line middles remembered (client, user, method, path, rule)
-_PLAN_HEAD_MAX = 8192  # bytes of upstream head a connection keeps for a repeat request
 
 
 class FastPath:
@@ -135,7 +134,7 @@ class FastPath:
         # due one is checked again by the next lookup) and the policy stays in force.
         fresh_until = self.cache.fresh_until(key)
         decided = (client, target, rule)
-        if len(head) <= _PLAN_HEAD_MAX:
+        if req.headers is req.conn.last_headers:  # kept (small): a repeat can be known
             req.conn.plan = (
                 req.headers,
                 req.target,

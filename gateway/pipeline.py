@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _perf = time.perf_counter
 _TARGET_CACHE = 4096
+_AUTH_MEMO_MAX = 1024  # bytes of Authorization value a connection keeps for its next request
 CUT_REASON = "the gateway shut down before the answer was complete"
 OVERRIDES = frozenset(h.lower().encode() for h in OVERRIDE_HEADERS)
 
@@ -265,7 +266,9 @@ class Pipeline:
             key = memo[2]
         else:
             key = cache.key(header)
-            req.conn.auth_key = (cache, header, key)
+            # kept for the connection's next request unless large (an idle connection holds
+            # little; a real Basic value is far shorter)
+            req.conn.auth_key = (cache, header, key) if len(header) <= _AUTH_MEMO_MAX else None
         user, due = cache.hit(key, policy)
         if due:
             self.auth.refresh(policy, header, key, client)

@@ -47,6 +47,7 @@ _MAX_HEADERS = 100
 _AUTH_FIELD_LIMIT = 128 * 1024  # an oversize credential is a bad credential (401), up to this
 _MAX_HEAD_BYTES = 32 * 1024  # the whole header block (an oversize Authorization aside)
 _PIPELINE_MAX = 64  # queued requests past which a connection is refused
+_KEEP_HEAD_BYTES = 4096  # header bytes of the last head a connection keeps for the next
 # Bytes the parser may swallow without finishing anything (a header line, a trailer, a chunk
 # size line): llhttp hands a field over only once its line ends, and httptools joins the
 # pieces with bytes += until then (quadratic copying, on the loop), so the per-field limits in
@@ -109,7 +110,7 @@ class Connection(asyncio.BufferedProtocol):
         self._unfinished = 0  # bytes fed since the parser last finished something
         self.client_done = False  # the client half-closed (sent EOF)
         self._host_ok: bytes | None = None  # the last Host value found valid here
-        self._headers: Headers | None = None  # the last request's, for the next one
+        self.last_headers: Headers | None = None  # the last request's, for the next one
         # (credential cache, Authorization value, its cache key) of the last request here
         self.auth_key: tuple[object, bytes, bytes] | None = None
         # (forwarder, user, client, header lines, forwarded block) of the last request here
@@ -164,7 +165,9 @@ class Connection(asyncio.BufferedProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.closing = True  # answer what was asked (Upgrade is not proxied), then close
+            # Upgrade is not proxied: what was asked up to it is answered, then the
+            # connection closes (nothing after it is read)
+            self.refused = True
             return
         except httptools.HttpParserError as exc:
             self._refuse(self._error or BadRequest(_parser_message(exc), code="framing"))
@@ -254,11 +257,14 @@ class Connection(asyncio.BufferedProtocol):
     def on_headers_complete(self) -> None:
         self._progressed = True
         p = self.parser
-        headers = self._headers
+        headers = self.last_headers
         if headers is None or headers.raw != self._lines:
-            # a kept-alive client tends to repeat its header lines: the last ones are kept
-            # (Headers is never changed once made)
-            headers = self._headers = Headers(self._lines)
+            # A kept-alive client tends to repeat its header lines: the last ones are kept
+            # (Headers is never changed once made), when small: an idle connection holds
+            # little.
+            headers = Headers(self._lines)
+            small = self._head_bytes <= _KEEP_HEAD_BYTES and not self._oversize_auth
+            self.last_headers = headers if small else None
         req = Request(
             self,
             p.get_method().decode("ascii", "replace"),
@@ -301,13 +307,21 @@ class Connection(asyncio.BufferedProtocol):
             self._host_ok = host
         self._body = req.body
         self._in_head = False
+        if self.last_headers is not headers:  # not kept: not held until the next head
+            self._lines = []
+            self._url = b""
         self.state = BUSY
         self.queue.append(req)
         if len(self.queue) >= _PIPELINE_PAUSE:
             self.pause_reading(2)
         if self.task is None and self.inflight is None:
             fast = self.server.fast
-            if fast is not None and req.body is None and len(self.queue) == 1:
+            if (
+                fast is not None
+                and req.body is None
+                and len(self.queue) == 1
+                and not self.flow.paused_since  # else it waits for the client (_serve)
+            ):
                 self.inflight = fast(req)
             if self.inflight is None:
                 self.task = self.loop.create_task(self._serve())
@@ -431,7 +445,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def _keeps(self, item: Request) -> bool:
         """Whether the connection stays open after the answer to ``item``."""
-        return item.keep_alive and not self.closing and not (self.client_done and not self.queue)
+        return (
+            item.keep_alive
+            and not self.closing
+            and not ((self.client_done or self.refused) and not self.queue)
+        )
 
     def _wait_for_next(self) -> None:
         self.state = _HEAD if self._in_head else _IDLE
@@ -441,6 +459,14 @@ class Connection(asyncio.BufferedProtocol):
         handler = self.server.handler
         try:
             while self.queue:
+                if self.flow.paused_since:
+                    # The client is not reading what it was sent: the next answer waits
+                    # (else a client that never reads fills memory, one answer at a time).
+                    try:
+                        await self.flow.drain()
+                    except ConnectionError:
+                        self.abort()
+                        return
                 item = self.queue[0]
                 if isinstance(item, _ParseFailure):
                     self._answer_failure(item.error)
@@ -497,6 +523,12 @@ class Connection(asyncio.BufferedProtocol):
             if now - self.since > _LINGER_SECONDS:
                 self.abort()
             return
+        paused = self.flow.paused_since
+        if paused and now - paused > lim.send_timeout:
+            # in any state: answers may be waiting in its buffer between requests too
+            log.info("client %s stopped reading its answers; connection cut", self.remote)
+            self.abort()
+            return
         if self.state == _HEAD:
             if now - self.since > lim.header_timeout:
                 if self.task is None and not self.queue:
@@ -531,10 +563,6 @@ class Connection(asyncio.BufferedProtocol):
                     )
                 )
                 self.closing = True
-        paused = self.flow.paused_since
-        if paused and now - paused > lim.send_timeout:
-            log.info("client %s stopped reading its answer; connection cut", self.remote)
-            self.abort()
 
 
 def _expects_continue(headers: Headers, http11: bool) -> bool:

@@ -28,7 +28,9 @@ _STANDARD = {
 
 _HEADS_MAX = 256  # remembered relayed heads per pool (a new Date makes a new one each second)
 _HEAD_MEMO_MAX = 4096  # head bytes: at most ~2 MiB of keys and heads remembered per pool
-HEAD_MAX = 64 * 1024  # an answer's head, with any 1xx before it: past this, 502
+# An answer's final head (its lines, as read), and the bytes before its end counted in whole
+# reads (any 1xx included): past this, 502.
+HEAD_MAX = 64 * 1024
 
 
 def make_head(
@@ -95,12 +97,6 @@ def relayed_head(
                 heads.clear()
             heads[key] = known
         return known
-    if seen.find(b"\r\n\r\n", 0, HEAD_MAX) < 0:
-        # The connection bounds the bytes read before a head ends in whole reads; the head
-        # itself, which begins here, is held to the limit exactly.
-        raise BadGateway(
-            f"the upstream's answer head is over {HEAD_MAX} bytes", code="upstream_malformed"
-        )
     return make_head(status, *read_head(seen), head_only, http11)
 
 
@@ -117,22 +113,30 @@ class _HeadReader:
     same bytes with a parser of its own: llhttp from its initial state, as the connection's
     parser starts each exchange, so both parse them alike."""
 
-    __slots__ = ("parser", "reason", "headers")
+    __slots__ = ("parser", "reason", "headers", "size")
 
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.size = 0  # of the head being read: "HTTP/1.1 200 ", the lines, their ": " and CRLFs
 
     def on_message_begin(self) -> None:
         self.reason = b""
         self.headers = []
+        self.size = 17
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
+        self.size += len(reason)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self.size += len(name) + len(value) + 4
+        if self.size > HEAD_MAX:
+            raise BadGateway(
+                f"the upstream's answer head is over {HEAD_MAX} bytes", code="upstream_malformed"
+            )
 
     def on_headers_complete(self) -> None:
         if self.parser.get_status_code() >= 200:
@@ -147,5 +151,7 @@ def read_head(data: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     except httptools.HttpParserError as exc:
         if isinstance(exc.__context__, _HeadRead):
             return reader.reason, reader.headers
+        if isinstance(exc.__context__, BadGateway):
+            raise exc.__context__ from None
     # the connection's parser read a final head in these bytes: this one must too
     raise BadGateway("the upstream sent a malformed answer", code="upstream_malformed")

@@ -320,6 +320,8 @@ async def exchange(
             conn.start(req, done)
             if req is not None:
                 req.conn.relay_source = conn.transport
+                if req.conn.flow.paused_since:  # the client is not reading: nor do we
+                    conn.transport.pause_reading()  # type: ignore[union-attr]
             try:
                 assert conn.transport is not None
                 if not body:

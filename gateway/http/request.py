@@ -68,8 +68,15 @@ class Request:
 
     def connection_header(self) -> bytes:
         """The ``Connection`` line of the answer (also says close while draining)."""
-        if self.conn.draining or (self.body is not None and not self.body.ended):
-            self.keep_alive = False  # an unread body: the connection closes after this
+        conn = self.conn
+        if (
+            conn.draining
+            or (self.body is not None and not self.body.ended)
+            or (conn.refused and len(conn.queue) <= 1)
+        ):
+            # draining; an unread body; the last request before a refusal or an upgrade:
+            # the connection closes after this
+            self.keep_alive = False
         if not self.keep_alive:
             return b"Connection: close\r\n"
         return b"" if self.http11 else b"Connection: keep-alive\r\n"

@@ -24,8 +24,8 @@ from .model import ANY, Matcher, Policy, Role, Rule, TestCase, User, digest, run
 from .patterns import Pattern, PatternError, compile_pattern
 from .yamlsrc import load_yaml
 
-_METHOD = re.compile(r"^[A-Z][A-Z0-9_-]*$")
-_NAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,64}$")
+_METHOD = re.compile(r"[A-Z][A-Z0-9_-]*")  # fullmatch: "$" would let a final "\n" in
+_NAME = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
 _TOP_KEYS = {"version", "realm", "roles", "users", "users_file", "public", "tests"}
 _ROLE_KEYS = {"description", "inherits", "allow", "deny"}
 _RULE_KEYS = {"methods", "paths", "body", "description"}
@@ -158,7 +158,7 @@ class _Builder:
         out: dict[str, Role] = {}
         for name, spec in obj.items():
             key = f"roles.{name}"
-            if not isinstance(name, str) or not _NAME.match(name):
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
                 self.err(key, "role names are 1-64 letters, digits or . _ @ + -")
                 continue
             if spec is None:
@@ -208,7 +208,7 @@ class _Builder:
             self.err(f"{key}.methods", "methods must be a non-empty list")
             methods, ok = [], False
         for j, m in enumerate(methods):
-            if m != ANY and (not isinstance(m, str) or not _METHOD.match(m)):
+            if m != ANY and (not isinstance(m, str) or not _METHOD.fullmatch(m)):
                 self.err(
                     f"{key}.methods[{j}]",
                     f'bad method {m!r}: use upper-case names like GET, or "*"',
@@ -306,9 +306,9 @@ class _Builder:
                 continue
             name, sep, hashed = line.partition(":")
             where = f"{path}:{n}"
-            if not sep or not _NAME.match(name):
+            if not sep or not _NAME.fullmatch(name):
                 self.problems.append(Problem(str(path), n, "", "expected 'user:bcrypt-hash'"))
-            elif not BCRYPT_HASH.match(hashed):
+            elif not BCRYPT_HASH.fullmatch(hashed):
                 self.problems.append(
                     Problem(
                         str(path),
@@ -334,7 +334,7 @@ class _Builder:
         out: dict[str, tuple[bytes, list[str]]] = {}
         for name, spec in obj.items():
             key = f"users.{name}"
-            if not isinstance(name, str) or not _NAME.match(name):
+            if not isinstance(name, str) or not _NAME.fullmatch(name):
                 self.err(key, "user names are 1-64 letters, digits or . _ @ + - (no ':')")
                 continue
             if not isinstance(spec, dict):
@@ -354,7 +354,7 @@ class _Builder:
                     self.err(key, "password_hash is missing (and the user is not in users_file)")
                     continue
                 hashed = file_hashes[name]
-            elif not isinstance(pw, str) or not BCRYPT_HASH.match(pw):
+            elif not isinstance(pw, str) or not BCRYPT_HASH.fullmatch(pw):
                 self.err(
                     f"{key}.password_hash",
                     "not a bcrypt hash ($2b$NN$ + 53 characters); "

@@ -80,7 +80,7 @@ def compile_pattern(text: str) -> Pattern:
         if part in (".", ".."):
             raise PatternError("dot segments are not allowed in path patterns")
         if part.startswith("{"):
-            if not _PARAM.match(part):
+            if not _PARAM.fullmatch(part):
                 raise PatternError(f"bad parameter segment {part!r}: use {{name}}")
             segments.append(None)
             continue

@@ -545,3 +545,120 @@ async def test_an_answer_head_over_the_limit_is_refused_however_it_is_cut(make_g
         finally:
             writer.close()
     assert status == 502
+
+
+async def test_a_client_that_never_reads_gets_no_more_answers_buffered(make_gateway) -> None:
+    """Second review, HIGH: answers each wholly in one upstream read went into the write
+    buffer of a client that read none of them (1.4 GB in 30 s). The next answer now waits
+    for the client, and send_timeout cuts it in any state."""
+    body = b"b" * 60_000
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    async def serve(n: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer)
+        return True
+
+    async with _upstream(serve) as url:
+        gw = await make_gateway(upstream=url, upstream_timeout=1.0)  # also send_timeout
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (gw.host, gw.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+            writer.transport.pause_reading()  # from now on nothing is read
+            most = 0
+            for _ in range(500):
+                conns = list(gw.server.connections)
+                if not conns:
+                    break
+                writer.write(_get(ITEMS) * 8)  # asking for more all the time
+                t = conns[0].transport
+                most = max(most, t.get_write_buffer_size() if t is not None else 0)
+                await asyncio.sleep(0.01)  # the pace of the asking
+            assert not gw.server.connections  # cut by send_timeout
+        finally:
+            writer.close()
+    assert most < 1 << 20, most  # an answer or a few, not one every few milliseconds
+
+
+async def test_an_idle_connection_keeps_nothing_large_from_its_last_request(
+    make_gateway,
+) -> None:
+    """Second review, MEDIUM: each idle connection held ~200 KiB of its last head."""
+    gw = await make_gateway()
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    try:
+        assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+        assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+        (conn,) = gw.server.connections
+        assert conn.last_headers is not None and conn.plan is not None  # small: kept
+        pad = "".join(f"X-Pad-{i}: {'p' * 300}\r\n" for i in range(20))
+        status, _ = await _exchange(reader, writer, _get(ITEMS, extra=pad))
+        assert status == 200
+        assert conn.last_headers is None and conn.forwarded is None
+        assert conn.plan is None or conn.plan[0] is not None and len(conn.plan[9]) < 4096
+        big_auth = "Basic " + "A" * 20000
+        status, _ = await _exchange(reader, writer, _get(ITEMS, auth=big_auth))
+        assert status == 401
+        assert conn.last_headers is None and conn.auth_key is None
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("before", [b"\r\n", b"HTTP/1.1 100 Continue\r\n\r\n"])
+async def test_the_answer_head_limit_holds_after_blank_lines_or_a_1xx(make_gateway, before) -> None:
+    """Second review, LOW: the exact bound was only for heads that began the bytes."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: %s\r\n" % (b"p" * 1000) * 100
+    huge = before + head + b"Content-Length: 2\r\n\r\nok"
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        writer.write(OK if n == 1 else huge)
+        return True
+
+    async with _upstream(answer) as url:
+        gw = await make_gateway(upstream=url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+            status, _ = await _exchange(reader, writer, _get(ITEMS))
+        finally:
+            writer.close()
+    assert status == 502
+
+
+async def test_requests_pipelined_before_an_upgrade_are_answered_then_it_closes(
+    make_gateway,
+) -> None:
+    """Second review, LOW: they were dropped (the connection closed after the first)."""
+    up = ScriptedUpstream()
+    up.script = lambda seen: (
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+        % (
+            len(seen.target),
+            seen.target.encode(),
+        )
+    )
+    async with serving(up):
+        gw = await make_gateway(upstream=up.url)
+        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        try:
+            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
+            upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            writer.write(
+                _get(ITEMS + "?a")
+                + _get(ITEMS + "?b")
+                + _get(ITEMS + "?c", extra=upgrade)
+                + _get(ITEMS + "?d")
+            )
+            data = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+    answers = parse_answers(data)
+    assert [a[2] for a in answers] == [
+        b"/api/inventory?a",
+        b"/api/inventory?b",
+        b"/api/inventory?c",
+    ], data
+    assert answers[-1][1].get("connection") == "close"

@@ -309,3 +309,24 @@ def test_lint_warns_about_grants_under_dash_that_reach_nothing(tmp_path) -> None
 
 def test_shipped_policy_has_no_warnings() -> None:
     assert load_policy(SHIPPED_POLICY).warnings == ()
+
+
+@pytest.mark.parametrize("name", ['"evil\\n"', '"a b"', '"x\\r"'])
+def test_a_user_name_with_a_line_break_or_space_is_refused(tmp_path, name) -> None:
+    """A name ending in a newline once passed the ``^...$`` check (``$`` matches before a
+    final newline) and went into the upstream head as a bare LF (the second review of the
+    callback path)."""
+    text = f"""
+    version: 1
+    roles:
+      r:
+        allow:
+          - methods: [GET]
+            paths: [/x]
+    users:
+      {name}:
+        password_hash: HASH
+        roles: [r]
+    """
+    found = problems(tmp_path, text)
+    assert any("users" in p for p in found), found
