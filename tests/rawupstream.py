@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httptools
@@ -136,3 +137,34 @@ def parse_answers(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     parser = httptools.HttpResponseParser(p)
     parser.feed_data(data)
     return answers
+
+
+@contextlib.asynccontextmanager
+async def answering(
+    answer: Callable[[int, bytes, asyncio.StreamWriter], Awaitable[bool]],
+) -> AsyncIterator[str]:
+    """An upstream (its URL) that answers the n-th request head, counted over all its
+    connections, with ``answer(n, head, writer)``, writing as it is told (TCP_NODELAY: a write
+    after a drain and a pause arrives in a read of its own); False closes the connection
+    without more."""
+    count = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal count
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                count += 1
+                if not await answer(count, head, writer):
+                    break
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()

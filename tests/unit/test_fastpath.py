@@ -10,14 +10,14 @@ import io
 import json
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import yaml
 
 from gateway.audit import AuditLog, request_fields, request_line
 from tests.helpers import basic
-from tests.rawupstream import ScriptedUpstream, parse_answers, serving
+from tests.rawupstream import ScriptedUpstream, answering, parse_answers, serving
 from tests.unit.test_hot_path_memos import _exchange
 
 SALES = basic("sales", "imsales")["Authorization"]
@@ -70,14 +70,7 @@ async def test_a_kept_alive_client_is_served_on_it_and_recorded_as_the_task_path
 async def test_pipelined_requests_behind_one_on_it_are_answered_in_order(
     make_gateway,
 ) -> None:
-    up = ScriptedUpstream()
-    up.script = lambda seen: (
-        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-        % (
-            len(seen.target),
-            seen.target.encode(),
-        )
-    )
+    up = _echo_target()
     async with serving(up):
         gw = await make_gateway(upstream=up.url)
         reader, writer = await asyncio.open_connection(gw.host, gw.port)
@@ -110,33 +103,62 @@ async def test_pipelined_requests_behind_one_on_it_are_answered_in_order(
     assert gw.gw.fast.taken >= 1
 
 
-@contextlib.asynccontextmanager
-async def _upstream(
+def _upstream(
     answer: Callable[[int, asyncio.StreamWriter], Awaitable[bool]],
-) -> AsyncIterator[str]:
+) -> contextlib.AbstractAsyncContextManager[str]:
     """An upstream that answers the n-th request (counted over all connections) with
     ``answer(n, writer)``; False closes the connection without an answer."""
-    count = 0
+    return answering(lambda n, _head, writer: answer(n, writer))
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal count
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+def _echo_target() -> ScriptedUpstream:
+    """An upstream whose answer's body is the target it was asked for."""
+    up = ScriptedUpstream()
+    up.script = lambda seen: (
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+        % (
+            len(seen.target),
+            seen.target.encode(),
+        )
+    )
+    return up
+
+
+async def _second_answer(
+    make_gateway, answer: Callable[[int, asyncio.StreamWriter], Awaitable[bool]]
+) -> tuple[int, bytes]:
+    """(status, head) of the second request on one connection through a gateway whose
+    upstream answers with ``answer`` (the first one warms the callback path up)."""
+    async with _upstream(answer) as url:
+        gw = await make_gateway(upstream=url)
+        reader, writer = await _warm(gw)
         try:
-            while await reader.readuntil(b"\r\n\r\n"):
-                count += 1
-                if not await answer(count, writer):
-                    break
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            return await _exchange(reader, writer, _get(ITEMS))
         finally:
             writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
+
+def _holding_the_second(
+    release: asyncio.Event,
+) -> Callable[[int, asyncio.StreamWriter], Awaitable[bool]]:
+    """Answers OK, the second request only once ``release`` is set."""
+
+    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
+        if n == 2:
+            await release.wait()
+        writer.write(OK)
+        return True
+
+    return answer
+
+
+async def _warm(gw) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose first request (the task path's: credentials checked, target
+    remembered) was answered 200."""
+    reader, writer = await asyncio.open_connection(gw.host, gw.port)
+    status, _ = await _exchange(reader, writer, _get(ITEMS))
+    assert status == 200
+    return reader, writer
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -175,9 +197,8 @@ async def test_a_failed_exchange_is_answered_and_recorded_by_the_task_path(
 
     async with _upstream(answer) as url:
         gw, buf = await _audited(make_gateway, upstream=url)
-        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        reader, writer = await _warm(gw)
         try:
-            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
             status, head = await _exchange(reader, writer, _get(ITEMS))
         finally:
             writer.close()
@@ -192,18 +213,10 @@ async def test_shutdown_cuts_one_still_waiting_for_its_upstream_and_records_it(
     make_gateway,
 ) -> None:
     release = asyncio.Event()
-
-    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
-        if n == 2:
-            await release.wait()
-        writer.write(OK)
-        return True
-
-    async with _upstream(answer) as url:
+    async with _upstream(_holding_the_second(release)) as url:
         gw, buf = await _audited(make_gateway, upstream=url)
-        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        reader, writer = await _warm(gw)
         try:
-            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
             writer.write(_get(ITEMS))
             for _ in range(500):
                 if gw.server.busy():
@@ -228,14 +241,7 @@ async def test_an_answer_head_too_large_is_a_502(make_gateway) -> None:
         writer.write(OK if n == 1 else huge)
         return True
 
-    async with _upstream(answer) as url:
-        gw = await make_gateway(upstream=url)
-        reader, writer = await asyncio.open_connection(gw.host, gw.port)
-        try:
-            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
-            status, _ = await _exchange(reader, writer, _get(ITEMS))
-        finally:
-            writer.close()
+    status, _ = await _second_answer(make_gateway, answer)
     assert status == 502
 
 
@@ -371,25 +377,17 @@ async def test_a_request_whose_pooled_connection_was_closed_is_sent_at_most_twic
     """Review finding: the callback path's send, then the task path's own try on another
     pooled connection and its retry made three. Now: once more, on a fresh connection."""
     sent: list[str] = []
+    served: dict[int, int] = {}  # answers per upstream connection
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        served = 0
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                sent.append(head.split(b" ", 2)[0].decode())
-                served += 1
-                if served == 2:
-                    break  # a pooled connection closes as it reads its second request
-                writer.write(OK)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def answer(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        sent.append(head.split(b" ", 2)[0].decode())
+        served[id(writer)] = served.get(id(writer), 0) + 1
+        if served[id(writer)] == 2:
+            return False  # a pooled connection closes as it reads its second request
+        writer.write(OK)
+        return True
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with answering(answer) as url:
         gw = await make_gateway(upstream=url)
         target = ITEMS + "?name=x"
         conns = [await asyncio.open_connection(gw.host, gw.port) for _ in range(2)]
@@ -404,8 +402,6 @@ async def test_a_request_whose_pooled_connection_was_closed_is_sent_at_most_twic
         finally:
             for _, w in conns:
                 w.close()
-    finally:
-        server.close()
     assert status == 200
     assert sent.count("DELETE") == 2, sent
     assert gw.gw.fast.taken == 1
@@ -430,9 +426,8 @@ async def test_a_failed_exchange_keeps_the_decision_it_was_forwarded_under(
 
     async with _upstream(answer) as url:
         gw, buf = await _audited(make_gateway, upstream=url)
-        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        reader, writer = await _warm(gw)
         try:
-            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
             writer.write(_get(ITEMS))
             await asyncio.wait_for(received.wait(), 5)
             assert gw.gw.fast.taken == 1
@@ -467,14 +462,7 @@ async def test_a_client_gone_before_its_answer_is_recorded_as_gone(make_gateway)
     """Review finding: an answer completed in one read for a client that had reset its
     connection was recorded as a 200."""
     release = asyncio.Event()
-
-    async def answer(n: int, writer: asyncio.StreamWriter) -> bool:
-        if n == 2:
-            await release.wait()
-        writer.write(OK)
-        return True
-
-    async with _upstream(answer) as url:
+    async with _upstream(_holding_the_second(release)) as url:
         gw, buf = await _audited(make_gateway, upstream=url)
         reader, writer = await asyncio.open_connection(gw.host, gw.port)
         assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
@@ -509,9 +497,8 @@ async def test_requests_queued_before_a_malformed_one_are_answered_then_a_400(
     up = ScriptedUpstream()
     async with serving(up):
         gw = await make_gateway(upstream=up.url)
-        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        reader, writer = await _warm(gw)
         try:
-            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
             writer.write(_get(ITEMS) + _get(ITEMS + "?a") + b"GARBAGE\r\n\r\n")
             data = await asyncio.wait_for(reader.read(), 5)
         finally:
@@ -536,14 +523,7 @@ async def test_an_answer_head_over_the_limit_is_refused_however_it_is_cut(make_g
         writer.write(head[half:])
         return True
 
-    async with _upstream(answer) as url:
-        gw = await make_gateway(upstream=url)
-        reader, writer = await asyncio.open_connection(gw.host, gw.port)
-        try:
-            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
-            status, _ = await _exchange(reader, writer, _get(ITEMS))
-        finally:
-            writer.close()
+    status, _ = await _second_answer(make_gateway, answer)
     assert status == 502
 
 
@@ -617,14 +597,7 @@ async def test_the_answer_head_limit_holds_after_blank_lines_or_a_1xx(make_gatew
         writer.write(OK if n == 1 else huge)
         return True
 
-    async with _upstream(answer) as url:
-        gw = await make_gateway(upstream=url)
-        reader, writer = await asyncio.open_connection(gw.host, gw.port)
-        try:
-            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
-            status, _ = await _exchange(reader, writer, _get(ITEMS))
-        finally:
-            writer.close()
+    status, _ = await _second_answer(make_gateway, answer)
     assert status == 502
 
 
@@ -632,19 +605,11 @@ async def test_requests_pipelined_before_an_upgrade_are_answered_then_it_closes(
     make_gateway,
 ) -> None:
     """Second review, LOW: they were dropped (the connection closed after the first)."""
-    up = ScriptedUpstream()
-    up.script = lambda seen: (
-        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-        % (
-            len(seen.target),
-            seen.target.encode(),
-        )
-    )
+    up = _echo_target()
     async with serving(up):
         gw = await make_gateway(upstream=up.url)
-        reader, writer = await asyncio.open_connection(gw.host, gw.port)
+        reader, writer = await _warm(gw)
         try:
-            assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
             upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             writer.write(
                 _get(ITEMS + "?a")

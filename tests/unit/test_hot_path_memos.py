@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import yaml
 
 from tests.helpers import basic
-from tests.rawupstream import ScriptedUpstream, Seen, parse_answers, serving
+from tests.rawupstream import ScriptedUpstream, Seen, answering, parse_answers, serving
 from tests.unit.test_smuggling import RawUpstream, send_raw
 
 SALES = basic("sales", "imsales")["Authorization"]
@@ -164,29 +163,16 @@ def _by_query(answers: dict[str, bytes]):
     return script
 
 
-@contextlib.asynccontextmanager
-async def _upstream(
+def _upstream(
     answer: Callable[[bytes, asyncio.StreamWriter], Awaitable[None]],
-) -> AsyncIterator[str]:
-    """An upstream that answers each request with ``answer(query, writer)``, writing as it
-    is told (TCP_NODELAY: a write after a drain and a pause arrives in a read of its own)."""
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """An upstream that answers each request with ``answer(query, writer)``."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            while head := await reader.readuntil(b"\r\n\r\n"):
-                await answer(head.split(b" ", 2)[1].partition(b"?")[2], writer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    async def by_query(n: int, head: bytes, writer: asyncio.StreamWriter) -> bool:
+        await answer(head.split(b" ", 2)[1].partition(b"?")[2], writer)
+        return True
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
+    return answering(by_query)
 
 
 def _get_q(q: str) -> bytes:
