@@ -2,8 +2,9 @@
 
     guard → authenticate → authorize → forward → record
 
-One coroutine, no middleware chain. Every :class:`GatewayError` becomes a JSON answer in one
-place; anything unexpected becomes a JSON 500; the record step (audit line and metrics) runs in
+``handle`` (with ``admit`` for the first three), no middleware chain; the common request
+takes the callback path of :mod:`gateway.fastpath` instead and comes here only when that
+cannot finish it. Every :class:`GatewayError` becomes a JSON answer in one place; anything unexpected becomes a JSON 500; the record step (audit line and metrics) runs in
 ``finally``, so every request is recorded however it ends — also one cut at shutdown.
 The gateway owns ``/-`` and everything under ``/-/``: those paths are never forwarded, whatever
 the policy says; the policy only decides who may reach them.

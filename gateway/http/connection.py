@@ -322,7 +322,10 @@ class Connection(asyncio.BufferedProtocol):
                 and len(self.queue) == 1
                 and not self.flow.paused_since  # else it waits for the client (_serve)
             ):
-                self.inflight = fast(req)
+                try:
+                    self.inflight = fast(req)
+                except Exception:  # a bug there must not read as the client's framing error
+                    log.exception("callback path failed; the task path takes the request")
             if self.inflight is None:
                 self.task = self.loop.create_task(self._serve())
 
