@@ -102,9 +102,8 @@ class FastPath:
     ) -> tuple[User, bytes, bytes, bytes, tuple[str, Target, str | None]] | None:
         """Whether ``req`` qualifies, and if so (user, credential key, audit line middle,
         upstream head, (client, target, rule)), also remembered on its connection for a
-        repeat of it (see
-        :meth:`__call__`). None: the task path's (with a :class:`Handoff` once the
-        credentials were looked up)."""
+        repeat of it (see :meth:`__call__`). None: the task path's (with a :class:`Handoff`
+        once the credentials were looked up)."""
         p = self.pipeline
         if req.method not in IDEMPOTENT or req.headers.has_any(OVERRIDES):
             return None

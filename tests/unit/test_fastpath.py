@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gateway.audit import AuditLog, request_fields, request_line
-from tests.helpers import basic
+from tests.helpers import basic, eventually
 from tests.rawupstream import ScriptedUpstream, answering, parse_answers, serving
 from tests.unit.test_hot_path_memos import _exchange
 
@@ -218,10 +218,7 @@ async def test_shutdown_cuts_one_still_waiting_for_its_upstream_and_records_it(
         reader, writer = await _warm(gw)
         try:
             writer.write(_get(ITEMS))
-            for _ in range(500):
-                if gw.server.busy():
-                    break
-                await asyncio.sleep(0.01)  # polling the server's own count, no event for it
+            await eventually(gw.server.busy, what="the request in flight")
             (conn,) = gw.server.connections
             assert conn.inflight is not None and conn.task is None
             cut = await gw.server.shutdown(0.2)
@@ -256,7 +253,7 @@ async def test_answer_heads_in_pieces_and_after_a_1xx_are_relayed_whole(make_gat
         for i in range(0, len(head), 7):  # one read each (TCP_NODELAY, a pause between)
             writer.write(head[i : i + 7])
             await writer.drain()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the upstream's pace, so each piece is a read of its own
         return True
 
     async with _upstream(answer) as url:
@@ -357,12 +354,13 @@ async def test_a_repeated_request_still_has_its_credentials_checked_again_when_d
     try:
         assert (await _exchange(reader, writer, same))[0] == 200
         checks = gw.gw.auth.bcrypt_checks
-        for _ in range(2000):  # until a background check ran (~0.9 s in)
+
+        async def checked_again() -> bool:  # one more repeat, then: did a check run?
             assert (await _exchange(reader, writer, same))[0] == 200
-            if gw.gw.auth.bcrypt_checks > checks:
-                break
-            await asyncio.sleep(0.005)
-        assert gw.gw.auth.bcrypt_checks > checks
+            return gw.gw.auth.bcrypt_checks > checks
+
+        # the entry is due ~0.9 s in; each poll sends the same request again
+        await eventually(checked_again, timeout=10, what="a background credential check")
     finally:
         writer.close()
     assert gw.gw.fast.taken > 1
@@ -468,23 +466,13 @@ async def test_a_client_gone_before_its_answer_is_recorded_as_gone(make_gateway)
         assert (await _exchange(reader, writer, _get(ITEMS)))[0] == 200
         writer.write(_get(ITEMS))
         await writer.drain()
-        for _ in range(500):
-            if gw.server.busy():
-                break
-            await asyncio.sleep(0.01)  # polling the server's own count, no event for it
+        await eventually(gw.server.busy, what="the request in flight")
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()  # a reset
-        for _ in range(500):
-            if not gw.server.connections:
-                break
-            await asyncio.sleep(0.01)  # until the gateway saw the reset
-        assert not gw.server.connections
+        await eventually(lambda: not gw.server.connections, what="the gateway seeing the reset")
         release.set()
-        for _ in range(500):
-            if len(_requests(buf)) == 2:
-                break
-            await asyncio.sleep(0.01)  # until the second request is recorded
+        await eventually(lambda: len(_requests(buf)) == 2, what="the second request's record")
     last = _requests(buf)[-1]
     assert (last["status"], last["decision"]) == (499, "client_gone"), last
 
